@@ -1,0 +1,151 @@
+"""What a checkpoint holds and how a run is restored from one (spec §4, exact resume).
+
+The dict has the 2.x keys (``epoch``, ``global_step``, ``state_dict``, ``optimizer_states``,
+``lr_schedulers``, ``callbacks``, ``hyper_parameters``, ``loops``) plus the 0.9 keys
+(``checkpoint_callback_best_model_score/path``, ``early_stop_callback_state_dict``), so both
+generations of user code find what they read. ``loops`` is ray_lit's own progress record with
+the RNG states, which makes a resumed run identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ray_lit import __version__
+from ray_lit.core.seed import rng_state, set_rng_state
+from ray_lit.errors import MisconfigurationException
+
+FORMAT_VERSION = 1
+
+
+def _plain_hparams(hparams: Any) -> Any:
+    """hparams as a plain dict (checkpoints stay loadable with weights_only)."""
+    from argparse import Namespace
+
+    if isinstance(hparams, Namespace):
+        return dict(vars(hparams))
+    return {k: v for k, v in dict(hparams).items() if not callable(v)}
+
+
+def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
+    """The checkpoint of ``trainer``'s run as it stands (called on every rank; rank 0 writes)."""
+    module = trainer.lightning_module
+    progress = trainer._progress
+    progress_state = progress.state_dict()
+    if progress.batches_done >= trainer.num_training_batches:
+        # saved after the epoch's last batch (validation or epoch end): resume at the next one
+        progress_state["epoch_finished"] = True
+    checkpoint: dict[str, Any] = {
+        "epoch": progress.epoch,
+        "global_step": progress.global_step,
+        "pytorch-lightning_version": "2.4.0",
+        "ray_lit_version": __version__,
+        "ray_lit_format": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "loops": {"progress": progress_state, "rng": rng_state(),
+                  "sampler": trainer._host.sampler_state() if hasattr(
+                      trainer._host, "sampler_state") else None,
+                  "world_size": trainer._host.world_size},
+    }
+    if not weights_only:
+        checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+        checkpoint["lr_schedulers"] = [c.scheduler.state_dict()
+                                       for c in trainer.lr_scheduler_configs]
+        checkpoint["precision"] = trainer._precision.state_dict()
+        callbacks: dict[str, Any] = {}
+        for cb in trainer.callbacks:
+            state = cb.state_dict()
+            legacy = cb.on_save_checkpoint(trainer, module, checkpoint)
+            if legacy is not None and not state:
+                state = legacy  # 0.9: the state is what on_save_checkpoint returned
+            if state:
+                callbacks[cb.state_key] = copy.deepcopy(state)
+        checkpoint["callbacks"] = callbacks
+        ckpt_cb = trainer.checkpoint_callback
+        if ckpt_cb is not None:
+            checkpoint["checkpoint_callback_best_model_score"] = ckpt_cb.best_model_score
+            checkpoint["checkpoint_callback_best_model_path"] = ckpt_cb.best_model_path
+        es = trainer.early_stopping_callback
+        if es is not None:
+            checkpoint["early_stop_callback_state_dict"] = es.state_dict()
+    if module.hparams:
+        checkpoint["hparams_name"] = module.__dict__.get("_hparams_name", "kwargs")
+        checkpoint["hyper_parameters"] = _plain_hparams(module.hparams)
+        from argparse import Namespace
+
+        if isinstance(module.__dict__.get("_hparams"), Namespace):
+            checkpoint["hparams_type"] = "Namespace"
+    dm = trainer.datamodule
+    if dm is not None and dm.state_dict():
+        checkpoint[type(dm).__qualname__] = dm.state_dict()
+    module.on_save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def is_legacy(checkpoint: dict[str, Any]) -> bool:
+    """A 0.9 checkpoint: no ``loops`` and a version below 1.0."""
+    version = str(checkpoint.get("pytorch-lightning_version", "0"))
+    return "loops" not in checkpoint and version.split(".")[0] == "0"
+
+
+def restore_module(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """Hooks, then weights (2.x order): ``m.on_load_checkpoint``, callbacks, ``load_state_dict``."""
+    module = trainer.lightning_module
+    module.on_load_checkpoint(checkpoint)
+    states = checkpoint.get("callbacks", {})
+    for cb in trainer.callbacks:
+        cb.on_load_checkpoint(trainer, module, checkpoint)
+        state = states.get(cb.state_key)
+        if state is None and cb is trainer.early_stopping_callback:
+            state = checkpoint.get("early_stop_callback_state_dict")
+        if state is not None:
+            cb.load_state_dict(copy.deepcopy(state))
+    module.load_state_dict(checkpoint["state_dict"])
+
+
+def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """Optimizers, schedulers, scaler, counters, sampler position and RNG."""
+    if "optimizer_states" not in checkpoint or "lr_schedulers" not in checkpoint:
+        raise MisconfigurationException(
+            "This checkpoint contains only the model (saved with weights_only=True); it cannot "
+            "resume training. Load it with load_from_checkpoint, or resume from a full one."
+        )
+    optimizer_states = checkpoint["optimizer_states"]
+    if len(optimizer_states) != len(trainer.optimizers):
+        raise MisconfigurationException(
+            f"The checkpoint has {len(optimizer_states)} optimizer states but "
+            f"configure_optimizers returned {len(trainer.optimizers)} optimizers.")
+    for opt, state in zip(trainer.optimizers, optimizer_states):
+        opt.load_state_dict(state)
+        _optimizer_to(opt, trainer._host.device)
+    for config, state in zip(trainer.lr_scheduler_configs, checkpoint["lr_schedulers"]):
+        config.scheduler.load_state_dict(state)
+    trainer._precision.load_state_dict(checkpoint.get("precision", {}))
+    progress = trainer._progress
+    loops = checkpoint.get("loops")
+    if loops is None or is_legacy(checkpoint):
+        # 0.9: ``epoch`` is the epoch to start from, ``global_step`` one past the steps done
+        progress.epoch = int(checkpoint["epoch"])
+        progress.global_step = max(int(checkpoint["global_step"]) - 1, 0)
+        progress.batches_done = 0
+        return
+    progress.load_state_dict(loops["progress"])
+    if progress.epoch_finished:
+        progress.epoch += 1
+        progress.batches_done = 0
+        progress.epoch_finished = False
+    if loops.get("rng") is not None:
+        set_rng_state(loops["rng"])
+    if loops.get("sampler") is not None and hasattr(trainer._host, "load_sampler_state"):
+        trainer._host.load_sampler_state(loops["sampler"])
+    trainer._restarted_mid_epoch = progress.batches_done > 0
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device)

@@ -1,0 +1,138 @@
+"""Dataloaders for the loop: where they come from, how many batches each stage runs, and how a
+batch reaches the module's device."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+
+from ray_lit.errors import MisconfigurationException
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor in a nested batch (lists, tuples, namedtuples, dicts) to ``device``.
+
+    Objects with a ``.to(device)`` method (custom batch classes) are moved through it. CPU to
+    CUDA copies are non-blocking (pinned memory makes them asynchronous).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()}) \
+            if type(batch) is not dict else {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    to = getattr(batch, "to", None)
+    if callable(to):
+        moved = to(device)
+        return batch if moved is None else moved
+    return batch
+
+
+def as_loader_list(loaders: Any) -> list[Any]:
+    """None -> [], one loader -> [loader], a list/tuple -> list."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, (list, tuple)):
+        return [dl for dl in loaders if dl is not None]
+    return [loaders]
+
+
+def loader_length(loader: Any) -> float:
+    """Batches in ``loader``; ``inf`` for an IterableDataset or an unsized loader."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset):
+        try:
+            return len(loader)
+        except TypeError:
+            return math.inf
+    try:
+        return len(loader)
+    except TypeError:
+        return math.inf
+
+
+def limit_batches(length: float, limit: int | float, option: str) -> float:
+    """Apply a ``limit_*_batches`` option: an int is a count, a float in [0, 1] a fraction."""
+    if isinstance(limit, bool):
+        raise MisconfigurationException(f"{option}={limit!r} must be an int or a float.")
+    if isinstance(limit, int):
+        return min(length, limit)
+    if length == math.inf:
+        if limit in (0.0, 1.0):
+            return length if limit == 1.0 else 0
+        raise MisconfigurationException(
+            f"{option}={limit} is a fraction, but the dataloader has no length (an "
+            "IterableDataset). Use an int number of batches, or 0.0 / 1.0."
+        )
+    count = int(length * limit)
+    if limit > 0 and count == 0 and length > 0:
+        raise MisconfigurationException(
+            f"{option}={limit} leaves 0 of {int(length)} batches. Raise it, or set it to 0 to "
+            "turn the loop off."
+        )
+    return count
+
+
+def sequential_copy(loader: DataLoader) -> DataLoader:
+    """The same loader without shuffling (``overfit_batches`` evaluates on the train data)."""
+    if isinstance(loader.dataset, IterableDataset):
+        return loader
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=SequentialSampler(loader.dataset),
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
+    )
+
+
+@dataclass
+class StageData:
+    """The loaders of one stage and how many batches of each the loop runs."""
+
+    loaders: list[Any]
+    num_batches: list[float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.num_batches)
+
+
+def resolve_loaders(explicit: Any, datamodule: Any, module: Any, hook: str) -> list[Any]:
+    """Loaders passed to fit/validate/test win, then the datamodule's, then the module's."""
+    if explicit is not None:
+        return as_loader_list(explicit)
+    if datamodule is not None and _overrides(datamodule, hook):
+        return as_loader_list(getattr(datamodule, hook)())
+    fn = getattr(module, hook, None)
+    return as_loader_list(fn()) if fn is not None else []
+
+
+def _overrides(obj: Any, hook: str) -> bool:
+    from ray_lit.core.datamodule import LightningDataModule
+
+    if hook in getattr(obj, "__dict__", {}):
+        return True
+    return getattr(type(obj), hook, None) is not getattr(LightningDataModule, hook, None)
+
+
+def first_batch_size(batch: Any) -> int:
+    from ray_lit.core.metric_store import infer_batch_size
+
+    return infer_batch_size(batch)
+
+
+def check_nonempty(loaders: Sequence[Any], stage: str) -> None:
+    for i, loader in enumerate(loaders):
+        if loader_length(loader) == 0:
+            raise MisconfigurationException(
+                f"The {stage} dataloader #{i} has no batches (is its dataset empty, or "
+                "drop_last=True with fewer samples than batch_size?)."
+            )

@@ -1,0 +1,235 @@
+"""The fit loop: epochs of training batches, validation when due, and the stop rules.
+
+Reads top to bottom like a script (spec §3.1-3.2 and §3.5). Every rank runs it; the points where
+ranks must agree are marked COLLECTIVE (each rank reaches them in the same order).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ray_lit.core.hooks import is_overridden
+from ray_lit.core.metric_store import MetricStore
+from ray_lit.core.module import LightningModule
+from ray_lit.core.results import TrainResult, gather, reduce_on_epoch
+from ray_lit.loop.eval_loop import EvalLoop
+from ray_lit.loop.optimization import step_schedulers
+from ray_lit.loop.outputs import StepOutput, epoch_end_output
+from ray_lit.loop.train_step import TrainingBatch
+
+
+class FitLoop:
+    """Runs the training epochs of ``trainer.fit`` inside one process (one rank)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.batch_runner = TrainingBatch(trainer)
+
+    # --- the whole run -------------------------------------------------------------------------
+    def run(self) -> None:
+        trainer, module, hooks = self.trainer, self.trainer.lightning_module, self.trainer._hooks
+        progress = trainer._progress
+        module.train()
+        hooks.both("on_train_start")
+        while progress.epoch < trainer.max_epochs and not self._max_steps_reached():
+            self.run_epoch(progress.epoch)
+            # the epoch is done: the counter moves on (2.x reports max_epochs after a full fit)
+            progress.epoch += 1
+            progress.batches_done = 0
+            progress.epoch_finished = False
+            if self._max_steps_reached() or self._stop_requested():
+                break
+        hooks.both("on_train_end")
+
+    def _max_steps_reached(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_steps is not None and trainer.max_steps >= 0 and \
+            trainer._progress.global_step >= trainer.max_steps
+
+    def _stop_requested(self) -> bool:
+        trainer = self.trainer
+        if not trainer.should_stop:
+            return False
+        if trainer._progress.epoch >= (trainer.config.min_epochs or 0):
+            return True
+        trainer.should_stop = False  # stopping is honoured only once min_epochs are done
+        return False
+
+    # --- one epoch -----------------------------------------------------------------------------
+    def run_epoch(self, epoch: int) -> None:
+        trainer, hooks, progress = self.trainer, self.trainer._hooks, self.trainer._progress
+        module = trainer.lightning_module
+        progress.start_epoch(epoch)
+        trainer._host.set_epoch(epoch, progress.batches_done)
+        store = MetricStore("train")
+        trainer._metric_store = store
+        trainer._val_ran_this_epoch = False
+        trainer._accumulation = trainer._accumulation_for_epoch(epoch)
+        outputs: list[list[Any]] = [[] for _ in trainer.optimizers]
+        accumulators: dict[str, list[torch.Tensor]] = {}
+        hooks.both("on_epoch_start")
+        hooks.both("on_train_epoch_start")
+        loader = trainer._train_loader
+        total = trainer.num_training_batches
+        trainer._sink.progress_start("train", None if total == math.inf else int(total),
+                                     epoch, trainer.max_epochs)
+        keep = self._keep_outputs()
+        batches = trainer._host.iterate_train(loader, progress.batches_done)
+        for batch_idx, batch in batches:
+            if batch_idx >= total:
+                break
+            ended_early = self._run_batch(batch, batch_idx, total, store, outputs,
+                                          accumulators, keep)
+            if ended_early or self._stop_inside_epoch():
+                break
+        progress.epoch_finished = True
+        self._epoch_end(outputs, accumulators, store)
+        trainer._sink.progress_end("train")
+        del module
+
+    def _keep_outputs(self) -> bool:
+        return is_overridden("training_epoch_end", self.trainer.lightning_module, LightningModule)
+
+    def _stop_inside_epoch(self) -> bool:
+        if self._max_steps_reached():
+            return True
+        trainer = self.trainer
+        return bool(trainer.should_stop) and trainer.current_epoch + 1 >= (
+            trainer.config.min_epochs or 0)
+
+    # --- one batch -----------------------------------------------------------------------------
+    def _run_batch(self, batch: Any, batch_idx: int, total: float, store: MetricStore,
+                   outputs: list[list[Any]], accumulators: dict[str, list[torch.Tensor]],
+                   keep: bool) -> bool:
+        trainer, hooks, progress = self.trainer, self.trainer._hooks, self.trainer._progress
+        batch = trainer._transfer_batch(batch, 0)
+        store.set_batch(batch)
+        hooks.callbacks("on_batch_start")
+        signal = hooks.module("on_batch_start", batch)
+        signal2 = hooks.batch_start("on_train_batch_start", batch, batch_idx, 0)
+        # -1 from either hook ends the epoch (documented 0.9 behaviour); rank 0 decides for all
+        if trainer._host.agree_on_rank_zero(signal == -1 or signal2 == -1,
+                                            needed=self._batch_start_overridden()):
+            return True
+        is_last = batch_idx + 1 >= total
+        should_step = (batch_idx + 1) % trainer._accumulation == 0 or is_last
+        if trainer.lightning_module.automatic_optimization:
+            step_outputs = self.batch_runner.run(batch, batch_idx, should_step)
+        else:
+            step_outputs = [trainer._manual_training_step(batch, batch_idx)]
+            should_step = False  # manual optimisation counts its own steps
+        first = next((o for o in step_outputs if o is not None), None)
+        hooks.callbacks("on_batch_end")
+        hooks.module("on_batch_end")
+        hooks.batch_end("on_train_batch_end", first.raw if first else None, batch, batch_idx, 0)
+        # outputs for the epoch end, callback accumulators (0.9 Results) and running loss
+        for idx, out in enumerate(step_outputs):
+            if out is None or out.raw is None:
+                continue
+            if keep or out.is_result:
+                outputs[min(idx, len(outputs) - 1)].append(out.kept)
+            if out.is_result:
+                for key, value in out.callback.items():
+                    accumulators.setdefault(key, []).append(value)
+            if out.loss is not None:
+                trainer._record_loss(out.loss.detach())
+        self._step_metrics(step_outputs, store, batch_idx)
+        progress.batches_done = batch_idx + 1
+        progress.total_batch_idx += 1
+        if should_step and any(o is not None and o.loss is not None for o in step_outputs):
+            progress.global_step += 1
+            progress.batches_that_stepped += 1
+            step_schedulers(trainer.lr_scheduler_configs, "step", progress.global_step,
+                            trainer.callback_metrics)
+        if trainer._sink.wants_progress(batch_idx + 1):
+            trainer._sink.progress_update("train", batch_idx + 1, trainer._pbar_view())
+        if self._should_validate(batch_idx, total):
+            trainer._run_validation()
+            trainer._metric_store = store
+        trainer._after_train_step(is_last)
+        return False
+
+    def _batch_start_overridden(self) -> bool:
+        module = self.trainer.lightning_module
+        return is_overridden("on_batch_start", module, LightningModule) or is_overridden(
+            "on_train_batch_start", module, LightningModule)
+
+    def _step_metrics(self, step_outputs: list[StepOutput | None], store: MetricStore,
+                      batch_idx: int) -> None:
+        """Route the batch's metrics: progress bar every batch, loggers at the cadence."""
+        trainer = self.trainer
+        log: dict[str, Any] = {}
+        for out in step_outputs:
+            if out is None:
+                continue
+            log.update(out.log)
+            trainer._pbar_raw.update(out.pbar)
+            if not out.is_result and out.callback:
+                # 0.9 dicts: callback metrics merged after every batch (trap: last batch wins)
+                trainer.callback_metrics.update(out.callback)
+        s_log, s_pbar, s_callback = store.step_views()
+        log.update(s_log)
+        trainer._pbar_raw.update(s_pbar)
+        trainer.callback_metrics.update(s_callback)
+        if log and trainer._should_log_step(batch_idx):
+            trainer._log_to_loggers(log)
+
+    def _should_validate(self, batch_idx: int, total: float) -> bool:
+        trainer = self.trainer
+        if not trainer._val_enabled:
+            return False
+        every = trainer.config.check_val_every_n_epoch
+        if every is not None and (trainer.current_epoch + 1) % every != 0:
+            return False
+        is_last = batch_idx + 1 >= total
+        if trainer.should_stop and is_last:
+            return True
+        return (batch_idx + 1) % trainer._val_check_batch == 0 or (
+            is_last and trainer._val_check_batch >= total)
+
+    # --- epoch end -----------------------------------------------------------------------------
+    def _epoch_end(self, outputs: list[list[Any]], accumulators: dict[str, list[torch.Tensor]],
+                   store: MetricStore) -> None:
+        trainer, module, hooks = self.trainer, self.trainer.lightning_module, self.trainer._hooks
+        result_mode = any(o and isinstance(o[0], TrainResult) for o in outputs)
+        if is_overridden("training_epoch_end", module, LightningModule):
+            collected = [gather(o, for_training=True) if o and isinstance(o[0], TrainResult)
+                         else o for o in outputs]
+            arg = collected[0] if len(collected) == 1 else collected
+            out = epoch_end_output(hooks.module("training_epoch_end", arg))
+            if out is not None:
+                if out.log:
+                    trainer._log_to_loggers(out.log)
+                trainer._pbar_raw.update(out.pbar)
+                if not out.is_result:
+                    trainer.callback_metrics.update(out.callback)
+        elif result_mode:
+            for per_opt in outputs:
+                if per_opt and isinstance(per_opt[0], TrainResult):
+                    reduced = reduce_on_epoch(per_opt)
+                    log = reduced.epoch_log_metrics()
+                    if log:
+                        trainer._log_to_loggers(log)
+                    trainer._pbar_raw.update(reduced.epoch_pbar_metrics())
+        for key, values in accumulators.items():
+            trainer.callback_metrics[key] = torch.stack([v.float().mean() for v in values]).mean()
+        hooks.both("on_epoch_end")
+        monitoring = trainer._monitoring_callbacks()
+        others = [cb for cb in trainer.callbacks if cb not in monitoring]
+        hooks.callbacks("on_train_epoch_end", callbacks=others)
+        hooks.module("on_train_epoch_end")
+        # COLLECTIVE: sync_dist epoch reductions
+        log, pbar, callback = store.epoch_views()
+        if log:
+            trainer._log_to_loggers(log)
+        trainer._pbar_raw.update(pbar)
+        trainer.callback_metrics.update(callback)
+        hooks.callbacks("on_train_epoch_end", callbacks=monitoring)
+        # COLLECTIVE: rank 0's stop decision holds for every rank
+        trainer.should_stop = trainer._host.agree_on_rank_zero(trainer.should_stop)
+        step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1,
+                        trainer.callback_metrics)
+        trainer._after_epoch()

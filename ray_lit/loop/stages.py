@@ -1,0 +1,232 @@
+"""The stages a process runs: ``run_fit`` and ``run_evaluation`` (spec §3.1, §3.5).
+
+Both run in the process that hosts the loop: the driver for ``num_workers=0``, every Ray worker
+otherwise. They set up the module and data, restore a checkpoint, call the stage hooks in order
+and tear down on success, error and Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from ray_lit.core.hooks import is_overridden
+from ray_lit.core.module import LightningModule
+from ray_lit.core.seed import rng_state, set_rng_state
+from ray_lit.errors import MisconfigurationException
+from ray_lit.loop.data import (
+    check_nonempty,
+    limit_batches,
+    loader_length,
+    resolve_loaders,
+    sequential_copy,
+)
+from ray_lit.loop.dispatch import HookDispatcher
+from ray_lit.loop.eval_loop import EvalLoop
+from ray_lit.loop.fit_loop import FitLoop
+from ray_lit.loop.optimization import Precision, parse_optimizers
+
+
+def attach(trainer: Any, module: LightningModule, datamodule: Any) -> None:
+    trainer.lightning_module = module
+    trainer.datamodule = datamodule
+    module.trainer = trainer
+    if datamodule is not None:
+        datamodule.trainer = trainer
+    trainer._hooks = HookDispatcher(trainer)
+    for cb in module.configure_callbacks() or []:
+        # a callback from configure_callbacks replaces one of the same type
+        trainer.callbacks = [c for c in trainer.callbacks if type(c) is not type(cb)] + [cb]
+
+
+def prepare_and_setup(trainer: Any, stage: str) -> None:
+    """``prepare_data`` once per node (local rank 0), then ``setup(stage)`` everywhere."""
+    module, dm, host = trainer.lightning_module, trainer.datamodule, trainer._host
+    if host.local_rank == 0:
+        if dm is not None:
+            dm._run_prepare_data()
+        module.prepare_data()
+    host.barrier()  # COLLECTIVE: every rank waits until its node's data is prepared
+    if dm is not None:
+        dm._run_setup(stage)
+    trainer._hooks.callbacks("setup", stage)
+    module.setup(stage)
+
+
+@contextlib.contextmanager
+def _guarded(trainer: Any, stage: str) -> Iterator[None]:
+    """Teardown on success, error and Ctrl-C; Ctrl-C ends the stage quietly (0.9)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        trainer.interrupted = True
+        trainer._hooks.callbacks("on_keyboard_interrupt")
+        trainer._hooks.callbacks("on_exception", KeyboardInterrupt())
+        trainer._sink.finalize("interrupted")
+        if not getattr(trainer._host, "reraise_interrupt", False):
+            return
+        raise
+    except BaseException as err:
+        trainer._hooks.callbacks("on_exception", err)
+        trainer._sink.finalize("failed")
+        raise
+    finally:
+        trainer.training = trainer.validating = trainer.testing = False
+        trainer.sanity_checking = False
+        with contextlib.suppress(Exception):
+            trainer._sink.run_end()
+        trainer._hooks.callbacks("teardown", stage)
+        trainer.lightning_module.teardown(stage)
+        if trainer.datamodule is not None:
+            trainer.datamodule.teardown(stage)
+        trainer._host.teardown_module()
+
+
+def _setup_optimizers(trainer: Any) -> None:
+    setup = parse_optimizers(trainer._hooks.module("configure_optimizers"))
+    trainer.optimizers = setup.optimizers
+    trainer.lr_scheduler_configs = setup.schedulers
+    trainer._optimizer_frequencies = setup.frequencies
+    if not trainer.lightning_module.automatic_optimization:
+        for opt in trainer.optimizers:
+            opt.register_step_post_hook(lambda *_: _count_manual_step(trainer))
+
+
+def _count_manual_step(trainer: Any) -> None:
+    trainer._progress.global_step += 1
+
+
+def _train_data(trainer: Any, train_loaders: Any, val_loaders: Any) -> None:
+    config, module, dm, host = trainer.config, trainer.lightning_module, trainer.datamodule, \
+        trainer._host
+    train = resolve_loaders(train_loaders, dm, module, "train_dataloader")
+    if not train:
+        raise MisconfigurationException(
+            "No training data: pass train_dataloaders to fit, or implement train_dataloader() "
+            "on the module or its datamodule.")
+    check_nonempty(train, "train")
+    raw_train = train[0]
+    trainer._train_loader = host.prepare_loader(raw_train, train=True)
+    trainer.num_training_batches = limit_batches(loader_length(trainer._train_loader),
+                                                 config.limit_train_batches,
+                                                 "limit_train_batches")
+    if config.overfit_batches:
+        vals = [sequential_copy(raw_train)]
+    else:
+        vals = resolve_loaders(val_loaders, dm, module, "val_dataloader")
+    trainer._val_loaders = [host.prepare_loader(v, train=False) for v in vals]
+    trainer.num_val_batches = [limit_batches(loader_length(v), config.limit_val_batches,
+                                             "limit_val_batches") for v in trainer._val_loaders]
+    has_step = is_overridden("validation_step", module, LightningModule)
+    if vals and not has_step:
+        warnings.warn("Validation dataloaders were given but the module has no "
+                      "validation_step; validation is skipped.", stacklevel=3)
+    if has_step and not vals and val_loaders is None:
+        warnings.warn("The module defines validation_step but there is no val_dataloader; "
+                      "validation is skipped.", stacklevel=3)
+    trainer._val_enabled = bool(has_step and vals and sum(trainer.num_val_batches) > 0)
+    interval = config.val_check_interval
+    total = trainer.num_training_batches
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        if interval > total and config.check_val_every_n_epoch is not None:
+            raise MisconfigurationException(
+                f"val_check_interval={interval} is more than the {total} training batches of an "
+                "epoch. Use a smaller int, a float fraction, or check_val_every_n_epoch=None.")
+        trainer._val_check_batch = interval
+    else:
+        trainer._val_check_batch = total if total == float("inf") else max(1, int(total *
+                                                                                 interval))
+
+
+def _sanity_check(trainer: Any) -> None:
+    config = trainer.config
+    steps = config.num_sanity_val_steps
+    if not trainer._val_enabled or steps == 0 or trainer._resumed:
+        return
+    # the sanity check must not change the run: RNG state is put back afterwards
+    saved = rng_state()
+    limits = [n if steps == -1 else min(steps, n) for n in trainer.num_val_batches]
+    trainer.sanity_checking = True
+    trainer._hooks.callbacks("on_sanity_check_start")
+    EvalLoop(trainer, "sanity_check").run(trainer._val_loaders, limits)
+    trainer._hooks.callbacks("on_sanity_check_end")
+    trainer.sanity_checking = False
+    set_rng_state(saved)
+
+
+def run_fit(trainer: Any, module: LightningModule, train_loaders: Any, val_loaders: Any,
+            datamodule: Any, checkpoint: dict | None) -> None:
+    """Fit in this process (one rank); ``checkpoint`` is an already loaded dict to resume."""
+    attach(trainer, module, datamodule)
+    trainer.training = True
+    trainer._resumed = checkpoint is not None
+    hooks = trainer._hooks
+    with _guarded(trainer, "fit"):
+        from ray_lit.core.hparams import clean_hparams_for_fit
+
+        clean_hparams_for_fit(module.hparams)
+        prepare_and_setup(trainer, "fit")
+        trainer._host.setup_module(module, trainer._find_unused_parameters(),
+                                   trainer.config.sync_batchnorm)
+        _setup_optimizers(trainer)
+        trainer._precision = Precision(trainer.config.precision, trainer._host.device)
+        _train_data(trainer, train_loaders, val_loaders)
+        if checkpoint is not None:
+            from ray_lit.loop.checkpoint_state import restore_module, restore_training
+
+            restore_module(trainer, checkpoint)
+            restore_training(trainer, checkpoint)
+        hooks.both("on_fit_start")
+        trainer._sink.run_start("fit")
+        if module.__dict__.get("_log_hyperparams", True) and module.hparams:
+            trainer._sink.log_hyperparams(dict(module.hparams))
+        if trainer.config.enable_model_summary and trainer.is_global_zero:
+            from ray_lit.core.summary import summarize
+
+            trainer._sink.print(str(summarize(module)))
+        hooks.both("on_pretrain_routine_start")
+        _sanity_check(trainer)
+        hooks.both("on_pretrain_routine_end")
+        module.zero_grad()
+        FitLoop(trainer).run()
+        hooks.both("on_fit_end")
+        trainer._sink.finalize("success")
+
+
+def run_evaluation(trainer: Any, stage: str, module: LightningModule, loaders: Any,
+                   datamodule: Any, weights: dict | None) -> list[dict[str, float]]:
+    """``validate`` or ``test`` in this process; ``weights`` is a checkpoint dict to load."""
+    attach(trainer, module, datamodule)
+    step = "test_step" if stage == "test" else "validation_step"
+    if not is_overridden(step, module, LightningModule):
+        raise MisconfigurationException(
+            f"trainer.{stage}() needs `{step}` on the module; define it.")
+    setattr(trainer, "testing" if stage == "test" else "validating", True)
+    results: list[dict[str, float]] = []
+    with _guarded(trainer, stage):
+        prepare_and_setup(trainer, stage)
+        if weights is not None:
+            module.load_state_dict(weights["state_dict"])
+        trainer._host.setup_module(module)
+        trainer._precision = Precision(trainer.config.precision, trainer._host.device)
+        hook = "test_dataloader" if stage == "test" else "val_dataloader"
+        found = resolve_loaders(loaders, trainer.datamodule, module, hook)
+        if not found:
+            raise MisconfigurationException(
+                f"trainer.{stage}() found no dataloader: pass one, or implement {hook}() on the "
+                "module or its datamodule.")
+        limit = trainer.config.limit_test_batches if stage == "test" else \
+            trainer.config.limit_val_batches
+        prepared = [trainer._host.prepare_loader(dl, train=False) for dl in found]
+        counts = [limit_batches(loader_length(dl), limit, f"limit_{stage}_batches".replace(
+            "validate", "val")) for dl in prepared]
+        if stage == "test":
+            trainer.num_test_batches = counts
+        else:
+            trainer.num_val_batches = counts
+        trainer._sink.run_start(stage)
+        results = EvalLoop(trainer, stage).run(prepared, counts)
+        trainer._sink.finalize("success")
+    return results

@@ -1,0 +1,163 @@
+"""One training batch under automatic optimisation: for each active optimizer, forward,
+backward, and at an accumulation boundary clip, step and zero the gradients (spec §3.2, §3.7).
+
+Forward and backward run before ``optimizer_step`` (0.9 order), so a 0.9 override that calls
+``optimizer.step()`` works; the closure handed to ``optimizer_step`` returns that loss, and only
+optimizers that evaluate the loss several times (LBFGS) get a closure that re-runs the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ray_lit.core.hooks import _signature_of, is_overridden
+from ray_lit.core.module import LightningModule
+from ray_lit.core.results import TrainResult
+from ray_lit.loop.optimization import clip_gradients
+from ray_lit.loop.outputs import StepOutput, training_output
+
+
+def active_optimizers(trainer: Any, total_batch_idx: int) -> list[tuple[int, Any]]:
+    """All optimizers in order, or one at a time when ``frequency`` is set (0.9)."""
+    optimizers = trainer.optimizers
+    freqs = trainer._optimizer_frequencies
+    if not freqs:
+        return list(enumerate(optimizers))
+    position = total_batch_idx % sum(freqs)
+    for idx, freq in enumerate(freqs):
+        if position < freq:
+            return [(idx, optimizers[idx])]
+        position -= freq
+    return [(0, optimizers[0])]
+
+
+class TrainingBatch:
+    """Runs one batch; returns the per-optimizer ``StepOutput``s (None when skipped)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def run(self, batch: Any, batch_idx: int, should_step: bool) -> list[StepOutput | None]:
+        trainer = self.trainer
+        progress = trainer._progress
+        outputs: list[StepOutput | None] = []
+        optimizers = active_optimizers(trainer, progress.total_batch_idx)
+        several = len(trainer.optimizers) > 1
+        for opt_idx, optimizer in optimizers:
+            toggled = self._toggle(optimizer) if several else None
+            try:
+                outputs.append(self._run_optimizer(batch, batch_idx, opt_idx, optimizer,
+                                                   should_step, several))
+            finally:
+                if toggled is not None:
+                    for param, flag in toggled:
+                        param.requires_grad = flag
+        return outputs
+
+    def _toggle(self, optimizer: Any) -> list[tuple[torch.nn.Parameter, bool]]:
+        """Only this optimizer's parameters require grad while it runs (0.9 GAN idiom)."""
+        own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        saved = []
+        for param in self.trainer.lightning_module.parameters():
+            saved.append((param, param.requires_grad))
+            if id(param) not in own:
+                param.requires_grad = False
+        return saved
+
+    def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Any,
+                          should_step: bool, several: bool) -> StepOutput:
+        trainer, module, hooks = self.trainer, self.trainer.lightning_module, self.trainer._hooks
+        args = (batch, batch_idx, opt_idx) if several else (batch, batch_idx)
+        # DDP syncs gradients only at the accumulation boundary (no_sync before it)
+        sync = contextlib.nullcontext() if should_step else trainer._host.no_sync()
+        with sync:
+            with trainer._precision.autocast():
+                raw = trainer._call_step("training_step", *args)
+                if isinstance(raw, TrainResult):
+                    raw.track_batch_size(trainer._metric_store._current_batch_size())
+                raw = trainer._training_step_end(raw)
+            out = training_output(raw)
+            if out.loss is None:
+                return out
+            loss = out.loss / trainer._accumulation
+            hooks.both("on_before_backward", loss)
+            scaled = trainer._precision.scale(loss)
+            fn = module.backward
+            names = _signature_of(fn)[0]
+            if names[:1] == ("trainer",):  # 0.9: backward(trainer, loss, optimizer, optimizer_idx)
+                trainer._hooks.module("backward", trainer, scaled, optimizer, opt_idx)
+            else:
+                trainer._hooks.module("backward", scaled, optimizer, opt_idx)
+            hooks.both("on_after_backward")
+        return out
+
+    def _run_optimizer(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Any,
+                       should_step: bool, several: bool) -> StepOutput | None:
+        trainer, hooks = self.trainer, self.trainer._hooks
+        lbfgs = isinstance(optimizer, torch.optim.LBFGS)
+        out = None if lbfgs else self._forward_backward(batch, batch_idx, opt_idx, optimizer,
+                                                        should_step, several)
+        if out is not None and out.loss is None:
+            return out
+        if not should_step:
+            return out
+        if lbfgs:
+            holder: dict[str, StepOutput] = {}
+
+            def closure() -> torch.Tensor:
+                holder["out"] = self._forward_backward(batch, batch_idx, opt_idx, optimizer,
+                                                       True, several)
+                return holder["out"].loss
+        else:
+            cached = out.loss.detach()
+
+            def closure() -> torch.Tensor:
+                return cached
+
+        config = trainer.config
+        if config.gradient_clip_val and not lbfgs:
+            trainer._precision.unscale(optimizer)
+            clip_gradients(trainer.lightning_module.parameters(), config.gradient_clip_val,
+                           config.gradient_clip_algorithm)
+        hooks.callbacks("on_before_optimizer_step", optimizer, opt_idx)
+        hooks.module("on_before_optimizer_step", optimizer, opt_idx)
+        trainer._precision.step(optimizer, lambda: self._optimizer_step(batch_idx, optimizer,
+                                                                         opt_idx, closure))
+        if lbfgs:
+            out = holder.get("out")
+        hooks.callbacks("on_before_zero_grad", optimizer)
+        hooks.module("on_before_zero_grad", optimizer)
+        self._zero_grad(batch_idx, optimizer, opt_idx)
+        return out
+
+    def _optimizer_step(self, batch_idx: int, optimizer: Any, opt_idx: int, closure: Any) -> None:
+        trainer = self.trainer
+        module = trainer.lightning_module
+        epoch = trainer.current_epoch
+        if not is_overridden("optimizer_step", module, LightningModule):
+            optimizer.step(closure=closure)
+            return
+        names = _signature_of(module.optimizer_step)[0]
+        if "optimizer_idx" in names or len(names) > 4:  # 0.9 signature
+            kwargs = {"epoch": epoch, "batch_idx": batch_idx, "optimizer": optimizer,
+                      "optimizer_idx": opt_idx, "optimizer_closure": closure,
+                      "second_order_closure": closure, "on_tpu": False,
+                      "using_native_amp": trainer._precision.scaler is not None,
+                      "using_lbfgs": isinstance(optimizer, torch.optim.LBFGS)}
+            args = [kwargs.get(n) for n in names]
+            trainer._hooks.module("optimizer_step", *args)
+        else:  # 2.x: optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            trainer._hooks.module("optimizer_step", epoch, batch_idx, optimizer, closure)
+
+    def _zero_grad(self, batch_idx: int, optimizer: Any, opt_idx: int) -> None:
+        trainer = self.trainer
+        module = trainer.lightning_module
+        if not is_overridden("optimizer_zero_grad", module, LightningModule):
+            optimizer.zero_grad()
+            return
+        names = _signature_of(module.optimizer_zero_grad)[0]
+        args = [trainer.current_epoch, batch_idx, optimizer, opt_idx][: len(names)]
+        trainer._hooks.module("optimizer_zero_grad", *args)

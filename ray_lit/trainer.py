@@ -1,0 +1,381 @@
+"""``Trainer`` and ``ray_lit.fit``: options in, a run out.
+
+``Trainer(**options)`` validates its options once. ``fit`` / ``validate`` / ``test`` run the loop
+in this process for ``num_workers=0`` and on a Ray worker group otherwise
+(``ray_lit.distributed.launcher``); either way the Trainer afterwards holds the run's state as a
+single-process Lightning user expects (metrics, epoch, step, checkpoint paths).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from ray_lit.callbacks.base import Callback
+from ray_lit.config import TrainerConfig
+from ray_lit.core.datamodule import LightningDataModule
+from ray_lit.core.hooks import is_overridden
+from ray_lit.core.module import LightningModule
+from ray_lit.errors import MisconfigurationException
+from ray_lit.loop.host import LocalHost
+from ray_lit.loop.reporting import DriverSink, NullSink
+from ray_lit.loop.trainer_state import LoopState
+
+
+class Trainer(LoopState):
+    """Runs a ``LightningModule``: ``Trainer(max_epochs=3, num_workers=2).fit(model)``.
+
+    All options are keyword arguments (see README for the table); an unknown option or a bad
+    value raises ``MisconfigurationException`` naming it and the fix.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.config = TrainerConfig.from_options(options)
+        self._init_loop_state()
+        config = self.config
+        self.default_root_dir = os.fspath(config.default_root_dir or os.getcwd())
+        self.callbacks: list[Callback] = list(config.callbacks)
+        self.loggers = self._build_loggers(config.logger)
+        self._add_default_callbacks()
+        self.lightning_module: LightningModule | None = None
+        self.datamodule: LightningDataModule | None = None
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.lr_scheduler_configs: list[Any] = []
+        self._optimizer_frequencies: list[int] = []
+        self._host: Any = LocalHost(config.use_gpu)
+        self._sink: Any = NullSink()
+        self._precision: Any = None
+        self._resumed = False
+        self.num_restarts = 0
+        self.world_size_history: list[int] = []
+        self.tested_ckpt_path: str | None = None
+        self.run_dir: str | None = None
+        for cb in self.callbacks:
+            cb.on_init_start(self)
+        for cb in self.callbacks:
+            cb.on_init_end(self)
+
+    # --- construction --------------------------------------------------------------------------
+    def _build_loggers(self, logger: Any) -> list[Any]:
+        if logger is True:
+            from ray_lit.loggers import TensorBoardLogger
+
+            return [TensorBoardLogger(save_dir=self.default_root_dir, name="lightning_logs")]
+        if logger is False or logger is None:
+            return []
+        if isinstance(logger, (list, tuple)):
+            return list(logger)
+        return [logger]
+
+    def _add_default_callbacks(self) -> None:
+        from ray_lit.callbacks.early_stopping import EarlyStopping
+        from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
+        from ray_lit.callbacks.progress import ProgressBar
+
+        config = self.config
+        es = config.early_stop_callback
+        if es is True:
+            self.callbacks.append(EarlyStopping(monitor="val_loss", patience=3, verbose=True))
+        elif isinstance(es, EarlyStopping):
+            self.callbacks.append(es)
+        checkpointing = config.enable_checkpointing
+        if isinstance(checkpointing, ModelCheckpoint):  # 0.9: checkpoint_callback=ModelCheckpoint
+            self.callbacks.append(checkpointing)
+        elif checkpointing and not any(isinstance(c, ModelCheckpoint) for c in self.callbacks):
+            self.callbacks.append(ModelCheckpoint())
+        if not checkpointing and any(isinstance(c, ModelCheckpoint) for c in self.callbacks):
+            raise MisconfigurationException(
+                "enable_checkpointing=False but a ModelCheckpoint is in callbacks; drop one.")
+        bars = [c for c in self.callbacks if isinstance(c, ProgressBar)]
+        if len(bars) > 1:
+            raise MisconfigurationException("Only one ProgressBar callback is allowed.")
+        if config.enable_progress_bar and not bars:
+            self.callbacks.append(ProgressBar())
+        elif not config.enable_progress_bar:
+            for bar in bars:
+                bar.disable()
+
+    # --- properties of the run -----------------------------------------------------------------
+    @property
+    def logger(self) -> Any:
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str:
+        logger = self.logger
+        if logger is not None and getattr(logger, "log_dir", None):
+            return logger.log_dir
+        return self.default_root_dir
+
+    @property
+    def model(self) -> LightningModule | None:
+        return self.lightning_module
+
+    @property
+    def progress_bar_callback(self) -> Any:
+        from ray_lit.callbacks.progress import ProgressBar
+
+        return next((c for c in self.callbacks if isinstance(c, ProgressBar)), None)
+
+    @property
+    def checkpoint_callbacks(self) -> list[Any]:
+        from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
+
+        return [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> Any:
+        found = self.checkpoint_callbacks
+        return found[0] if found else None
+
+    @property
+    def early_stopping_callback(self) -> Any:
+        from ray_lit.callbacks.early_stopping import EarlyStopping
+
+        return next((c for c in self.callbacks if isinstance(c, EarlyStopping)), None)
+
+    early_stop_callback = early_stopping_callback
+
+    @property
+    def lr_schedulers(self) -> list[Any]:
+        return self.lr_scheduler_configs
+
+    @property
+    def max_epochs(self) -> int:
+        return self.config.max_epochs
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.config.max_steps
+
+    @property
+    def min_epochs(self) -> int | None:
+        return self.config.min_epochs
+
+    @property
+    def precision(self) -> Any:
+        return self.config.precision
+
+    @property
+    def global_rank(self) -> int:
+        return self._host.world_rank
+
+    world_rank = global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._host.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._host.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._host.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._host.world_rank == 0
+
+    @property
+    def num_workers(self) -> Any:
+        return self.config.num_workers
+
+    def _find_unused_parameters(self) -> bool:
+        # several optimizers toggle requires_grad per step: DDP must tolerate unused params
+        return self.config.find_unused_parameters or self._several_optimizers_expected()
+
+    def _several_optimizers_expected(self) -> bool:
+        import inspect
+
+        module = self.lightning_module
+        try:
+            return "optimizer_idx" in inspect.signature(module.training_step).parameters
+        except (TypeError, ValueError):
+            return False
+
+    # --- checks before anything runs -----------------------------------------------------------
+    def _check_module(self, model: Any, stage: str) -> None:
+        if not isinstance(model, LightningModule):
+            raise MisconfigurationException(
+                f"trainer.{stage}() needs a ray_lit.LightningModule, got "
+                f"{type(model).__name__}. Subclass `ray_lit.LightningModule`.")
+        if stage == "fit":
+            if not is_overridden("training_step", model, LightningModule):
+                raise MisconfigurationException(
+                    f"{type(model).__name__} has no `training_step()`: define it to fit.")
+            if not is_overridden("configure_optimizers", model, LightningModule):
+                raise MisconfigurationException(
+                    f"{type(model).__name__} has no `configure_optimizers()`: define it to "
+                    "return an optimizer.")
+
+    @staticmethod
+    def _split_datamodule(loaders: Any, datamodule: Any, stage: str) -> tuple[Any, Any]:
+        if isinstance(loaders, LightningDataModule):
+            return None, loaders
+        if loaders is not None and datamodule is not None:
+            raise MisconfigurationException(
+                f"trainer.{stage}() got both dataloaders and a datamodule; pass one.")
+        return loaders, datamodule
+
+    def _driver_sink(self) -> DriverSink:
+        return DriverSink(self.loggers, self.progress_bar_callback)
+
+    # --- fit -----------------------------------------------------------------------------------
+    def fit(self, model: LightningModule, train_dataloader: Any = None,
+            val_dataloaders: Any = None, datamodule: LightningDataModule | None = None, *,
+            train_dataloaders: Any = None, ckpt_path: str | None = None) -> int:
+        """Train ``model``. Returns 1 (0.9) when training ends.
+
+        The 2.x keywords ``train_dataloaders=`` and ``ckpt_path=`` are accepted; ``ckpt_path``
+        (or the 0.9 option ``resume_from_checkpoint``) resumes a run from a checkpoint file.
+        """
+        if train_dataloaders is not None:
+            if train_dataloader is not None:
+                raise MisconfigurationException(
+                    "Pass train_dataloader or train_dataloaders, not both.")
+            train_dataloader = train_dataloaders
+        self._check_module(model, "fit")
+        train_dataloader, datamodule = self._split_datamodule(train_dataloader, datamodule, "fit")
+        if val_dataloaders is not None and datamodule is not None:
+            raise MisconfigurationException(
+                "trainer.fit() got both val_dataloaders and a datamodule; pass one.")
+        ckpt_path = ckpt_path or self.config.resume_from_checkpoint
+        self.should_stop = False
+        if self.config.distributed:
+            from ray_lit.distributed.launcher import launch_fit
+
+            launch_fit(self, model, train_dataloader, val_dataloaders, datamodule, ckpt_path)
+            return 1
+        from ray_lit.loop.stages import run_fit
+
+        checkpoint = self._load_resume_checkpoint(ckpt_path)
+        self._host = LocalHost(self.config.use_gpu)
+        self._sink = self._driver_sink()
+        self.world_size_history = [1]
+        run_fit(self, model, train_dataloader, val_dataloaders, datamodule, checkpoint)
+        return 1
+
+    def _load_resume_checkpoint(self, ckpt_path: str | None) -> dict | None:
+        if ckpt_path is None:
+            return None
+        path = self._resolve_ckpt_path(ckpt_path)
+        if path is None:
+            return None
+        from ray_lit.checkpoint.io import load_checkpoint
+
+        return load_checkpoint(path, map_location="cpu")
+
+    def _resolve_ckpt_path(self, ckpt_path: str) -> str | None:
+        if ckpt_path == "best":
+            cb = self.checkpoint_callback
+            if cb is None or not cb.best_model_path:
+                warnings.warn("ckpt_path='best' but no best checkpoint was recorded; the "
+                              "current weights are used.", stacklevel=3)
+                return None
+            return cb.best_model_path
+        if ckpt_path == "last":
+            cb = self.checkpoint_callback
+            path = cb.last_model_path or (cb.saved_paths[-1] if cb and cb.saved_paths else "") \
+                if cb is not None else ""
+            if not path:
+                warnings.warn("ckpt_path='last' but no checkpoint was saved; the current "
+                              "weights are used.", stacklevel=3)
+                return None
+            return path
+        return ckpt_path
+
+    # --- validate / test -----------------------------------------------------------------------
+    def validate(self, model: LightningModule | None = None, dataloaders: Any = None,
+                 ckpt_path: str | None = None, datamodule: Any = None, verbose: bool = True,
+                 *, val_dataloaders: Any = None) -> list[dict[str, float]]:
+        """Run the validation loop once; one dict of floats per dataloader."""
+        return self._evaluate("validate", model, dataloaders if dataloaders is not None
+                              else val_dataloaders, ckpt_path, datamodule, verbose)
+
+    def test(self, model: LightningModule | None = None, test_dataloaders: Any = None,
+             ckpt_path: str | None = "best", datamodule: Any = None, verbose: bool = True,
+             *, dataloaders: Any = None) -> list[dict[str, float]]:
+        """Run the test loop (never run by ``fit``); one dict of floats per dataloader.
+
+        ``ckpt_path="best"`` tests the best checkpoint of this trainer's fit (when a model is
+        not passed), a path tests that file, None the current weights.
+        """
+        loaders = test_dataloaders if test_dataloaders is not None else dataloaders
+        return self._evaluate("test", model, loaders, ckpt_path, datamodule, verbose)
+
+    def _evaluate(self, stage: str, model: Any, loaders: Any, ckpt_path: str | None,
+                  datamodule: Any, verbose: bool) -> list[dict[str, float]]:
+        loaders, datamodule = self._split_datamodule(loaders, datamodule, stage)
+        weights = None
+        if model is None:
+            model = self.lightning_module
+            if model is None:
+                raise MisconfigurationException(
+                    f"trainer.{stage}() needs a model: pass one, or call fit() first.")
+            if ckpt_path is not None:
+                path = self._resolve_ckpt_path(ckpt_path)
+                if path is not None:
+                    from ray_lit.checkpoint.io import load_checkpoint
+
+                    weights = load_checkpoint(path, map_location="cpu")
+                    self.tested_ckpt_path = path
+        elif ckpt_path not in (None, "best"):
+            from ray_lit.checkpoint.io import load_checkpoint
+
+            weights = load_checkpoint(self._resolve_ckpt_path(ckpt_path), map_location="cpu")
+            self.tested_ckpt_path = ckpt_path
+        self._check_module(model, stage)
+        datamodule = datamodule if datamodule is not None else self.datamodule
+        if self.config.distributed:
+            from ray_lit.distributed.launcher import launch_evaluation
+
+            results = launch_evaluation(self, stage, model, loaders, datamodule, weights)
+        else:
+            from ray_lit.loop.stages import run_evaluation
+
+            self._host = LocalHost(self.config.use_gpu)
+            self._sink = self._driver_sink()
+            results = run_evaluation(self, stage, model, loaders, datamodule, weights)
+        if verbose and results:
+            _print_results(stage, results)
+        return results
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
+        """Write the run's checkpoint to ``filepath`` (global rank 0 writes; every rank may
+        call). Atomic: a reader never sees a half-written file."""
+        from ray_lit.loop.checkpoint_state import dump_checkpoint
+
+        checkpoint = dump_checkpoint(self, weights_only)
+        if self.is_global_zero:
+            from ray_lit.checkpoint.io import save_checkpoint
+
+            save_checkpoint(checkpoint, os.fspath(filepath))
+
+
+def _print_results(stage: str, results: list[dict[str, float]]) -> None:
+    name = "TEST" if stage == "test" else "VALIDATE"
+    for idx, result in enumerate(results):
+        print("-" * 80)
+        print(f"DATALOADER:{idx} {name} RESULTS")
+        for key in sorted(result):
+            print(f"  {key}: {result[key]:.6g}")
+    print("-" * 80)
+
+
+def fit(module: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None, *,
+        datamodule: LightningDataModule | None = None, num_workers: Any = 8,
+        **trainer_options: Any) -> Trainer:
+    """``Trainer(num_workers=num_workers, **trainer_options).fit(...)``; returns the Trainer.
+
+    Connects to the Ray cluster in ``RAY_ADDRESS`` or the running one, else starts a local one.
+    """
+    trainer = Trainer(num_workers=num_workers, **trainer_options)
+    trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
+                datamodule=datamodule)
+    return trainer
