@@ -223,7 +223,8 @@ class Trainer(LoopState):
         return loaders, datamodule
 
     def _driver_sink(self) -> DriverSink:
-        return DriverSink(self.loggers, self.progress_bar_callback)
+        return DriverSink(self.loggers, self.progress_bar_callback,
+                          report_fn=getattr(self, "_report_fn", None))
 
     # --- fit -----------------------------------------------------------------------------------
     def fit(self, model: LightningModule, train_dataloader: Any = None,

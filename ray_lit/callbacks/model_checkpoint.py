@@ -277,8 +277,9 @@ class ModelCheckpoint(Callback):
     def _exists(path: str) -> bool:
         if "://" not in path:
             return os.path.exists(path)
-        from ray_lit.checkpoint.storage import resolve
         import pyarrow.fs as pafs
+
+        from ray_lit.checkpoint.storage import resolve
 
         fs, p = resolve(path)
         return fs.get_file_info(p).type != pafs.FileType.NotFound

@@ -193,7 +193,8 @@ class Result(dict):
         return self._select(prog_bar=True, on_epoch=True)
 
     def callback_values(self) -> dict[str, Any]:
-        return {k: self.get(k) for k in ("checkpoint_on", "early_stop_on") if self.get(k) is not None}
+        keys = ("checkpoint_on", "early_stop_on")
+        return {k: self.get(k) for k in keys if self.get(k) is not None}
 
     @property
     def should_reduce_on_epoch_end(self) -> bool:
@@ -323,6 +324,6 @@ def reduce_on_epoch(outputs: list[Result]) -> Result:
     for key in ("checkpoint_on", "early_stop_on"):
         values = [dict.__getitem__(o, key) for o in outputs if o.get(key) is not None]
         if values:
-            dict.__setitem__(result, key,
-                             torch.stack([torch.as_tensor(v).float().mean() for v in values]).mean())
+            means = torch.stack([torch.as_tensor(v).float().mean() for v in values])
+            dict.__setitem__(result, key, means.mean())
     return result

@@ -46,8 +46,7 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "ray_lit_format": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "loops": {"progress": progress_state, "rng": rng_state(),
-                  "sampler": trainer._host.sampler_state() if hasattr(
-                      trainer._host, "sampler_state") else None,
+                  "sampler": trainer._host.sampler_state(progress.batches_done),
                   "world_size": trainer._host.world_size},
     }
     if not weights_only:
@@ -118,11 +117,20 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         raise MisconfigurationException(
             f"The checkpoint has {len(optimizer_states)} optimizer states but "
             f"configure_optimizers returned {len(trainer.optimizers)} optimizers.")
+    keep_lr = getattr(trainer, "_keep_configured_lr", False)
     for opt, state in zip(trainer.optimizers, optimizer_states):
+        configured = [group["lr"] for group in opt.param_groups]
         opt.load_state_dict(state)
         _optimizer_to(opt, trainer._host.device)
+        if keep_lr:  # PBT exploit: the new config's learning rate replaces the restored one
+            for group, lr in zip(opt.param_groups, configured):
+                group["lr"] = lr
+                group["initial_lr"] = lr
     for config, state in zip(trainer.lr_scheduler_configs, checkpoint["lr_schedulers"]):
         config.scheduler.load_state_dict(state)
+        if keep_lr and hasattr(config.scheduler, "base_lrs"):
+            config.scheduler.base_lrs = [g["initial_lr"] for g in
+                                         config.scheduler.optimizer.param_groups]
     trainer._precision.load_state_dict(checkpoint.get("precision", {}))
     progress = trainer._progress
     loops = checkpoint.get("loops")
@@ -133,13 +141,14 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         progress.batches_done = 0
         return
     progress.load_state_dict(loops["progress"])
+    progress_was_finished = progress.epoch_finished
     if progress.epoch_finished:
         progress.epoch += 1
         progress.batches_done = 0
         progress.epoch_finished = False
     if loops.get("rng") is not None:
         set_rng_state(loops["rng"])
-    if loops.get("sampler") is not None and hasattr(trainer._host, "load_sampler_state"):
+    if loops.get("sampler") is not None and not progress_was_finished:
         trainer._host.load_sampler_state(loops["sampler"])
     trainer._restarted_mid_epoch = progress.batches_done > 0
 

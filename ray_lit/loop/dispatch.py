@@ -57,7 +57,7 @@ class HookDispatcher:
 
     def batch_end(self, name: str, outputs: Any, batch: Any, batch_idx: int,
                   dataloader_idx: int) -> None:
-        """``on_*_batch_end``: 2.x (outputs, batch, batch_idx[, dl]) or 0.9 (batch, batch_idx, dl)."""
+        """``on_*_batch_end``: 2.x (outputs, batch, batch_idx[, dl]) or 0.9 (batch, idx, dl)."""
         modern = [("outputs", outputs), ("batch", batch), ("batch_idx", batch_idx),
                   ("dataloader_idx", dataloader_idx)]
         legacy = [("batch", batch), ("batch_idx", batch_idx), ("dataloader_idx", dataloader_idx)]

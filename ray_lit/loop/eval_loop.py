@@ -96,11 +96,14 @@ class EvalLoop:
         hooks.batch_end(f"on_{p}_batch_end", raw, batch, batch_idx, dl_idx)
         # step-level metrics: 0.9 Result curves ``x/epoch_N`` and 2.x self.log(on_step=True)
         log, pbar, _ = store.step_views()
-        if out is not None and out.is_result:
-            suffix = f"/epoch_{trainer.current_epoch}"
-            log = {**{f"{k}{suffix}": v for k, v in out.log.items()}, **log}
-            trainer._pbar_raw.update(out.pbar)
         trainer._pbar_raw.update(pbar)
+        if out is not None and out.is_result:
+            trainer._pbar_raw.update(out.pbar)
+            if out.log and not sanity:
+                # 0.9: one curve per epoch, ``x/epoch_N`` stepped by the batch index
+                suffix = f"/epoch_{trainer.current_epoch}"
+                trainer._log_to_loggers({f"{k}{suffix}": v for k, v in out.log.items()},
+                                        step=batch_idx)
         if log and not sanity:
             trainer._log_to_loggers(log, step=trainer._next_eval_step(self.stage))
         return out

@@ -15,7 +15,6 @@ from ray_lit.core.hooks import is_overridden
 from ray_lit.core.metric_store import MetricStore
 from ray_lit.core.module import LightningModule
 from ray_lit.core.results import TrainResult, gather, reduce_on_epoch
-from ray_lit.loop.eval_loop import EvalLoop
 from ray_lit.loop.optimization import step_schedulers
 from ray_lit.loop.outputs import StepOutput, epoch_end_output
 from ray_lit.loop.train_step import TrainingBatch

@@ -69,6 +69,12 @@ class LocalHost:
             iterator = itertools.islice(iterator, skip, None)
         return iterator
 
+    def sampler_state(self, batches_done: int) -> dict | None:
+        """In process the loader is the user's own: a resume skips the batches done."""
+        return None
+
+    def load_sampler_state(self, state: dict) -> None: ...
+
     # --- collectives ---------------------------------------------------------------------------
     def agree_on_rank_zero(self, flag: bool, needed: bool = True) -> bool:
         """COLLECTIVE in a group: rank 0's ``flag`` for every rank (here: the flag itself)."""

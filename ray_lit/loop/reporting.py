@@ -28,6 +28,7 @@ class EventSink:
     def log_hyperparams(self, params: Any) -> None: ...
     def print(self, text: str) -> None: ...
     def finalize(self, status: str) -> None: ...
+    def report(self, metrics: dict[str, float], checkpoint_uri: str) -> None: ...
 
     def wants_progress(self, n_done: int) -> bool:
         """Whether the loop should compute the progress-bar metrics for this batch."""
@@ -41,8 +42,10 @@ class NullSink(EventSink):
 class DriverSink(EventSink):
     """Feeds the driver's loggers and progress bar."""
 
-    def __init__(self, loggers: list[Any], progress_bar: Any = None) -> None:
+    def __init__(self, loggers: list[Any], progress_bar: Any = None,
+                 report_fn: Any = None) -> None:
         self.loggers = loggers
+        self.report_fn = report_fn
         self.progress_bar = progress_bar if progress_bar is not None and getattr(
             progress_bar, "is_enabled", True) else None
         self._refresh = max(1, int(getattr(progress_bar, "refresh_rate", 1) or 1))
@@ -82,6 +85,11 @@ class DriverSink(EventSink):
 
     def print(self, text: str) -> None:
         print(text)
+
+    def report(self, metrics: dict[str, float], checkpoint_uri: str) -> None:
+        """A Tune report from the loop (``ray_lit.tune``): runs in the trial's driver."""
+        if self.report_fn is not None:
+            self.report_fn(metrics, checkpoint_uri)
 
     def finalize(self, status: str) -> None:
         for logger in self.loggers:
@@ -139,6 +147,9 @@ class RecordingSink(EventSink):
 
     def finalize(self, status: str) -> None:
         self._add("finalize", status)
+
+    def report(self, metrics: dict[str, float], checkpoint_uri: str) -> None:
+        self._add("report", dict(metrics), checkpoint_uri)
 
     def drain(self) -> list[tuple[str, tuple]]:
         events, self.events = self.events, []

@@ -191,6 +191,14 @@ class LoopState:
             return os.path.join(save_dir, str(logger.name), version, "checkpoints")
         return os.path.join(root, "checkpoints")
 
+    def _run_validation(self) -> None:
+        """Validation inside fit; rank 0's stop decision then holds for every rank."""
+        from ray_lit.loop.eval_loop import EvalLoop
+
+        EvalLoop(self, "validate").run(self._val_loaders, self.num_val_batches)
+        self._val_ran_this_epoch = True
+        self.should_stop = self._host.agree_on_rank_zero(self.should_stop)  # COLLECTIVE
+
     def _after_train_step(self, is_last: bool) -> None:
         if self.config.terminate_on_nan and self._running_losses:
             last = self._running_losses[-1]

@@ -1,1 +1,173 @@
-"""ray_lit.tune."""
+"""Hyperparameter sweeps of ray_lit runs with Ray Tune: ``trainable`` and ``sweep``.
+
+Each trial is a whole ray_lit run: the trial's driver (the Tune function) plus its workers. The
+trainable asks Tune for all of it at once — one placement group with a bundle for the trial's
+driver and one per worker — and the workers are placed in that trial's own bundles, so
+concurrent trials can never deadlock waiting for each other's resources.
+
+Every validation end, rank 0 writes a checkpoint into the run's storage and the trial's driver
+reports the ``callback_metrics`` (as floats) with that checkpoint to Tune. A trial that Tune
+restores (PBT exploit, ``Tuner.restore``, a trial restart) continues from the checkpoint; with
+PBT the new config's learning rate replaces the restored one in the optimizers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from ray_lit.callbacks.base import Callback
+from ray_lit.errors import MisconfigurationException
+
+__all__ = ["trainable", "sweep", "TuneReportCallback"]
+
+_CKPT_FILE = "ray_lit.ckpt"
+
+
+class TuneReportCallback(Callback):
+    """Runs where the loop runs: at each validation end (each training epoch end without
+    validation) rank 0 saves a checkpoint and sends the metrics to the trial's driver."""
+
+    def __init__(self, metric: str | None = None) -> None:
+        self.metric = metric
+        self._reports = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.training:
+            return
+        self._report(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer._val_enabled:
+            self._report(trainer)
+
+    def _report(self, trainer: Any) -> None:
+        from ray_lit.loop.outputs import floats
+
+        metrics = floats(trainer.callback_metrics)
+        if self.metric is not None and self.metric not in metrics:
+            raise MisconfigurationException(
+                f"Tune's metric {self.metric!r} is not logged by the module. Metrics that "
+                f"exist: {sorted(metrics)}. Log it with self.log / result.log, or sweep on one "
+                "of these.")
+        metrics.update(epoch=trainer.current_epoch, global_step=trainer.global_step)
+        self._reports += 1
+        uri = f"{trainer._tune_checkpoint_root.rstrip('/')}/report-{self._reports:05d}.ckpt"
+        trainer.save_checkpoint(uri)
+        if trainer.is_global_zero:
+            trainer._sink.report(metrics, uri)
+
+
+def _report_to_tune(metrics: dict[str, float], uri: str) -> None:
+    """Driver side (the trial's function): hand the checkpoint to Tune as a directory."""
+    from ray import tune
+
+    from ray_lit.checkpoint.storage import Storage
+
+    head, name = uri.rsplit("/", 1)
+    data = Storage(head).read_bytes(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, _CKPT_FILE), "wb") as f:
+            f.write(data)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    Storage(head).delete(name)  # Tune keeps its own copy
+
+
+def trial_resources(num_workers: Any, resources_per_worker: dict | None = None,
+                    use_gpu: bool = False, accelerator: str = "auto") -> Any:
+    """The placement group factory of one trial: the trial's driver plus its workers."""
+    from ray.tune import PlacementGroupFactory
+
+    from ray_lit.distributed.placement import resolve_worker_resources
+
+    count = num_workers[1] if isinstance(num_workers, (tuple, list)) else int(num_workers or 0)
+    if count == 0:
+        per = {"CPU": 1.0}
+        if use_gpu:
+            per["GPU"] = 1.0
+        return PlacementGroupFactory([per])
+    per_worker = resolve_worker_resources(use_gpu=use_gpu, accelerator=accelerator,
+                                          resources_per_worker=resources_per_worker)
+    return PlacementGroupFactory([{"CPU": 1.0}] + [dict(per_worker)] * count, strategy="PACK")
+
+
+def trainable(build: Callable[[dict], Any], train_dataloaders: Any = None,
+              val_dataloaders: Any = None, datamodule: Any = None, *,
+              metric: str | None = None, **trainer_options: Any) -> Any:
+    """A Tune trainable running one ray_lit fit per trial.
+
+    Args:
+        build: ``config -> LightningModule`` (a fresh module per trial).
+        train_dataloaders, val_dataloaders, datamodule: as for ``Trainer.fit``.
+        metric: optional; the first report fails with the list of logged metrics when the
+            module never logs it (``sweep`` passes its ``metric``).
+        **trainer_options: every ``Trainer`` option (``num_workers`` included).
+
+    Returns:
+        A function trainable already wrapped with the resources of a whole trial.
+    """
+    from ray import tune
+
+    from ray_lit.config import TrainerConfig
+
+    TrainerConfig.from_options(dict(trainer_options))  # bad options fail before any trial
+    options = dict(trainer_options)
+
+    def _run_trial(config: dict) -> None:
+        from ray_lit.trainer import Trainer
+
+        context = tune.get_context()
+        trial_dir = context.get_trial_dir()
+        module = build(config)
+        trial_options = dict(options)
+        callbacks = list(trial_options.pop("callbacks", None) or [])
+        callbacks.append(TuneReportCallback(metric))
+        trial_options.setdefault("enable_progress_bar", False)
+        trial_options.setdefault("default_root_dir", trial_dir)
+        trial_options.setdefault("storage_path", os.path.join(trial_dir, "ray_lit"))
+        trial_options.setdefault("run_name", "run")
+        trainer = Trainer(callbacks=callbacks, **trial_options)
+        trainer._tune_checkpoint_root = os.path.join(trial_dir, "reports")
+        trainer._inside_tune = True
+        trainer._report_fn = _report_to_tune
+        ckpt_path = None
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            local = restored.to_directory(os.path.join(trial_dir, "restored"))
+            ckpt_path = os.path.join(local, _CKPT_FILE)
+            trainer._keep_configured_lr = True  # PBT: the new config's lr wins
+        trainer.fit(module, train_dataloaders=train_dataloaders,
+                    val_dataloaders=val_dataloaders, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    _run_trial.__name__ = getattr(build, "__name__", "ray_lit_trial")
+    resources = trial_resources(options.get("num_workers", 0),
+                                options.get("resources_per_worker"),
+                                bool(options.get("use_gpu") or options.get("gpus")),
+                                options.get("accelerator", "auto"))
+    return tune.with_resources(_run_trial, resources)
+
+
+def sweep(build: Callable[[dict], Any], param_space: dict[str, Any], *, metric: str,
+          mode: str = "min", num_samples: int = 1, scheduler: Any = None,
+          search_alg: Any = None, max_concurrent_trials: int | None = None,
+          storage_path: str | None = None, name: str | None = None,
+          train_dataloaders: Any = None, val_dataloaders: Any = None, datamodule: Any = None,
+          **trainer_options: Any) -> Any:
+    """``tune.Tuner(trainable(...), ...).fit()`` in one call; returns the ``ResultGrid``."""
+    from ray import tune
+
+    from ray_lit.distributed.launcher import ensure_ray
+
+    ensure_ray()
+    tuner = tune.Tuner(
+        trainable(build, train_dataloaders, val_dataloaders, datamodule, metric=metric,
+                  **trainer_options),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
+                                    scheduler=scheduler, search_alg=search_alg,
+                                    max_concurrent_trials=max_concurrent_trials),
+        run_config=tune.RunConfig(storage_path=storage_path, name=name),
+    )
+    return tuner.fit()

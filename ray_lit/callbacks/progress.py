@@ -1,0 +1,280 @@
+"""``ProgressBar``: the one progress display of a run, driven by the trainer on the driver.
+
+Unlike other callbacks it does not run inside the loop: the loop reports progress to an event
+sink, and the driver's ``DriverSink`` (``ray_lit.loop.reporting``) calls ``on_run_start``,
+``start_stage``, ``update``, ``end_stage`` and ``on_run_end`` here, also for a distributed fit
+(rank 0's events are replayed on the driver). So there is exactly one bar, in the user's
+terminal.
+
+Three ways to show progress, chosen at each run start:
+
+* a terminal (stderr is a TTY): tqdm bars, "Epoch N" with the metrics as postfix, a nested bar
+  for validation, one for sanity checking and testing;
+* a notebook (IPython kernel): the same with ``tqdm.auto`` widgets;
+* anything else (CI logs, pipes, files): no carriage-return redraws, one plain line per finished
+  epoch or evaluation run on stdout, e.g. ``Epoch 3: 100/100 [12.3 it/s] loss=0.123``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_lit.callbacks.base import Callback
+
+_PAD_SIZE = 5
+_TITLES = {"train": "Epoch", "validate": "Validation", "sanity_check": "Sanity Checking",
+           "test": "Testing"}
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
+def _in_notebook() -> bool:
+    """Whether this process is an IPython kernel (Jupyter, Colab), where widgets render."""
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ipython = shell.get_ipython()
+    except AttributeError:
+        return False
+    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+
+
+def _display_mode() -> str:
+    """``"notebook"``, ``"terminal"`` or ``"plain"`` (no redraws)."""
+    if _in_notebook():
+        return "notebook"
+    stream = sys.stderr
+    return "terminal" if stream is not None and stream.isatty() else "plain"
+
+
+def _format_num(value: Any) -> str:
+    """Lightning's bar formatting: 3 significant digits, floats padded to 5 characters."""
+    padded = isinstance(value, (float, str))
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return str(value)
+    if not isinstance(value, str):
+        short = f"{value:.3g}".replace("+0", "+").replace("-0", "-")
+        value = short if len(short) < len(str(value)) else str(value)
+    if padded and "e" not in value:
+        if "." not in value and len(value) < _PAD_SIZE:
+            try:
+                float(value)
+            except ValueError:
+                return value
+            value += "."
+        value += "0" * (_PAD_SIZE - len(value))
+    return value
+
+
+def _format_rate(n_done: int, seconds: float) -> str:
+    if n_done <= 0 or seconds <= 0:
+        return "? it/s"
+    rate = n_done / seconds
+    return f"{rate:.1f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
+
+
+@dataclass
+class _StageState:
+    """What is known about the stage in progress (kept for the plain summary line)."""
+
+    total: int | None
+    epoch: int
+    max_epochs: int | None
+    started: float = field(default_factory=time.monotonic)
+    n_done: int = 0
+    drawn: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class ProgressBar(Callback):
+    """tqdm progress bars, or plain lines when stderr is not a terminal.
+
+    Args:
+        refresh_rate: redraw every this many batches (0 disables the bar).
+        process_position: row offset of the bars, for several trainers at once.
+        leave: keep each finished epoch's bar on screen (otherwise one bar is reused).
+    """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0,
+                 leave: bool = False) -> None:
+        self.refresh_rate = int(refresh_rate)
+        self.process_position = process_position
+        self.leave = leave
+        self._enabled = True
+        self._mode = "plain"
+        self._run_stage: str | None = None
+        self._stages: dict[str, _StageState] = {}
+        self._bars: dict[str, Any] = {}
+
+    # --- switching ----------------------------------------------------------------------------
+    def disable(self) -> None:
+        """Show nothing (``enable_progress_bar=False``)."""
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled and self.refresh_rate > 0
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self.is_enabled
+
+    # --- the driver's calls -------------------------------------------------------------------
+    def on_run_start(self, stage: str) -> None:
+        """A ``fit``, ``validate`` or ``test`` call begins; picks how to display it."""
+        if not self.is_enabled:
+            return
+        self._close_bars()
+        self._stages.clear()
+        self._run_stage = stage
+        self._mode = _display_mode()
+
+    def start_stage(self, stage: str, total: int | None, epoch: int,
+                    max_epochs: int | None) -> None:
+        """A training epoch or an evaluation run begins.
+
+        Args:
+            stage: ``"train"``, ``"validate"``, ``"test"`` or ``"sanity_check"``.
+            total: batches in this stage, or None when unknown (iterable datasets).
+            epoch: the current epoch (0-based, shown as "Epoch N").
+            max_epochs: the epoch limit, if any.
+        """
+        if not self.is_enabled:
+            return
+        self._stages[stage] = _StageState(total, epoch, max_epochs)
+        if self._mode != "plain":
+            self._open_bar(stage, total, epoch)
+
+    def update(self, stage: str, n_done: int, metrics: dict[str, float | int | str]) -> None:
+        """``n_done`` batches of ``stage`` are done; ``metrics`` are what the bar shows.
+
+        Updates may come at any cadence (every batch in process, every few hundred ms when
+        replayed from workers); the bar redraws when ``n_done`` crosses a multiple of
+        ``refresh_rate`` or reaches the total.
+        """
+        state = self._stages.get(stage)
+        if not self.is_enabled or state is None:
+            return
+        state.n_done = n_done
+        state.metrics = dict(metrics)
+        due = n_done // self.refresh_rate > state.drawn // self.refresh_rate
+        if not (due or n_done == state.total):
+            return
+        state.drawn = n_done
+        bar = self._bars.get(stage)
+        if bar is not None:
+            bar.n = n_done
+            if stage == "train":
+                bar.set_postfix(self._postfix(metrics), refresh=False)
+            bar.refresh()
+
+    def end_stage(self, stage: str) -> None:
+        """The stage finished: close its bar (terminal) or print its summary line (plain)."""
+        state = self._stages.pop(stage, None)
+        if not self.is_enabled or state is None:
+            return
+        train = self._stages.get("train")
+        if stage == "validate" and train is not None:
+            # validation inside fit: its metrics belong on the epoch's bar and line
+            train.metrics.update(state.metrics)
+            if "train" in self._bars:
+                self._bars["train"].set_postfix(self._postfix(train.metrics))
+        if self._mode == "plain":
+            line = self._summary_line(stage, state)
+            if line:
+                print(line, flush=True)
+            return
+        bar = self._bars.get(stage)
+        if bar is None:
+            return
+        if stage == "train" and not self.leave:
+            bar.n = state.n_done
+            bar.refresh()  # kept and reset for the next epoch
+            return
+        bar.n = state.n_done
+        bar.refresh()
+        bar.close()
+        del self._bars[stage]
+
+    def on_run_end(self) -> None:
+        """The ``fit``/``validate``/``test`` call ended (also on errors): close every bar."""
+        self._close_bars()
+        self._stages.clear()
+        self._run_stage = None
+
+    def print(self, *args: Any, sep: str = " ", end: str = "\n") -> None:
+        """Print without breaking the bars (``tqdm.write`` while they are shown)."""
+        text = sep.join(str(a) for a in args)
+        if self._bars:
+            self._tqdm_class().write(text, end=end)
+        else:
+            print(text, end=end)
+
+    # --- drawing ------------------------------------------------------------------------------
+    def _tqdm_class(self) -> Any:
+        if self._mode == "notebook":
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
+        return tqdm
+
+    def _open_bar(self, stage: str, total: int | None, epoch: int) -> None:
+        base = 2 * self.process_position
+        in_fit = self._run_stage == "fit"
+        title = _TITLES.get(stage, stage.capitalize())
+        if stage == "train":
+            title = f"{title} {epoch}"
+            bar = self._bars.get("train")
+            if bar is not None:
+                bar.reset(total=total)
+                bar.set_description(title, refresh=False)
+                return
+        self._close_bar(stage)
+        nested = stage == "validate" and in_fit
+        self._bars[stage] = self._tqdm_class()(
+            desc=title, total=total, position=base + (1 if nested else 0),
+            # a standalone evaluation bar stays, like the last epoch's; nested ones vanish
+            leave=stage == "train" or (stage in ("validate", "test") and not in_fit),
+            dynamic_ncols=True, file=sys.stderr, smoothing=0,
+            bar_format=_BAR_FORMAT if total is not None else None)
+
+    def _close_bar(self, stage: str) -> None:
+        bar = self._bars.pop(stage, None)
+        if bar is not None:
+            bar.close()
+
+    def _close_bars(self) -> None:
+        # nested bars first so the main bar ends up last on screen
+        for stage in sorted(self._bars, key=lambda s: s == "train"):
+            self._close_bar(stage)
+
+    @staticmethod
+    def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
+        return {str(k): _format_num(v) for k, v in metrics.items()}
+
+    def _summary_line(self, stage: str, state: _StageState) -> str | None:
+        if stage == "sanity_check" or (stage == "validate" and self._run_stage == "fit"):
+            return None  # the epoch line carries validation's metrics
+        seconds = time.monotonic() - state.started
+        count = f"{state.n_done}/{state.total}" if state.total is not None else str(state.n_done)
+        title = f"Epoch {state.epoch}" if stage == "train" else _TITLES.get(stage, stage)
+        line = f"{title}: {count} [{_format_rate(state.n_done, seconds)}]"
+        if stage == "train" and state.metrics:
+            line += " " + " ".join(f"{k}={v}" for k, v in self._postfix(state.metrics).items())
+        return line
+
+    def __getstate__(self) -> dict[str, Any]:
+        # tqdm bars hold streams and locks: copies start without bars and recreate them
+        state = dict(self.__dict__)
+        state["_bars"] = {}
+        state["_stages"] = {}
+        return state
+
+
+TQDMProgressBar = ProgressBar

@@ -1,0 +1,158 @@
+"""Fault-tolerance checkpoints of a run: layout, the commit protocol, "latest", retention.
+
+Layout under ``storage_path/run_name/``::
+
+    checkpoints/step-0000000120/rank_0.pt      rank 0: model, optimizers, schedulers, loop state
+    checkpoints/step-0000000120/rank_1.pt      other ranks: their RNG, sampler and loop state
+    checkpoints/step-0000000120/manifest.json  written LAST, in one atomic write, by the driver
+
+A checkpoint exists only once its manifest does: the driver writes the manifest after every rank
+confirmed its part, so "latest" means latest committed, and a directory without a manifest is
+an interrupted write that is never read and is removed by ``clean``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray_lit.checkpoint.storage import Storage
+
+MANIFEST = "manifest.json"
+_PREFIX = "step-"
+
+
+def checkpoint_name(global_step: int, epoch: int, tag: str = "") -> str:
+    """Directory name of a checkpoint; sortable by step, then epoch."""
+    suffix = f"-{tag}" if tag else ""
+    return f"{_PREFIX}{global_step:010d}-e{epoch:05d}{suffix}"
+
+
+def part_name(world_rank: int) -> str:
+    return f"rank_{world_rank}.pt"
+
+
+@dataclass(frozen=True)
+class CommittedCheckpoint:
+    """A checkpoint whose manifest exists."""
+
+    name: str
+    uri: str
+    global_step: int
+    epoch: int
+    world_size: int
+    parts: tuple[str, ...]
+
+    def part_uri(self, world_rank: int) -> str:
+        """This rank's part, or rank 0's when the checkpoint has fewer ranks (elastic)."""
+        name = part_name(world_rank) if part_name(world_rank) in self.parts else part_name(0)
+        return f"{self.uri.rstrip('/')}/{name}"
+
+
+class CheckpointManager:
+    """Driver-side: commits checkpoints whose parts are confirmed, finds the latest, prunes.
+
+    Args:
+        run_uri: ``storage_path/run_name`` (local path or pyarrow.fs URI).
+        keep: committed fault-tolerance checkpoints kept (ModelCheckpoint files are separate).
+    """
+
+    def __init__(self, run_uri: str, keep: int = 2) -> None:
+        self.run_uri = run_uri.rstrip("/")
+        self.storage = Storage(self.run_uri)
+        self.keep = max(1, keep)
+        self._pending: dict[str, dict[str, Any]] = {}
+        self.commits = 0
+
+    def checkpoints_uri(self) -> str:
+        return f"{self.run_uri}/checkpoints"
+
+    def part_uri(self, name: str, world_rank: int) -> str:
+        return f"{self.checkpoints_uri()}/{name}/{part_name(world_rank)}"
+
+    # --- commit ---------------------------------------------------------------------------------
+    def confirm(self, name: str, world_rank: int, world_size: int, meta: dict[str, Any]) -> bool:
+        """Record that ``world_rank`` wrote its part of ``name``; commits when all did.
+
+        Returns True when this confirmation committed the checkpoint.
+        """
+        entry = self._pending.setdefault(name, {"ranks": set(), "world_size": world_size,
+                                                "meta": {}})
+        entry["ranks"].add(world_rank)
+        if world_rank == 0:
+            entry["meta"] = meta
+        if len(entry["ranks"]) < entry["world_size"]:
+            return False
+        self._commit(name, entry)
+        del self._pending[name]
+        return True
+
+    def _commit(self, name: str, entry: dict[str, Any]) -> None:
+        manifest = {
+            "name": name,
+            "world_size": entry["world_size"],
+            "parts": [part_name(r) for r in sorted(entry["ranks"])],
+            "global_step": entry["meta"].get("global_step", 0),
+            "epoch": entry["meta"].get("epoch", 0),
+            "committed_at": time.time(),
+            "format": 1,
+        }
+        # the one atomic write that makes the checkpoint exist
+        self.storage.write_bytes(f"checkpoints/{name}/{MANIFEST}",
+                                 json.dumps(manifest, indent=1).encode())
+        self.commits += 1
+        self.prune()
+
+    def abandon_pending(self) -> None:
+        """An attempt ended: its unconfirmed checkpoints will never commit."""
+        self._pending.clear()
+
+    # --- read -----------------------------------------------------------------------------------
+    def committed(self) -> list[CommittedCheckpoint]:
+        """Every committed checkpoint, oldest first; unreadable manifests are skipped."""
+        out = []
+        for name in self.storage.listdir("checkpoints"):
+            if not name.startswith(_PREFIX):
+                continue
+            rel = f"checkpoints/{name}/{MANIFEST}"
+            if not self.storage.exists(rel):
+                continue
+            try:
+                manifest = json.loads(self.storage.read_bytes(rel))
+            except (ValueError, OSError):
+                continue
+            out.append(CommittedCheckpoint(
+                name=name, uri=f"{self.checkpoints_uri()}/{name}",
+                global_step=int(manifest["global_step"]), epoch=int(manifest["epoch"]),
+                world_size=int(manifest["world_size"]), parts=tuple(manifest["parts"])))
+        out.sort(key=lambda c: (c.global_step, c.epoch, c.name))
+        return out
+
+    def latest(self) -> CommittedCheckpoint | None:
+        found = self.committed()
+        return found[-1] if found else None
+
+    # --- retention ------------------------------------------------------------------------------
+    def prune(self) -> None:
+        """Keep the newest ``keep`` committed checkpoints; drop uncommitted directories older
+        than the newest commit (interrupted writes)."""
+        committed = self.committed()
+        if not committed:
+            return
+        for old in committed[: -self.keep]:
+            self.storage.delete(f"checkpoints/{old.name}")
+        newest = committed[-1].name
+        committed_names = {c.name for c in committed}
+        for name in self.storage.listdir("checkpoints"):
+            if name.startswith(_PREFIX) and name not in committed_names and name < newest \
+                    and name not in self._pending:
+                self.storage.delete(f"checkpoints/{name}")
+
+    def clean_uncommitted(self) -> None:
+        """Remove every directory without a manifest (before a new attempt starts)."""
+        committed_names = {c.name for c in self.committed()}
+        for name in self.storage.listdir("checkpoints"):
+            if name.startswith(_PREFIX) and name not in committed_names:
+                self.storage.delete(f"checkpoints/{name}")

@@ -1,0 +1,229 @@
+"""Hyperparameters of a ``LightningModule``: ``save_hyperparameters`` and ``self.hparams = ...``.
+
+What is stored on the module (in ``module.__dict__``, so ``nn.Module.__setattr__`` never sees
+it and scripting skips it):
+
+* ``_hparams``: an ``AttributeDict`` (dot and key access) that successive calls update;
+* ``_hparams_name``: how the hyperparameters reached ``__init__``: ``"kwargs"`` (one argument
+  each), the name of the one init argument that held them all, or None;
+* ``_hparams_initial``: a deep copy taken when they were saved (2.x ``hparams_initial``);
+* ``_log_hyperparams``: whether loggers receive them at fit start;
+* ``_hparams_type``: ``"Namespace"`` when they came as an ``argparse.Namespace``, so
+  ``load_from_checkpoint`` hands the constructor a Namespace again.
+
+``load_from_checkpoint`` (``ray_lit.core.saving``) reads ``hyper_parameters``, ``hparams_name``
+and ``hparams_type`` from a checkpoint to call the constructor the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+from argparse import Namespace
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+_PRIMITIVES = (bool, int, float, complex, str, bytes, type(None))
+
+
+class AttributeDict(dict):
+    """A ``dict`` whose keys are also attributes: ``hp.lr`` and ``hp["lr"]`` are the same.
+
+    Example:
+        >>> hp = AttributeDict(lr=0.1)
+        >>> hp.layers = 2
+        >>> hp["layers"], hp.lr
+        (2, 0.1)
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError as err:
+            # AttributeError (not KeyError) keeps getattr(hp, x, default), copy and pickle working
+            raise AttributeError(f"'AttributeDict' has no key {key!r}") from err
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def __delattr__(self, key: str) -> None:
+        try:
+            del self[key]
+        except KeyError as err:
+            raise AttributeError(f"'AttributeDict' has no key {key!r}") from err
+
+    def __repr__(self) -> str:
+        if not self:
+            return "AttributeDict()"
+        width = max(len(str(k)) for k in self) + 3
+        rows = [f"{f'{str(k)!r}:':<{width}} {v!r}" for k, v in self.items()]
+        return "AttributeDict(\n  " + ",\n  ".join(rows) + "\n)"
+
+
+def save_hyperparameters(module: Any, *args: Any, ignore: list[str] | str | None = None,
+                         frame: types.FrameType | None = None, logger: bool = True) -> None:
+    """Store constructor arguments of ``module`` as its hyperparameters (spec §4.4).
+
+    Call it from ``__init__`` (the module's own or, via ``super().__init__``, a base class's).
+    Values are read from the constructor frames *now*, so an argument reassigned before the
+    call is saved with its new value.
+
+    Args:
+        module: the ``LightningModule`` being constructed.
+        *args: nothing (every init argument); names of init arguments (only those); or one
+            ``dict`` / ``Namespace`` / ``AttributeDict`` that becomes the hyperparameters.
+        ignore: init argument name(s) to leave out.
+        frame: the frame of the calling ``__init__`` (default: the caller of this function).
+        logger: whether loggers receive the hyperparameters at fit start.
+
+    Raises:
+        ValueError: a single primitive (int, str, ...) or an unsupported object was passed, or a
+            name is not an argument of ``__init__``.
+    """
+    if len(args) == 1 and not isinstance(args[0], str) and not args[0]:
+        return  # an empty container: nothing to save (as in Lightning)
+    if frame is None:
+        frame = inspect.currentframe().f_back
+    init_args = _collect_init_args(module, frame)
+    for name in _as_list(ignore):
+        init_args.pop(name, None)
+
+    objects = [a for a in args if not isinstance(a, str)]
+    if not args:
+        hparams: Any = init_args
+        name = "kwargs" if init_args else None
+    elif len(objects) == 1:
+        hparams = objects[0]
+        candidates = [k for k, v in init_args.items() if v is hparams]
+        name = candidates[0] if candidates else None
+    else:
+        missing = [a for a in args if isinstance(a, str) and a not in init_args]
+        if missing:
+            raise ValueError(
+                f"save_hyperparameters({', '.join(map(repr, missing))}): not an argument of "
+                f"{type(module).__name__}.__init__ (its arguments: {sorted(init_args)}). "
+                "Pass the names of init arguments, or one dict/Namespace.")
+        hparams = {a: init_args[a] for a in args if isinstance(a, str)}
+        name = "kwargs"
+    _update_hparams(module, hparams)
+    module.__dict__["_hparams_name"] = name
+    module.__dict__["_log_hyperparams"] = logger
+    module.__dict__["_hparams_initial"] = copy.deepcopy(module.__dict__["_hparams"])
+
+
+def set_hparams(module: Any, value: Any) -> None:
+    """``self.hparams = value`` (the 0.9 idiom): ``value`` becomes the hyperparameters.
+
+    ``hparams_name`` is the ``__init__`` argument holding ``value`` (so ``load_from_checkpoint``
+    passes the hyperparameters back through it), found in the calling constructor's frame.
+
+    Args:
+        module: the ``LightningModule``.
+        value: a ``dict``, ``Namespace`` or ``AttributeDict``.
+
+    Raises:
+        ValueError: ``value`` is a primitive or another unsupported type.
+    """
+    name = None
+    frame = inspect.currentframe().f_back
+    for init_frame in _init_frames(module, frame):
+        candidates = [k for k, v in _frame_args(init_frame).items() if v is value]
+        if candidates:
+            name = candidates[0]
+            break
+    # replace, not update: assignment means "these are the hyperparameters"
+    module.__dict__["_hparams"] = AttributeDict()
+    module.__dict__.pop("_hparams_type", None)
+    _update_hparams(module, value)
+    module.__dict__["_hparams_name"] = name
+    module.__dict__["_hparams_initial"] = copy.deepcopy(module.__dict__["_hparams"])
+
+
+def clean_hparams_for_fit(hparams: Any) -> None:
+    """Delete callable values from ``hparams`` in place (0.9 ``fit`` does this; trap 7.18).
+
+    Functions and classes cannot be logged or saved in a weights-only checkpoint, so a
+    function-valued hyperparameter vanishes when training starts.
+    """
+    if isinstance(hparams, Namespace):
+        hparams = vars(hparams)
+    if not isinstance(hparams, dict):
+        return
+    for key in [k for k, v in hparams.items() if callable(v)]:
+        del hparams[key]
+
+
+# --- internals ---------------------------------------------------------------------------------
+def _as_list(names: list[str] | tuple[str, ...] | str | None) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    return [n for n in names if isinstance(n, str)]
+
+
+def _update_hparams(module: Any, value: Any) -> None:
+    """Merge ``value`` into ``module``'s ``AttributeDict`` (successive calls accumulate)."""
+    if isinstance(value, Namespace):
+        module.__dict__["_hparams_type"] = "Namespace"
+        value = vars(value)
+    elif isinstance(value, _PRIMITIVES):
+        raise ValueError(
+            f"save_hyperparameters got the primitive {value!r}; pass init argument names "
+            "(save_hyperparameters('lr')) or one dict/Namespace.")
+    elif not isinstance(value, Mapping):
+        raise ValueError(
+            f"Unsupported hyperparameter container {type(value).__name__}; use a dict, "
+            "argparse.Namespace or AttributeDict.")
+    current = module.__dict__.get("_hparams")
+    if not isinstance(current, AttributeDict):
+        current = AttributeDict()
+        module.__dict__["_hparams"] = current
+    current.update(value)
+
+
+def _collect_init_args(module: Any, frame: types.FrameType | None) -> dict[str, Any]:
+    """Arguments of every ``__init__`` of ``module`` on the stack, the subclass's winning.
+
+    ``save_hyperparameters`` may be called from a base class's ``__init__`` reached through
+    ``super().__init__(...)``; the frames above it are the subclasses' constructors, whose
+    arguments are the ones a user means.
+    """
+    collected: dict[str, Any] = {}
+    for init_frame in _init_frames(module, frame):
+        # outer frames (subclasses) come later and override the base class's values
+        collected.update(_frame_args(init_frame))
+    return collected
+
+
+def _init_frames(module: Any, frame: types.FrameType | None) -> Iterator[types.FrameType]:
+    """The consecutive ``__init__`` frames of ``module``, innermost first.
+
+    Frames before the first constructor (a helper the user called from ``__init__``) are
+    skipped; the walk stops at the first frame above the constructor chain.
+    """
+    inside = False
+    while frame is not None:
+        if _is_init_of(frame, module):
+            inside = True
+            yield frame
+        elif inside:
+            return
+        frame = frame.f_back
+
+
+def _is_init_of(frame: types.FrameType, module: Any) -> bool:
+    code = frame.f_code
+    if code.co_name != "__init__" or code.co_argcount == 0:
+        return False
+    return frame.f_locals.get(code.co_varnames[0]) is module
+
+
+def _frame_args(frame: types.FrameType) -> dict[str, Any]:
+    """Named arguments of a constructor frame (no self, no ``*args``; ``**kwargs`` merged)."""
+    info = inspect.getargvalues(frame)
+    values = {name: info.locals[name] for name in info.args[1:] if name in info.locals}
+    if info.keywords and isinstance(info.locals.get(info.keywords), dict):
+        values.update(info.locals[info.keywords])
+    return values

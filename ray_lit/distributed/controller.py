@@ -1,0 +1,209 @@
+"""The controller: runs attempts of a worker group until the stage finishes or a policy says
+stop. It is the only code that acts on actors; the failure policy decides.
+
+One attempt: create the worker group (from the latest committed checkpoint when there is one),
+start the stage, then supervise: poll every worker a few times a second (never per step),
+replay rank 0's events into the driver's loggers and progress bar, commit checkpoints whose
+parts every rank confirmed, and notice a dead actor (Ray's own error on the poll), a failed
+rank, or a rank that stopped making progress. On failure the group is torn down and the policy
+decides between a new attempt and raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from ray_lit.distributed.policies import FailurePolicy, WorkerError
+from ray_lit.distributed.worker_group import WorkerGroup
+from ray_lit.errors import TrainingFailedError
+from ray_lit.loop.reporting import replay
+
+log = logging.getLogger("ray_lit")
+
+
+@dataclass
+class AttemptOutcome:
+    result: Any = None
+    error: WorkerError | None = None
+    exception: BaseException | None = None
+    preempted: bool = False
+
+
+class Controller:
+    """Driver-side owner of the worker groups of one stage (fit, validate or test)."""
+
+    def __init__(self, *, trainer: Any, payload_ref: Any, job: dict[str, Any],
+                 group_options: dict[str, Any], sink: Any, manager: Any = None,
+                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.1) -> None:
+        self.trainer = trainer
+        self.payload_ref = payload_ref
+        self.job = job
+        self.group_options = group_options
+        self.sink = sink
+        self.manager = manager
+        self.policy = FailurePolicy(trainer.config.max_failures)
+        self.hang_timeout_s = hang_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.failures = 0
+        self.recovery_times: list[float] = []
+        self._preempt = threading.Event()
+        self._failed_at: float | None = None
+
+    # --- attempts -------------------------------------------------------------------------------
+    def run(self) -> Any:
+        """Run attempts until one finishes; returns rank 0's result (bytes)."""
+        with self._sigterm_requests_checkpoint():
+            while True:
+                outcome = self._attempt()
+                if outcome.preempted:
+                    raise SystemExit(
+                        "ray_lit: stopped after a preemption checkpoint; run the same script "
+                        "again (same storage_path and run_name) to continue.")
+                if outcome.error is None:
+                    return outcome.result
+                decision = self.policy.decide(self.failures, outcome.error)
+                if _is_raise(decision):
+                    self._raise(outcome, decision)
+                self.failures += 1
+                self.trainer.num_restarts += 1
+                self._failed_at = time.monotonic()
+                log.warning("ray_lit: rank %s failed (%s); restarting attempt %d: %s",
+                            outcome.error.world_rank, outcome.error.kind, self.failures + 1,
+                            decision.reason)
+
+    def _attempt(self) -> AttemptOutcome:
+        job = dict(self.job)
+        if self.manager is not None:
+            self.manager.abandon_pending()
+            self.manager.clean_uncommitted()
+            latest = self.manager.latest()
+            if latest is not None and job.get("stage") == "fit" and (
+                    self.failures > 0 or job.get("resume_latest")):
+                job["restore"] = {"rank0": latest.part_uri(0),
+                                  "parts": {r: latest.part_uri(r)
+                                            for r in range(latest.world_size)}}
+                job.pop("checkpoint", None)
+                log.info("ray_lit: restoring from %s (step %d, epoch %d)", latest.name,
+                         latest.global_step, latest.epoch)
+        group = WorkerGroup.create(**self.group_options)
+        self.trainer.world_size_history.append(group.world_size)
+        try:
+            group.run(self.payload_ref, job)
+            return self._supervise(group)
+        finally:
+            group.shutdown()
+
+    # --- supervision ----------------------------------------------------------------------------
+    def _supervise(self, group: WorkerGroup) -> AttemptOutcome:
+        done: dict[int, Any] = {}
+        stop_requested = False
+        while True:
+            refs = group.poll()
+            for rank, ref in enumerate(refs):
+                worker = group.workers[rank]
+                try:
+                    status = ray.get(ref, timeout=30)
+                except RayActorError as err:
+                    return AttemptOutcome(error=WorkerError(
+                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
+                        traceback=str(err), kind="actor_died"))
+                except GetTimeoutError:
+                    return AttemptOutcome(error=WorkerError(
+                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
+                        traceback="the worker did not answer a poll within 30 s",
+                        kind="hang"))
+                if status["events"]:
+                    replay(status["events"], self.sink)
+                for _, name, r, world_size, meta in status["checkpoints"]:
+                    if self.manager is not None:
+                        self.manager.confirm(name, r, world_size, meta)
+                state = status["state"]
+                if state == "failed":
+                    exception = _unpickle(status.get("exception"))
+                    return AttemptOutcome(error=WorkerError(
+                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
+                        traceback=status.get("error") or "", kind="user_error"),
+                        exception=exception)
+                if state in ("done", "preempted"):
+                    done[rank] = status.get("result")
+                elif self.hang_timeout_s and status["idle_s"] > self.hang_timeout_s:
+                    return AttemptOutcome(error=WorkerError(
+                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
+                        traceback=f"no training progress for {status['idle_s']:.0f} s "
+                                  f"(worker_hang_timeout_s={self.hang_timeout_s})",
+                        kind="hang"))
+                if rank == 0 and self._failed_at is not None and state == "running" and \
+                        status["idle_s"] < self.poll_interval_s * 5 and status["steps"] > 0:
+                    # recovery: from the failure to the new group's first training steps
+                    self.recovery_times.append(time.monotonic() - self._failed_at)
+                    self._failed_at = None
+            if len(done) == group.world_size:
+                return AttemptOutcome(result=done.get(0), preempted=stop_requested)
+            if self._preempt.is_set() and not stop_requested:
+                step = max(self._steps(group), default=0) + 2
+                ray.get([w.actor.request_stop_at.remote(step) for w in group.workers])
+                stop_requested = True
+                log.warning("ray_lit: SIGTERM: checkpointing at step %d, then stopping", step)
+            time.sleep(self.poll_interval_s)
+
+    def _steps(self, group: WorkerGroup) -> list[int]:
+        statuses = ray.get(group.poll(), timeout=30)
+        for status in statuses:
+            if status["events"]:
+                replay(status["events"], self.sink)
+        return [s.get("global_step", 0) for s in statuses]
+
+    # --- outcome --------------------------------------------------------------------------------
+    def _raise(self, outcome: AttemptOutcome, decision: Any) -> None:
+        error = outcome.error
+        exception = outcome.exception
+        if error.kind == "user_error" and exception is not None:
+            # the user's own exception, as it would surface in process, with where it happened
+            note = (f"raised on ray_lit worker rank {error.world_rank} (node {error.node_ip})"
+                    f"\n--- worker traceback ---\n{error.traceback}")
+            if hasattr(exception, "add_note"):
+                exception.add_note(note)
+            raise exception
+        raise TrainingFailedError(
+            f"Training failed: {decision.reason}", rank=error.world_rank,
+            node=f"{error.node_ip} ({error.node_id})", original_traceback=error.traceback)
+
+    # --- preemption -----------------------------------------------------------------------------
+    def _sigterm_requests_checkpoint(self) -> Any:
+        controller = self
+
+        class _Handler:
+            def __enter__(self) -> None:
+                self.previous = None
+                if threading.current_thread() is threading.main_thread():
+                    self.previous = signal.signal(signal.SIGTERM,
+                                                  lambda *_: controller._preempt.set())
+
+            def __exit__(self, *exc: Any) -> None:
+                if self.previous is not None:
+                    signal.signal(signal.SIGTERM, self.previous)
+
+        return _Handler()
+
+
+def _is_raise(decision: Any) -> bool:
+    action = getattr(decision, "action", decision)
+    return getattr(action, "name", str(action)).upper() == "RAISE"
+
+
+def _unpickle(blob: bytes | None) -> BaseException | None:
+    if blob is None:
+        return None
+    try:
+        return cloudpickle.loads(blob)
+    except Exception:
+        return None

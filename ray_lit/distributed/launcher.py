@@ -1,0 +1,216 @@
+"""From ``Trainer.fit`` / ``validate`` / ``test`` to a Ray worker group and back (driver side).
+
+``launch_fit`` checks what can be checked before any worker starts (the cluster can place the
+workers, the module and data pickle, the storage is writable), ships the module and data once
+through the object store, runs the controller, and puts rank 0's results into the user's module
+and Trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from typing import Any
+
+import cloudpickle
+import torch
+
+from ray_lit.errors import MisconfigurationException
+
+log = logging.getLogger("ray_lit")
+
+
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` or a running cluster, else start a local one (loopback)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    try:
+        ray.init(address="auto")
+        return
+    except ConnectionError:
+        pass
+    # a local single-node Ray started by us: nothing listens beyond loopback
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(include_dashboard=False)
+
+
+def _device_type(config: Any) -> str:
+    if config.accelerator == "tpu":
+        return "tpu"
+    return "cuda" if config.use_gpu else "cpu"
+
+
+def _num_workers(config: Any) -> int:
+    workers = config.num_workers
+    return workers[1] if isinstance(workers, tuple) else int(workers)
+
+
+def _worker_trainer(trainer: Any) -> Any:
+    """The Trainer as the workers get it: loggers become proxies, no progress bar."""
+    from ray_lit.callbacks.progress import ProgressBar
+    from ray_lit.distributed.worker import LoggerProxy
+    from ray_lit.loop.host import LocalHost
+    from ray_lit.loop.reporting import NullSink
+
+    clone = copy.copy(trainer)
+    clone.loggers = [LoggerProxy.of(logger) for logger in trainer.loggers]
+    clone.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
+    clone.lightning_module = None
+    clone.datamodule = None
+    clone._host, clone._sink = LocalHost(False), NullSink()
+    clone.optimizers, clone.lr_scheduler_configs = [], []
+    clone.callback_metrics, clone.logged_metrics, clone._pbar_raw = {}, {}, {}
+    clone.__dict__.pop("_hooks", None)
+    return clone
+
+
+def _ship(payload: dict[str, Any]) -> Any:
+    """One object-store transfer of everything the workers need, or an error naming the
+    attribute that cannot be pickled."""
+    import ray
+
+    from ray_lit.distributed.pickling import find_unpicklable
+
+    try:
+        blob = cloudpickle.dumps(payload)
+    except Exception as err:
+        for name, value in payload.items():
+            culprit = find_unpicklable(value, name)
+            if culprit:
+                raise MisconfigurationException(
+                    f"Cannot ship {name} to the Ray workers: {culprit} cannot be pickled. "
+                    "Create such objects in setup() or the *_dataloader() hooks instead of "
+                    "__init__, or keep them out of the module.") from err
+        raise MisconfigurationException(
+            f"Cannot ship the run to the Ray workers: {err}") from err
+    return ray.put(blob)
+
+
+def _group_options(trainer: Any) -> dict[str, Any]:
+    from ray_lit.distributed.placement import check_feasible, resolve_worker_resources
+
+    config = trainer.config
+    per_worker = resolve_worker_resources(use_gpu=config.use_gpu, accelerator=config.accelerator,
+                                          resources_per_worker=config.resources_per_worker)
+    num_workers = _num_workers(config)
+    inside_tune = getattr(trainer, "_inside_tune", False)
+    if not inside_tune:  # a Tune trial's resources were reserved by Tune already
+        check_feasible(num_workers, per_worker, config.placement_strategy)
+    env = {}
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return {"num_workers": num_workers, "per_worker": per_worker,
+            "strategy": config.placement_strategy, "device_type": _device_type(config),
+            "placement_timeout_s": config.placement_timeout_s,
+            "pg_timeout_s": config.process_group_timeout_s, "env": env,
+            "use_current_pg": inside_tune}
+
+
+def _run_uri(trainer: Any) -> str:
+    config = trainer.config
+    root = config.storage_path or (config.default_root_dir or os.path.join(os.getcwd(),
+                                                                           "ray_lit_runs"))
+    if config.run_name is None:
+        config.run_name = time.strftime("ray_lit_%Y%m%d_%H%M%S")
+    root = os.fspath(root)
+    return f"{root.rstrip('/')}/{config.run_name}"
+
+
+def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
+               ckpt_path: str | None) -> None:
+    """``Trainer.fit`` on a Ray worker group (driver)."""
+    from ray_lit.checkpoint.manager import CheckpointManager
+    from ray_lit.checkpoint.storage import Storage
+    from ray_lit.core.seed import global_seed
+    from ray_lit.distributed.controller import Controller
+    from ray_lit.distributed.ft_checkpoint import CheckpointWriter
+
+    config = trainer.config
+    run_uri = _run_uri(trainer)
+    Storage(run_uri).check_writable()  # before any worker starts
+    trainer.run_dir = run_uri
+    ensure_ray()
+    group_options = _group_options(trainer)
+    manager = CheckpointManager(run_uri, keep=config.keep_checkpoints)
+    job: dict[str, Any] = {"stage": "fit", "seed": global_seed(),
+                           "sampler_seed": global_seed() or 0, "use_gpu": config.use_gpu,
+                           "checkpointer": CheckpointWriter(run_uri,
+                                                            config.checkpoint_every_n_steps)}
+    if ckpt_path is not None:
+        checkpoint = trainer._load_resume_checkpoint(ckpt_path)
+        job["checkpoint"] = checkpoint
+    elif config.resume == "auto":
+        job["resume_latest"] = True
+    elif config.resume not in ("never", None):
+        job["checkpoint"] = trainer._load_resume_checkpoint(config.resume)
+    payload = {"trainer": _worker_trainer(trainer), "module": module, "train": train,
+               "val": val, "dm": datamodule}
+    payload_ref = _ship(payload)
+    sink = trainer._driver_sink()
+    trainer._sink = sink
+    controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
+                            group_options=group_options, sink=sink, manager=manager,
+                            hang_timeout_s=config.worker_hang_timeout_s)
+    trainer._controller = controller
+    try:
+        result = controller.run()
+    except KeyboardInterrupt:
+        trainer.interrupted = True
+        sink.finalize("interrupted")
+        log.warning("ray_lit: interrupted; the worker group was released.")
+        return
+    _apply_final_state(trainer, module, datamodule, cloudpickle.loads(result))
+
+
+def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datamodule: Any,
+                      weights: dict | None) -> list[dict[str, float]]:
+    """``Trainer.validate`` / ``test`` on a Ray worker group (driver)."""
+    from ray_lit.distributed.controller import Controller
+
+    ensure_ray()
+    group_options = _group_options(trainer)
+    job = {"stage": stage, "seed": None, "use_gpu": trainer.config.use_gpu,
+           "weights": weights}
+    payload_ref = _ship({"trainer": _worker_trainer(trainer), "module": module,
+                         "loaders": loaders, "dm": datamodule})
+    sink = trainer._driver_sink()
+    controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
+                            group_options=group_options, sink=sink)
+    state = cloudpickle.loads(controller.run())
+    _apply_final_state(trainer, module, datamodule, state, fitted=False)
+    return state["results"]
+
+
+def _apply_final_state(trainer: Any, module: Any, datamodule: Any, state: dict[str, Any],
+                       fitted: bool = True) -> None:
+    """Rank 0's weights into the user's module; the run's state onto the driver's Trainer."""
+    from ray_lit.callbacks.progress import ProgressBar
+
+    with torch.no_grad():
+        module.load_state_dict(state["state_dict"])
+    module.trainer = trainer
+    trainer.lightning_module = module
+    trainer.datamodule = datamodule
+    trainer.callback_metrics = state["callback_metrics"]
+    trainer.logged_metrics = state["logged_metrics"]
+    trainer._pbar_raw = dict(state["pbar"])
+    trainer.interrupted = state["interrupted"]
+    if fitted:
+        trainer._progress.load_state_dict(state["progress"])
+        trainer.should_stop = state["should_stop"]
+        trainer.num_training_batches = state["num_training_batches"]
+        trainer.num_val_batches = state["num_val_batches"]
+    else:
+        trainer.num_test_batches = state["num_test_batches"]
+    driver_callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
+    for callback, remote_state in zip(driver_callbacks, state["callbacks"]):
+        callback.__dict__.update(remote_state)

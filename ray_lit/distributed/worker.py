@@ -1,0 +1,259 @@
+"""The worker actor: one process, one DDP rank, running the same loop as ``num_workers=0``.
+
+The loop runs in a thread so the actor keeps answering the driver's ``poll`` (status, progress
+and, on rank 0, the metric/progress events for the driver's loggers and progress bar). Nothing
+here decides anything about failures: it reports, and the controller acts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+import torch
+
+from ray_lit.loop.reporting import EventSink
+
+
+class LoggerProxy:
+    """Stands in for a driver-side logger inside the workers: it carries the logger's name,
+    version and directories (for checkpoint paths) and forwards ``log_metrics`` to the rank's
+    event sink, so a callback that logs directly still reaches the driver's loggers."""
+
+    def __init__(self, name: Any, version: Any, save_dir: Any, log_dir: Any) -> None:
+        self.name, self.version, self.save_dir, self.log_dir = name, version, save_dir, log_dir
+        self.sink: EventSink | None = None
+
+    @classmethod
+    def of(cls, logger: Any) -> LoggerProxy:
+        return cls(getattr(logger, "name", None), getattr(logger, "version", None),
+                   getattr(logger, "save_dir", None), getattr(logger, "log_dir", None))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.sink is not None:
+            self.sink.log_metrics(dict(metrics), step if step is not None else 0)
+
+    def log_hyperparams(self, params: Any) -> None:
+        if self.sink is not None:
+            self.sink.log_hyperparams(params)
+
+    def agg_and_log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.log_metrics(metrics, step)
+
+    def save(self) -> None: ...
+    def finalize(self, status: str) -> None: ...
+
+    @property
+    def experiment(self) -> Any:
+        raise AttributeError("logger.experiment is only available on the driver; log metrics "
+                             "with self.log, which reaches the driver's loggers.")
+
+
+def _node_info() -> dict[str, Any]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
+
+
+class Worker:
+    """The actor class (made remote in ``worker_group``)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._state = "idle"
+        self._error: str | None = None
+        self._exception: bytes | None = None
+        self._result: Any = None
+        self._sink: Any = None
+        self._trainer: Any = None
+        self._lock = threading.Lock()
+        self._last_progress = time.monotonic()
+        self._steps = -1
+        self.outbox: list[tuple] = []
+        self.stop_at_step: int | None = None
+        self._first_steps: int | None = None
+
+    def node_info(self) -> dict[str, Any]:
+        return _node_info()
+
+    def free_port(self) -> int:
+        from ray_lit.distributed.process_group import find_free_port
+
+        return find_free_port()
+
+    def setup(self, *, ranks: Any, master_addr: str, master_port: int, backend: str,
+              timeout_s: float, env: dict[str, str], num_threads: int | None) -> None:
+        """Join the process group (COLLECTIVE across the group)."""
+        os.environ.update(env)
+        if num_threads:
+            torch.set_num_threads(max(1, int(num_threads)))
+        from ray_lit.distributed.process_group import init_process_group
+
+        init_process_group(backend=backend, master_addr=master_addr, master_port=master_port,
+                           world_rank=ranks.world_rank, world_size=ranks.world_size,
+                           timeout_s=timeout_s)
+        self._ranks = ranks
+        self._backend = backend
+
+    def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
+        """Start the loop in a thread; ``poll`` reports how it goes."""
+        import ray
+
+        payload = payload_ref if isinstance(payload_ref, (bytes, bytearray)) else ray.get(
+            payload_ref)
+        self._state = "running"
+        self._thread = threading.Thread(target=self._main, args=(payload, job), daemon=True,
+                                        name="ray_lit-loop")
+        self._thread.start()
+
+    def _main(self, payload: bytes, job: dict[str, Any]) -> None:
+        try:
+            self._result = run_job(self, cloudpickle.loads(payload), job)
+            self._state = "done"
+        except BaseException as err:  # reported to the driver, which decides
+            from ray_lit.distributed.ft_checkpoint import PreemptedExit
+
+            if isinstance(err, PreemptedExit):
+                self._state = "preempted"
+                return
+            self._error = traceback.format_exc()
+            try:
+                self._exception = cloudpickle.dumps(err)
+            except Exception:
+                self._exception = None
+            self._state = "failed"
+
+    def poll(self) -> dict[str, Any]:
+        """Status for the controller; rank 0 also hands over its recorded events."""
+        events = self._sink.drain() if self._sink is not None and hasattr(
+            self._sink, "drain") else []
+        trainer = self._trainer
+        steps = trainer._progress.total_batch_idx if trainer is not None else -1
+        if steps != self._steps:
+            self._steps, self._last_progress = steps, time.monotonic()
+        outbox, self.outbox = self.outbox, []
+        out = {"state": self._state, "events": events, "checkpoints": outbox,
+               "idle_s": time.monotonic() - self._last_progress,
+               "global_step": trainer.global_step if trainer is not None else 0,
+               "steps": max(steps, 0) - self._first_steps if self._first_steps is not None
+               else 0}
+        if self._first_steps is None and steps >= 0:
+            self._first_steps = steps
+        if self._state == "failed":
+            out["error"], out["exception"] = self._error, self._exception
+        if self._state == "done":
+            out["result"] = self._result
+        return out
+
+    def request_stop_at(self, step: int) -> None:
+        """Preemption: checkpoint at optimizer step ``step`` (the same on every rank), then
+        leave the loop."""
+        self.stop_at_step = step
+
+    def shutdown(self) -> None:
+        from ray_lit.distributed.process_group import destroy_process_group
+
+        destroy_process_group()
+
+
+def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any:
+    """Build this rank's trainer and run the stage; returns what the driver needs (rank 0)."""
+    from ray_lit.core.seed import seed_everything
+    from ray_lit.distributed.worker_host import WorkerHost
+    from ray_lit.loop.reporting import NullSink, RecordingSink
+
+    ranks = worker._ranks
+    trainer = payload["trainer"]
+    module = payload["module"]
+    if job.get("seed") is not None:
+        seed_everything(job["seed"])
+    device = torch.device("cpu")
+    if job.get("use_gpu") and torch.cuda.is_available():
+        device = torch.device("cuda", 0)  # Ray exposes only this worker's GPU(s)
+        torch.cuda.set_device(device)
+    checkpointer = None
+    if job.get("checkpointer") is not None:
+        checkpointer = job["checkpointer"]
+        checkpointer.attach(worker, ranks)
+    host = WorkerHost(ranks, device, seed=job.get("sampler_seed", 0), checkpointer=checkpointer)
+    sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
+    for logger in trainer.loggers:
+        logger.sink = sink
+    trainer._host, trainer._sink = host, sink
+    worker._sink, worker._trainer = sink, trainer
+    stage = job["stage"]
+    checkpoint = job.get("checkpoint")
+    if job.get("restore") is not None:
+        checkpoint = load_restore(job["restore"], ranks.world_rank)
+    from ray_lit.loop.stages import run_evaluation, run_fit
+
+    if stage == "fit":
+        run_fit(trainer, module, payload.get("train"), payload.get("val"), payload.get("dm"),
+                checkpoint)
+        if checkpointer is not None:
+            checkpointer.finish(trainer)
+        results = None
+    else:
+        results = run_evaluation(trainer, stage, module, payload.get("loaders"),
+                                 payload.get("dm"), job.get("weights"))
+    if ranks.world_rank != 0:
+        return None
+    return cloudpickle.dumps(final_state(trainer, results))
+
+
+def load_restore(restore: dict[str, Any], world_rank: int) -> dict[str, Any]:
+    """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part."""
+    from ray_lit.checkpoint.io import load_checkpoint
+
+    checkpoint = load_checkpoint(restore["rank0"], map_location="cpu")
+    own = restore["parts"].get(world_rank)
+    if world_rank != 0 and own is not None:
+        part = load_checkpoint(own, map_location="cpu")
+        checkpoint["loops"]["rng"] = part["loops"]["rng"]
+    return checkpoint
+
+
+def final_state(trainer: Any, results: Any) -> dict[str, Any]:
+    """Rank 0's view of the run, sent back to the driver's Trainer."""
+    module = trainer.lightning_module
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "hparams": module.__dict__.get("_hparams"),
+        "callback_metrics": _cpu(trainer.callback_metrics),
+        "logged_metrics": _cpu(trainer.logged_metrics),
+        "pbar": trainer.progress_bar_metrics,
+        "progress": trainer._progress.state_dict(),
+        "should_stop": trainer.should_stop,
+        "callbacks": [_picklable_state(cb) for cb in trainer.callbacks],
+        "num_training_batches": trainer.num_training_batches,
+        "num_val_batches": trainer.num_val_batches,
+        "num_test_batches": trainer.num_test_batches,
+        "results": results,
+        "interrupted": trainer.interrupted,
+    }
+
+
+def _picklable_state(obj: Any) -> dict[str, Any]:
+    """The parts of a callback's ``__dict__`` that can travel back to the driver."""
+    from ray_lit.core.module import LightningModule
+
+    out = {}
+    for key, value in obj.__dict__.items():
+        if isinstance(value, LightningModule) or type(value).__name__ == "Trainer":
+            continue
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            continue
+        out[key] = value
+    return out
+
+
+def _cpu(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}

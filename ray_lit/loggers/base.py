@@ -1,0 +1,313 @@
+"""``Logger``: where the driver sends metrics and hyperparameters.
+
+Loggers live in one process, the driver: in a distributed fit the workers stream their metrics
+to it (``ray_lit.loop.reporting``), so nothing here needs a rank guard. The trainer calls
+``agg_and_log_metrics`` (metrics logged at the same step are merged, 0.9 behaviour),
+``log_hyperparams`` at the start of ``fit``, and ``save`` then ``finalize`` at the end of each
+stage. A finalized logger must keep working: ``test()`` after ``fit()`` logs again, so file
+handles are reopened lazily.
+
+``_FileLogger`` holds the directory layout shared by the TensorBoard and CSV loggers:
+``save_dir/name/version_N`` with N the next free number, resolved once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from argparse import Namespace
+from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+
+_PRIMITIVES = (bool, int, float, str)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+class Logger(ABC):
+    """Base class of loggers; subclass it and implement the abstract members.
+
+    Args:
+        agg_key_funcs: per-metric reduction of values logged at the same step.
+        agg_default_func: reduction for every other metric (mean, as in 0.9).
+    """
+
+    def __init__(self, agg_key_funcs: Mapping[str, Callable[[Sequence[float]], float]] | None
+                 = None, agg_default_func: Callable[[Sequence[float]], float] = _mean) -> None:
+        self._agg_key_funcs = dict(agg_key_funcs or {})
+        self._agg_default_func = agg_default_func
+        self._prev_step: int | None = None
+        self._metrics_to_agg: list[dict[str, float]] = []
+
+    # --- what subclasses implement -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def name(self) -> str | None:
+        """Experiment name."""
+
+    @property
+    @abstractmethod
+    def version(self) -> int | str | None:
+        """Experiment version (an int N for ``version_N`` directories, or a string)."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record ``metrics`` at ``step``.
+
+        Args:
+            metrics: metric name -> value (floats from the trainer; tensors tolerated).
+            step: the x-axis value (global step, or an eval batch index for 0.9 step curves).
+        """
+
+    @abstractmethod
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any,
+                        **kwargs: Any) -> None:
+        """Record the run's hyperparameters (called once at the start of ``fit``)."""
+
+    # --- optional members ----------------------------------------------------------------------
+    @property
+    def experiment(self) -> Any:
+        """The underlying object that writes (a ``SummaryWriter`` for TensorBoard)."""
+        return None
+
+    @property
+    def save_dir(self) -> str | None:
+        """Directory under which this logger writes, if any."""
+        return None
+
+    @property
+    def log_dir(self) -> str | None:
+        """Directory of this run's files, if any (checkpoints default to a subfolder)."""
+        return None
+
+    @property
+    def group_separator(self) -> str:
+        return "/"
+
+    def log_graph(self, model: torch.nn.Module, input_array: Any = None) -> None:
+        """Record the model graph (no-op unless the logger supports it)."""
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Called after a checkpoint is saved (2.x hook; no-op here)."""
+
+    def save(self) -> None:
+        """Write out anything buffered, pending aggregated metrics first."""
+        self._finalize_agg_metrics()
+
+    def finalize(self, status: str) -> None:
+        """End of a stage (``"success"``, ``"failed"``, ``"interrupted"``): flush everything.
+
+        The logger stays usable: a later ``log_metrics`` reopens what ``finalize`` closed.
+        """
+        self.save()
+
+    # --- aggregation of metrics logged at the same step (0.9) ----------------------------------
+    def update_agg_funcs(self, agg_key_funcs: Mapping[str, Callable] | None = None,
+                         agg_default_func: Callable[[Sequence[float]], float] = _mean) -> None:
+        """Change how metrics logged at the same step are reduced."""
+        self.__dict__.setdefault("_agg_key_funcs", {}).update(agg_key_funcs or {})
+        self._agg_default_func = agg_default_func
+
+    def agg_and_log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Buffer ``metrics`` until the step changes, then log the reduced previous step.
+
+        The trainer calls this rather than ``log_metrics``: several dicts sent at one step
+        (a train step's metrics and the learning rate, say) become one ``log_metrics`` call.
+        """
+        # setdefault: a user subclass may skip ``super().__init__()``
+        pending = self.__dict__.setdefault("_metrics_to_agg", [])
+        if pending and step == self.__dict__.get("_prev_step"):
+            pending.append(dict(metrics))
+            return
+        self._finalize_agg_metrics()
+        self._metrics_to_agg = [dict(metrics)]
+        self._prev_step = step
+
+    def _finalize_agg_metrics(self) -> None:
+        pending = self.__dict__.get("_metrics_to_agg")
+        if not pending:
+            return
+        self._metrics_to_agg = []
+        reduced = pending[0] if len(pending) == 1 else _merge_dicts(
+            pending, self.__dict__.get("_agg_key_funcs", {}),
+            self.__dict__.get("_agg_default_func", _mean))
+        self.log_metrics(reduced, self.__dict__.get("_prev_step"))
+
+
+LightningLoggerBase = Logger
+
+
+def _merge_dicts(dicts: Sequence[Mapping[str, Any]], key_funcs: Mapping[str, Callable],
+                 default_func: Callable[[Sequence[float]], float]) -> dict[str, Any]:
+    """Reduce each key over the dicts that have it (first-seen key order)."""
+    keys: dict[str, None] = {}
+    for d in dicts:
+        keys.update(dict.fromkeys(d))
+    merged = {}
+    for key in keys:
+        values = [_to_number(d[key]) for d in dicts if key in d]
+        merged[key] = key_funcs.get(key, default_func)(values)
+    return merged
+
+
+def _to_number(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.detach().float().mean().item()
+    return value
+
+
+# --- hyperparameter helpers ------------------------------------------------------------------
+def _convert_params(params: dict[str, Any] | Namespace | None) -> dict[str, Any]:
+    """A plain dict from a dict, a Namespace or None."""
+    if params is None:
+        return {}
+    if isinstance(params, Namespace):
+        return vars(params).copy()
+    return dict(params)
+
+
+def _flatten_dict(params: Mapping[str, Any] | Namespace, delimiter: str = "/",
+                  parent_key: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``; Namespaces nest like dicts."""
+    flat: dict[str, Any] = {}
+    for key, value in _convert_params(params).items():
+        full = f"{parent_key}{delimiter}{key}" if parent_key else str(key)
+        if isinstance(value, (Mapping, Namespace)) and value:
+            flat.update(_flatten_dict(value, delimiter, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _sanitize_params(params: Mapping[str, Any] | Namespace) -> dict[str, Any]:
+    """Values TensorBoard's hparams plugin accepts: bool, int, float, str.
+
+    Callables become their names, Namespaces dicts, one-element tensors numbers, the rest
+    ``str(value)``.
+    """
+    return {key: _sanitize_value(value) for key, value in _convert_params(params).items()}
+
+
+def _sanitize_value(value: Any) -> Any:
+    if isinstance(value, _PRIMITIVES):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, Namespace):
+        return str(vars(value))
+    if callable(value):
+        return getattr(value, "__name__", None) or type(value).__name__
+    return str(value)
+
+
+def _yaml_safe(value: Any) -> Any:
+    """A structure ``yaml.safe_dump`` can write (nesting kept, unknown objects as strings)."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        return {str(k): _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_yaml_safe(v) for v in value]
+    if value is None or isinstance(value, _PRIMITIVES):
+        return value
+    if isinstance(value, Enum):
+        return _yaml_safe(value.value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if callable(value):
+        return getattr(value, "__name__", None) or type(value).__name__
+    return str(value)
+
+
+def _save_hparams_yaml(path: str, hparams: Mapping[str, Any]) -> None:
+    import yaml  # ships with ray; imported here so ``import ray_lit.loggers`` stays cheap
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(_yaml_safe(hparams), f, sort_keys=False)
+    os.replace(tmp, path)  # a reader never sees a half-written file
+
+
+def _add_prefix(metrics: Mapping[str, Any], prefix: str, separator: str = "-") -> dict[str, Any]:
+    if not prefix:
+        return dict(metrics)
+    return {f"{prefix}{separator}{key}": value for key, value in metrics.items()}
+
+
+# --- directory layout of file loggers --------------------------------------------------------
+_VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+
+def _next_version(root_dir: str) -> int:
+    """One more than the highest ``version_N`` directory in ``root_dir`` (0 if none)."""
+    try:
+        entries = os.listdir(root_dir)
+    except OSError:
+        return 0
+    found = [int(m.group(1)) for e in entries if (m := _VERSION_DIR.match(e))
+             and os.path.isdir(os.path.join(root_dir, e))]
+    return max(found) + 1 if found else 0
+
+
+class _FileLogger(Logger):
+    """A logger that writes under ``save_dir/name/version_N`` (``name`` empty: no name level).
+
+    The version is resolved on first use (scanning existing ``version_*`` directories) and fixed
+    from then on, also in pickled copies.
+    """
+
+    NAME_HPARAMS_FILE = "hparams.yaml"
+
+    def __init__(self, save_dir: str | os.PathLike, name: str | None = "lightning_logs",
+                 version: int | str | None = None, prefix: str = "") -> None:
+        super().__init__()
+        self._save_dir = os.fspath(save_dir)
+        self._name = name or ""
+        self._version = version
+        self._prefix = prefix
+        self.hparams: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = _next_version(self.root_dir)
+        return self._version
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:
+        """``save_dir/name``: the parent of the version directories."""
+        return os.path.join(self._save_dir, self._name) if self._name else self._save_dir
+
+    @property
+    def log_dir(self) -> str:
+        version = self.version
+        folder = version if isinstance(version, str) else f"version_{version}"
+        return os.path.join(self.root_dir, folder)
+
+    def _update_hparams(self, params: dict[str, Any] | Namespace | None) -> dict[str, Any]:
+        """Merge ``params`` into ``self.hparams`` and rewrite ``hparams.yaml``."""
+        params = _convert_params(params)
+        self.hparams.update(params)
+        os.makedirs(self.log_dir, exist_ok=True)
+        _save_hparams_yaml(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE), self.hparams)
+        return params
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.version  # noqa: B018 - resolve now, so every copy writes to the same directory
+        state = dict(self.__dict__)
+        state["_experiment"] = None  # writers hold file handles; reopened lazily
+        return state

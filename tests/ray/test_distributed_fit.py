@@ -1,0 +1,212 @@
+"""ray_lit.fit on a local Ray cluster: 2 workers, gloo on loopback (issue 4)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import cloudpickle
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import ray_lit
+import ray_lit as pl
+from ray_lit.loggers import Logger
+
+pytestmark = pytest.mark.ray
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class IndexDataset(Dataset):
+    """Sample i is (x_i, y_i, i): the index lets a test see which rank saw what."""
+
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], i
+
+
+class Linear(pl.LightningModule):
+    def __init__(self, out_dir: str = "", fail_rank: int = -1) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.layer = torch.nn.Linear(4, 1)
+        self.out_dir = out_dir
+        self.fail_rank = fail_rank
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        if self.global_rank == self.fail_rank and batch_idx == 1:
+            raise ValueError("boom in training_step")
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, f"seen_rank{self.global_rank}.txt"), "a") as f:
+                f.write(" ".join(str(int(i)) for i in idx) + "\n")
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def on_fit_end(self):
+        if self.out_dir:
+            torch.save({k: v.clone() for k, v in self.state_dict().items()},
+                       os.path.join(self.out_dir, f"weights_rank{self.global_rank}.pt"))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[dict, int]] = []
+        self.hparams = None
+
+    @property
+    def name(self):
+        return "rec"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step):
+        self.calls.append((dict(metrics), step))
+
+    def log_hyperparams(self, params):
+        self.hparams = params
+
+
+def _options(tmp_path, **extra):
+    base = dict(num_workers=2, max_epochs=2, default_root_dir=str(tmp_path),
+                enable_progress_bar=False, enable_model_summary=False, logger=False,
+                num_sanity_val_steps=0)
+    base.update(extra)
+    return base
+
+
+def test_shards_disjoint_complete_and_replicas_identical(ray_cluster, tmp_path):
+    model = Linear(out_dir=str(tmp_path))
+    loader = DataLoader(IndexDataset(64), batch_size=8)
+    trainer = ray_lit.fit(model, loader, **_options(tmp_path, max_epochs=1))
+    seen = {}
+    for rank in (0, 1):
+        lines = (tmp_path / f"seen_rank{rank}.txt").read_text().split("\n")
+        seen[rank] = [int(i) for line in lines if line for i in line.split()]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(64))
+    w0 = torch.load(tmp_path / "weights_rank0.pt")
+    w1 = torch.load(tmp_path / "weights_rank1.pt")
+    for key in w0:
+        assert torch.equal(w0[key], w1[key])
+    # the driver's module holds rank 0's weights; the trainer describes the run
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, w0[key])
+    assert trainer.world_size_history == [2]
+    assert trainer.global_step == 4 and trainer.current_epoch == 1
+
+
+def test_ddp_equals_one_process_on_the_union_of_batches(ray_cluster, tmp_path):
+    dataset = IndexDataset(64)
+    model = Linear()
+    reference = Linear()
+    ray_lit.fit(model, DataLoader(dataset, batch_size=8), **_options(tmp_path, max_epochs=2))
+    # one process stepping on the union of both ranks' batches (same sampler order)
+    from ray_lit.distributed.sampler import ResumableDistributedSampler
+
+    opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for epoch in range(2):
+        per_rank = []
+        for rank in (0, 1):
+            sampler = ResumableDistributedSampler(64, 2, rank, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            per_rank.append(list(sampler))
+        for step in range(4):
+            losses = []
+            for rank in (0, 1):
+                idx = per_rank[rank][step * 8:(step + 1) * 8]
+                x, y = dataset.x[idx], dataset.y[idx]
+                losses.append(torch.nn.functional.mse_loss(reference(x), y))
+            loss = torch.stack(losses).mean()  # DDP averages the ranks' gradients
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, reference.state_dict()[key], atol=1e-6), key
+
+
+def test_driver_loggers_metrics_and_validate_test(ray_cluster, tmp_path):
+    logger = RecordingLogger()
+    model = Linear()
+    loader = DataLoader(IndexDataset(64), batch_size=8)
+    trainer = pl.Trainer(**_options(tmp_path, logger=logger, log_every_n_steps=1))
+    trainer.fit(model, loader, DataLoader(IndexDataset(32), batch_size=8))
+    keys = {k for metrics, _ in logger.calls for k in metrics}
+    assert {"train_loss_step", "train_loss_epoch", "val_loss", "epoch"} <= keys
+    steps = [step for metrics, step in logger.calls if "train_loss_step" in metrics]
+    assert steps == list(range(8))  # every step of rank 0, in order, on the driver
+    assert set(trainer.callback_metrics) >= {"val_loss", "train_loss"}
+    results = trainer.validate(dataloaders=DataLoader(IndexDataset(32), batch_size=8))
+    assert len(results) == 1 and set(results[0]) == {"val_loss"}
+    assert results[0]["val_loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]),
+                                                   rel=1e-5)
+    tested = trainer.test(test_dataloaders=DataLoader(IndexDataset(32), batch_size=8),
+                          ckpt_path=None)
+    assert set(tested[0]) == {"test_loss"}
+
+
+def test_user_exception_reaches_driver_with_rank_and_traceback(ray_cluster, tmp_path):
+    model = Linear(fail_rank=1)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="boom in training_step") as info:
+        ray_lit.fit(model, DataLoader(IndexDataset(64), batch_size=8), **_options(tmp_path))
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "rank 1" in notes and "training_step" in notes
+    assert time.monotonic() - start < 60
+
+
+def test_unpicklable_module_is_named(ray_cluster, tmp_path):
+    import threading
+
+    model = Linear()
+    model.helper = type("Helper", (), {})()
+    model.helper.lock = threading.Lock()
+    with pytest.raises(pl.MisconfigurationException, match=r"helper\.lock"):
+        ray_lit.fit(model, DataLoader(IndexDataset(64), batch_size=8), **_options(tmp_path))
+
+
+def test_more_workers_than_the_cluster_holds_fails_fast(ray_cluster, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(pl.MisconfigurationException, match="CPU"):
+        ray_lit.fit(Linear(), DataLoader(IndexDataset(64), batch_size=8),
+                    **_options(tmp_path, num_workers=16))
+    with pytest.raises(pl.MisconfigurationException, match="GPU"):
+        ray_lit.fit(Linear(), DataLoader(IndexDataset(64), batch_size=8),
+                    **_options(tmp_path, use_gpu=True))
+    assert time.monotonic() - start < 20
+
+
+def test_no_training_step_fails_before_workers_start(ray_cluster, tmp_path):
+    class NoStep(pl.LightningModule):
+        def configure_optimizers(self):
+            return None
+
+    with pytest.raises(pl.MisconfigurationException, match="training_step"):
+        ray_lit.fit(NoStep(), DataLoader(IndexDataset(8)), **_options(tmp_path))

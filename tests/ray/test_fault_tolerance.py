@@ -1,0 +1,100 @@
+"""Fault tolerance on a local Ray cluster (issue 5): a rank killed mid-epoch is recovered from
+the latest committed checkpoint and the run ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cloudpickle
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import ray_lit
+import ray_lit as pl
+from ray_lit.checkpoint.manager import CheckpointManager
+
+pytestmark = pytest.mark.ray
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class DropoutNet(pl.LightningModule):
+    """Dropout + Adam + a shuffled loader: exact resume needs RNG, optimizer and sampler."""
+
+    def __init__(self, kill_marker: str = "", kill_rank: int = 1, kill_step: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+        self.kill_marker = kill_marker
+        self.kill_rank = kill_rank
+        self.kill_step = kill_step
+
+    def training_step(self, batch, batch_idx):
+        if (self.kill_marker and self.global_rank == self.kill_rank
+                and self.global_step == self.kill_step and not os.path.exists(self.kill_marker)):
+            open(self.kill_marker, "w").close()
+            os._exit(1)  # the worker process dies: no exception, no cleanup
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)]
+
+
+def _data() -> DataLoader:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 8, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+
+
+def _fit(tmp_path, name: str, **extra):
+    pl.seed_everything(11)
+    model = DropoutNet(**extra)
+    trainer = ray_lit.fit(model, _data(), num_workers=2, max_epochs=2,
+                          storage_path=str(tmp_path / "runs"), run_name=name,
+                          checkpoint_every_n_steps=2, enable_progress_bar=False,
+                          enable_model_summary=False, logger=False, enable_checkpointing=False)
+    return model, trainer
+
+
+def test_killed_rank_resumes_exactly(ray_cluster, tmp_path):
+    reference, ref_trainer = _fit(tmp_path, "reference")
+    assert ref_trainer.num_restarts == 0
+    marker = str(tmp_path / "killed")
+    model, trainer = _fit(tmp_path, "killed", kill_marker=marker)
+    assert os.path.exists(marker), "the kill did not happen"
+    assert trainer.num_restarts == 1
+    assert trainer.world_size_history == [2, 2]
+    assert trainer.global_step == ref_trainer.global_step == 12
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    # only committed checkpoints remain, and every one of them loads
+    manager = CheckpointManager(str(tmp_path / "runs" / "killed"))
+    committed = manager.committed()
+    assert committed and len(committed) <= 2
+    for ckpt in committed:
+        for rank in range(ckpt.world_size):
+            from ray_lit.checkpoint.io import load_checkpoint
+
+            assert "loops" in load_checkpoint(ckpt.part_uri(rank))
+
+
+def test_failures_beyond_max_failures_raise_training_failed(ray_cluster, tmp_path):
+    pl.seed_everything(11)
+
+    class AlwaysDies(DropoutNet):
+        def training_step(self, batch, batch_idx):
+            if self.global_rank == 1 and batch_idx == 1:
+                os._exit(3)
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(pl.TrainingFailedError) as info:
+        ray_lit.fit(AlwaysDies(), _data(), num_workers=2, max_epochs=1, max_failures=1,
+                    storage_path=str(tmp_path / "runs"), run_name="dies",
+                    enable_progress_bar=False, enable_model_summary=False, logger=False,
+                    enable_checkpointing=False)
+    assert info.value.rank == 1
+    assert "rank: 1" in str(info.value)
