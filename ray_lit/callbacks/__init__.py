@@ -1,5 +1,18 @@
-"""Callbacks: they run where the loop runs (inside each worker when distributed)."""
+"""Callbacks: they run where the loop runs (inside each worker when distributed); the progress
+bar is the exception and runs on the driver."""
 
 from ray_lit.callbacks.base import Callback
+from ray_lit.callbacks.early_stopping import EarlyStopping
+from ray_lit.callbacks.lr_monitor import LearningRateLogger, LearningRateMonitor
+from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
+from ray_lit.callbacks.progress import ProgressBar, TQDMProgressBar
 
-__all__ = ["Callback"]
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "LearningRateLogger",
+    "LearningRateMonitor",
+    "ModelCheckpoint",
+    "ProgressBar",
+    "TQDMProgressBar",
+]

@@ -39,7 +39,10 @@ def _in_notebook() -> bool:
         ipython = shell.get_ipython()
     except AttributeError:
         return False
-    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+    if ipython is None:
+        return False
+    return type(ipython).__name__ == "ZMQInteractiveShell" or \
+        "IPKernelApp" in getattr(ipython, "config", {})
 
 
 def _display_mode() -> str:
@@ -180,13 +183,14 @@ class ProgressBar(Callback):
         if not self.is_enabled or state is None:
             return
         train = self._stages.get("train")
-        if stage == "validate" and train is not None:
-            # validation inside fit: its metrics belong on the epoch's bar and line
+        merged = stage == "validate" and train is not None
+        if merged:
+            # validation inside a training epoch: its metrics belong on the epoch's bar and line
             train.metrics.update(state.metrics)
             if "train" in self._bars:
                 self._bars["train"].set_postfix(self._postfix(train.metrics))
         if self._mode == "plain":
-            line = self._summary_line(stage, state)
+            line = self._summary_line(stage, state, merged)
             if line:
                 print(line, flush=True)
             return
@@ -232,8 +236,8 @@ class ProgressBar(Callback):
             title = f"{title} {epoch}"
             bar = self._bars.get("train")
             if bar is not None:
-                bar.reset(total=total)
                 bar.set_description(title, refresh=False)
+                bar.reset(total=total)
                 return
         self._close_bar(stage)
         nested = stage == "validate" and in_fit
@@ -258,14 +262,16 @@ class ProgressBar(Callback):
     def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
         return {str(k): _format_num(v) for k, v in metrics.items()}
 
-    def _summary_line(self, stage: str, state: _StageState) -> str | None:
-        if stage == "sanity_check" or (stage == "validate" and self._run_stage == "fit"):
+    def _summary_line(self, stage: str, state: _StageState, merged: bool) -> str | None:
+        if stage == "sanity_check" or merged:
             return None  # the epoch line carries validation's metrics
         seconds = time.monotonic() - state.started
         count = f"{state.n_done}/{state.total}" if state.total is not None else str(state.n_done)
         title = f"Epoch {state.epoch}" if stage == "train" else _TITLES.get(stage, stage)
         line = f"{title}: {count} [{_format_rate(state.n_done, seconds)}]"
-        if stage == "train" and state.metrics:
+        # a validation outside any epoch (after the last one, say) shows its own metrics
+        in_fit_eval = stage == "validate" and self._run_stage == "fit"
+        if (stage == "train" or in_fit_eval) and state.metrics:
             line += " " + " ".join(f"{k}={v}" for k, v in self._postfix(state.metrics).items())
         return line
 

@@ -53,6 +53,11 @@ class AttributeDict(dict):
         except KeyError as err:
             raise AttributeError(f"'AttributeDict' has no key {key!r}") from err
 
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        # a call with a plain dict: torch's weights-only unpickler can rebuild that (it cannot
+        # fill a dict subclass item by item), and so can pickle, copy and cloudpickle
+        return (type(self), (dict(self),))
+
     def __repr__(self) -> str:
         if not self:
             return "AttributeDict()"
@@ -92,7 +97,8 @@ def save_hyperparameters(module: Any, *args: Any, ignore: list[str] | str | None
     objects = [a for a in args if not isinstance(a, str)]
     if not args:
         hparams: Any = init_args
-        name = "kwargs" if init_args else None
+        # nothing to collect (called outside __init__) keeps how earlier calls saved them
+        name = "kwargs" if init_args else module.__dict__.get("_hparams_name")
     elif len(objects) == 1:
         hparams = objects[0]
         candidates = [k for k, v in init_args.items() if v is hparams]
@@ -109,7 +115,7 @@ def save_hyperparameters(module: Any, *args: Any, ignore: list[str] | str | None
     _update_hparams(module, hparams)
     module.__dict__["_hparams_name"] = name
     module.__dict__["_log_hyperparams"] = logger
-    module.__dict__["_hparams_initial"] = copy.deepcopy(module.__dict__["_hparams"])
+    module.__dict__["_hparams_initial"] = _snapshot(module.__dict__["_hparams"])
 
 
 def set_hparams(module: Any, value: Any) -> None:
@@ -137,7 +143,7 @@ def set_hparams(module: Any, value: Any) -> None:
     module.__dict__.pop("_hparams_type", None)
     _update_hparams(module, value)
     module.__dict__["_hparams_name"] = name
-    module.__dict__["_hparams_initial"] = copy.deepcopy(module.__dict__["_hparams"])
+    module.__dict__["_hparams_initial"] = _snapshot(module.__dict__["_hparams"])
 
 
 def clean_hparams_for_fit(hparams: Any) -> None:
@@ -161,6 +167,14 @@ def _as_list(names: list[str] | tuple[str, ...] | str | None) -> list[str]:
     if isinstance(names, str):
         return [names]
     return [n for n in names if isinstance(n, str)]
+
+
+def _snapshot(hparams: AttributeDict) -> AttributeDict:
+    """A deep copy, so later changes to ``hparams`` do not show in ``hparams_initial``."""
+    try:
+        return copy.deepcopy(hparams)
+    except Exception:  # an uncopyable value (a lock, a file handle): copy the mapping only
+        return AttributeDict(hparams)
 
 
 def _update_hparams(module: Any, value: Any) -> None:

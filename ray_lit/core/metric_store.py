@@ -247,9 +247,10 @@ class MetricStore:
         for key, m in self.metrics.items():
             if not m.on_epoch:
                 continue
-            if dataloader_idx is not None and self.num_dataloaders > 1 and not key.endswith(
-                    f"/dataloader_idx_{dataloader_idx}"):
-                continue
+            if dataloader_idx is not None and self.num_dataloaders > 1 and \
+                    "/dataloader_idx_" in key and not key.endswith(
+                        f"/dataloader_idx_{dataloader_idx}"):
+                continue  # another loader's metric; unsuffixed ones belong to every loader
             value = m.epoch_value()
             if value is None:
                 continue

@@ -107,45 +107,27 @@ class Controller:
         done: dict[int, Any] = {}
         stop_requested = False
         while True:
-            refs = group.poll()
-            for rank, ref in enumerate(refs):
-                worker = group.workers[rank]
-                try:
-                    status = ray.get(ref, timeout=30)
-                except RayActorError as err:
-                    return AttemptOutcome(error=WorkerError(
-                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
-                        traceback=str(err), kind="actor_died"))
-                except GetTimeoutError:
-                    return AttemptOutcome(error=WorkerError(
-                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
-                        traceback="the worker did not answer a poll within 30 s",
-                        kind="hang"))
-                if status["events"]:
-                    replay(status["events"], self.sink)
-                for _, name, r, world_size, meta in status["checkpoints"]:
-                    if self.manager is not None:
-                        self.manager.confirm(name, r, world_size, meta)
+            failures: list[AttemptOutcome] = []
+            for rank, status in enumerate(self._poll_all(group)):
+                if isinstance(status, AttemptOutcome):
+                    failures.append(status)
+                    continue
                 state = status["state"]
                 if state == "failed":
-                    exception = _unpickle(status.get("exception"))
-                    return AttemptOutcome(error=WorkerError(
-                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
-                        traceback=status.get("error") or "", kind="user_error"),
-                        exception=exception)
-                if state in ("done", "preempted"):
+                    failures.append(self._failed(group, rank, status))
+                elif state in ("done", "preempted"):
                     done[rank] = status.get("result")
                 elif self.hang_timeout_s and status["idle_s"] > self.hang_timeout_s:
-                    return AttemptOutcome(error=WorkerError(
-                        world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
-                        traceback=f"no training progress for {status['idle_s']:.0f} s "
-                                  f"(worker_hang_timeout_s={self.hang_timeout_s})",
-                        kind="hang"))
+                    failures.append(AttemptOutcome(error=self._error(
+                        group, rank, "hang", f"no training progress for {status['idle_s']:.0f}"
+                        f" s (worker_hang_timeout_s={self.hang_timeout_s})")))
                 if rank == 0 and self._failed_at is not None and state == "running" and \
                         status["idle_s"] < self.poll_interval_s * 5 and status["steps"] > 0:
                     # recovery: from the failure to the new group's first training steps
                     self.recovery_times.append(time.monotonic() - self._failed_at)
                     self._failed_at = None
+            if failures:
+                return self._root_cause(group, failures)
             if len(done) == group.world_size:
                 return AttemptOutcome(result=done.get(0), preempted=stop_requested)
             if self._preempt.is_set() and not stop_requested:
@@ -154,6 +136,55 @@ class Controller:
                 stop_requested = True
                 log.warning("ray_lit: SIGTERM: checkpointing at step %d, then stopping", step)
             time.sleep(self.poll_interval_s)
+
+    def _poll_all(self, group: WorkerGroup) -> list[Any]:
+        """Every worker's status, or an AttemptOutcome for a worker that is gone."""
+        out: list[Any] = []
+        for rank, ref in enumerate(group.poll()):
+            try:
+                status = ray.get(ref, timeout=30)
+            except RayActorError as err:
+                out.append(AttemptOutcome(error=self._error(group, rank, "actor_died",
+                                                            str(err))))
+                continue
+            except GetTimeoutError:
+                out.append(AttemptOutcome(error=self._error(
+                    group, rank, "hang", "the worker did not answer a poll within 30 s")))
+                continue
+            if status["events"]:
+                replay(status["events"], self.sink)
+            for _, name, r, world_size, meta in status["checkpoints"]:
+                if self.manager is not None:
+                    self.manager.confirm(name, r, world_size, meta)
+            out.append(status)
+        return out
+
+    def _error(self, group: WorkerGroup, rank: int, kind: str, text: str) -> WorkerError:
+        worker = group.workers[rank]
+        return WorkerError(world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
+                           traceback=text, kind=kind)
+
+    def _failed(self, group: WorkerGroup, rank: int, status: dict[str, Any]) -> AttemptOutcome:
+        exception = _unpickle(status.get("exception"))
+        text = status.get("error") or ""
+        # a collective that lost its peer is a symptom of another rank's death, not a bug
+        kind = "actor_died" if _is_peer_loss(exception, text) else "user_error"
+        return AttemptOutcome(error=self._error(group, rank, kind, text), exception=exception)
+
+    def _root_cause(self, group: WorkerGroup, failures: list[AttemptOutcome]) -> AttemptOutcome:
+        """A dead peer makes the others fail in their collectives: report the dead one. Ray
+        may need a moment to report the death, so poll again briefly before deciding."""
+        deadline = time.monotonic() + 5.0
+        while not any(f.error.kind in ("actor_died", "node_died") and f.exception is None
+                      for f in failures) and time.monotonic() < deadline:
+            if all(f.error.kind == "user_error" for f in failures):
+                break
+            time.sleep(0.2)
+            failures = failures + [s for s in self._poll_all(group)
+                                   if isinstance(s, AttemptOutcome)]
+        order = {"node_died": 0, "actor_died": 1, "hang": 2, "user_error": 3, "preempted": 4}
+        return min(failures, key=lambda f: (order.get(f.error.kind, 5),
+                                            f.exception is not None))
 
     def _steps(self, group: WorkerGroup) -> list[int]:
         statuses = ray.get(group.poll(), timeout=30)
@@ -198,6 +229,14 @@ class Controller:
 def _is_raise(decision: Any) -> bool:
     action = getattr(decision, "action", decision)
     return getattr(action, "name", str(action)).upper() == "RAISE"
+
+
+def _is_peer_loss(exception: BaseException | None, text: str) -> bool:
+    markers = ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
+               "NCCL communicator was aborted", "Broken pipe", "Socket Timeout")
+    if exception is not None and type(exception).__name__ == "DistBackendError":
+        return True
+    return any(m in text for m in markers)
 
 
 def _unpickle(blob: bytes | None) -> BaseException | None:

@@ -68,7 +68,8 @@ def _worker_trainer(trainer: Any) -> Any:
     clone._host, clone._sink = LocalHost(False), NullSink()
     clone.optimizers, clone.lr_scheduler_configs = [], []
     clone.callback_metrics, clone.logged_metrics, clone._pbar_raw = {}, {}, {}
-    clone.__dict__.pop("_hooks", None)
+    for private in ("_hooks", "_controller", "_train_loader", "_val_loaders"):
+        clone.__dict__.pop(private, None)
     return clone
 
 

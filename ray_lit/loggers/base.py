@@ -90,10 +90,11 @@ class Logger(ABC):
     def group_separator(self) -> str:
         return "/"
 
-    def log_graph(self, model: torch.nn.Module, input_array: Any = None) -> None:
+    # optional hooks: deliberately concrete no-ops, so subclasses need not implement them
+    def log_graph(self, model: torch.nn.Module, input_array: Any = None) -> None:  # noqa: B027
         """Record the model graph (no-op unless the logger supports it)."""
 
-    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:  # noqa: B027
         """Called after a checkpoint is saved (2.x hook; no-op here)."""
 
     def save(self) -> None:
@@ -105,6 +106,8 @@ class Logger(ABC):
 
         The logger stays usable: a later ``log_metrics`` reopens what ``finalize`` closed.
         """
+        # flushed here too, not only in ``save``: a user's ``save`` may not call super()
+        self._finalize_agg_metrics()
         self.save()
 
     # --- aggregation of metrics logged at the same step (0.9) ----------------------------------

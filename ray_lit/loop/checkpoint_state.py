@@ -73,9 +73,7 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     if module.hparams:
         checkpoint["hparams_name"] = module.__dict__.get("_hparams_name", "kwargs")
         checkpoint["hyper_parameters"] = _plain_hparams(module.hparams)
-        from argparse import Namespace
-
-        if isinstance(module.__dict__.get("_hparams"), Namespace):
+        if module.__dict__.get("_hparams_type") == "Namespace":
             checkpoint["hparams_type"] = "Namespace"
     dm = trainer.datamodule
     if dm is not None and dm.state_dict():

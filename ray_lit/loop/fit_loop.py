@@ -32,6 +32,9 @@ class FitLoop:
         trainer, module, hooks = self.trainer, self.trainer.lightning_module, self.trainer._hooks
         progress = trainer._progress
         module.train()
+        # one store for the whole fit: on_train_start logs count into the first epoch
+        self.store = MetricStore("train")
+        trainer._metric_store = self.store
         hooks.both("on_train_start")
         while progress.epoch < trainer.max_epochs and not self._max_steps_reached():
             self.run_epoch(progress.epoch)
@@ -63,7 +66,7 @@ class FitLoop:
         module = trainer.lightning_module
         progress.start_epoch(epoch)
         trainer._host.set_epoch(epoch, progress.batches_done)
-        store = MetricStore("train")
+        store = self.store
         trainer._metric_store = store
         trainer._val_ran_this_epoch = False
         trainer._accumulation = trainer._accumulation_for_epoch(epoch)
@@ -86,6 +89,7 @@ class FitLoop:
                 break
         progress.epoch_finished = True
         self._epoch_end(outputs, accumulators, store)
+        trainer._sink.progress_update("train", progress.batches_done, trainer._pbar_view())
         trainer._sink.progress_end("train")
         del module
 
@@ -123,7 +127,7 @@ class FitLoop:
         first = next((o for o in step_outputs if o is not None), None)
         hooks.callbacks("on_batch_end")
         hooks.module("on_batch_end")
-        hooks.batch_end("on_train_batch_end", first.raw if first else None, batch, batch_idx, 0)
+        hooks.batch_end("on_train_batch_end", _batch_end_outputs(first), batch, batch_idx, 0)
         # outputs for the epoch end, callback accumulators (0.9 Results) and running loss
         for idx, out in enumerate(step_outputs):
             if out is None or out.raw is None:
@@ -226,9 +230,20 @@ class FitLoop:
             trainer._log_to_loggers(log)
         trainer._pbar_raw.update(pbar)
         trainer.callback_metrics.update(callback)
+        store.reset()
         hooks.callbacks("on_train_epoch_end", callbacks=monitoring)
         # COLLECTIVE: rank 0's stop decision holds for every rank
         trainer.should_stop = trainer._host.agree_on_rank_zero(trainer.should_stop)
         step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1,
                         trainer.callback_metrics)
         trainer._after_epoch()
+
+
+def _batch_end_outputs(out: StepOutput | None) -> Any:
+    """What ``on_train_batch_end(outputs, ...)`` receives: a tensor return as 2.x's
+    ``{'loss': loss}``, a dict or Result as returned (after ``training_step_end``)."""
+    if out is None or out.raw is None:
+        return None
+    if isinstance(out.raw, torch.Tensor):
+        return {"loss": out.raw.detach()}
+    return out.raw

@@ -43,16 +43,16 @@ def attach(trainer: Any, module: LightningModule, datamodule: Any) -> None:
 
 def prepare_and_setup(trainer: Any, stage: str) -> None:
     """``prepare_data`` once per node (local rank 0), then ``setup(stage)`` everywhere."""
-    module, dm, host = trainer.lightning_module, trainer.datamodule, trainer._host
+    dm, host = trainer.datamodule, trainer._host
     if host.local_rank == 0:
         if dm is not None:
             dm._run_prepare_data()
-        module.prepare_data()
+        trainer._hooks.module("prepare_data")
     host.barrier()  # COLLECTIVE: every rank waits until its node's data is prepared
     if dm is not None:
         dm._run_setup(stage)
     trainer._hooks.callbacks("setup", stage)
-    module.setup(stage)
+    trainer._hooks.module("setup", stage)
 
 
 @contextlib.contextmanager
@@ -154,6 +154,9 @@ def _sanity_check(trainer: Any) -> None:
     trainer._hooks.callbacks("on_sanity_check_end")
     trainer.sanity_checking = False
     set_rng_state(saved)
+    # sanity-check metrics never survive into training (2.x)
+    trainer.callback_metrics.clear()
+    trainer._pbar_raw.clear()
 
 
 def run_fit(trainer: Any, module: LightningModule, train_loaders: Any, val_loaders: Any,

@@ -16,6 +16,7 @@ import torch
 
 from ray_lit.config import accumulation_for_epoch
 from ray_lit.core.hooks import _signature_of, is_overridden
+from ray_lit.core.metric_store import MetricStore
 from ray_lit.core.module import LightningModule
 from ray_lit.loop.outputs import floats, to_float, training_output
 from ray_lit.loop.progress import Progress
@@ -29,7 +30,8 @@ class LoopState:
         self.callback_metrics: dict[str, Any] = {}
         self.logged_metrics: dict[str, Any] = {}
         self._pbar_raw: dict[str, Any] = {}
-        self._metric_store: Any = None
+        # outside a running loop stage the store only checks that the hook may log
+        self._metric_store: Any = MetricStore("idle")
         self._running_losses: collections.deque = collections.deque(maxlen=20)
         self._eval_steps: dict[str, int] = {}
         self.should_stop = False

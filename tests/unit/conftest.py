@@ -180,6 +180,13 @@ def assert_subsequence(seq: list[str], expected: list[str]) -> None:
                                  f"expected order {expected}\nactual {seq}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _warm_torch_optim() -> None:
+    """The first optimizer construction imports torch._dynamo (seconds): pay it once, here,
+    so no single test carries it."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
 @pytest.fixture
 def logger() -> RecordingLogger:
     return RecordingLogger()

@@ -1,0 +1,137 @@
+"""Checkpoint files: ``torch.save`` bytes written atomically, read back without running code.
+
+Loading always uses ``torch.load(weights_only=True)``: a checkpoint may hold tensors, numbers,
+strings, containers and the few types in ``CHECKPOINT_ALLOWLIST``, never an object whose
+unpickling calls a function. A file that asks for anything else is refused with
+``CheckpointLoadError``; extend the allow-list for types you trust::
+
+    from ray_lit.checkpoint.io import CHECKPOINT_ALLOWLIST
+    CHECKPOINT_ALLOWLIST.append(MyConfig)
+
+``collections.defaultdict`` cannot be on the list: the weights-only unpickler cannot fill one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import os
+import pathlib
+import pickle
+import pickletools
+import re
+import threading
+from typing import Any
+
+import torch
+
+from ray_lit.checkpoint.storage import read_file, write_file
+from ray_lit.core.hparams import AttributeDict
+from ray_lit.errors import MisconfigurationException
+
+# What ray_lit (and a user saving m.hparams or a Path-valued option) puts into checkpoints
+# besides what torch's weights-only unpickler accepts by default (tensors, optimizer and
+# scheduler state dicts, containers of numbers and strings, torch.device, torch.dtype).
+CHECKPOINT_ALLOWLIST: list[Any] = [
+    AttributeDict,
+    argparse.Namespace,
+    collections.OrderedDict,
+    pathlib.PosixPath,
+    pathlib.PurePosixPath,
+]
+
+# torch's safe_globals context adds to and removes from one process-wide set: two loads
+# overlapping in threads would remove each other's entries, so deserialisation is serialised.
+_LOAD_LOCK = threading.Lock()
+_ZIP_MAGIC = b"PK\x03\x04"
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+class CheckpointLoadError(MisconfigurationException):
+    """A checkpoint file exists but cannot be loaded (corrupt, or it would run code)."""
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``checkpoint`` to ``path`` with ``torch.save``, atomically.
+
+    The caller decides which rank writes (global rank 0 for model checkpoints). Parent
+    directories are created; a reader never sees a half-written file.
+
+    Args:
+        checkpoint: the checkpoint dict (see ``ray_lit.loop.checkpoint_state``).
+        path: a local path or a storage URI (``s3://``, ``gs://``, ``hdfs://``, ``file://``).
+    """
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_file(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (or by PyTorch Lightning).
+
+    Args:
+        path: a local path or a storage URI.
+        map_location: as in ``torch.load`` (a device, a string such as ``"cpu"``, a dict or a
+            function).
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        CheckpointLoadError: the file is truncated or corrupt, or it references code (a class
+            or function not in ``CHECKPOINT_ALLOWLIST``), which is never run.
+    """
+    name = os.fspath(path)
+    try:
+        data = read_file(name)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Checkpoint not found: {name}") from err
+    try:
+        with _LOAD_LOCK, torch.serialization.safe_globals(_missing_globals()):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_global(str(err), data)
+        if refused is not None:
+            raise CheckpointLoadError(
+                f"Checkpoint {name} references {refused}, and ray_lit refuses to run code from "
+                "a checkpoint (it loads with weights_only=True). If you trust this file and "
+                "that type is safe to construct, append it to "
+                "ray_lit.checkpoint.io.CHECKPOINT_ALLOWLIST.") from err
+        raise _corrupt(name, err) from err
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise _corrupt(name, err) from err
+
+
+def _missing_globals() -> list[Any]:
+    # only what is not already allowed: leaving the context removes what it added, and must
+    # not take away a user's own torch.serialization.add_safe_globals entries
+    present = set(torch.serialization.get_safe_globals())
+    return [g for g in CHECKPOINT_ALLOWLIST if g not in present]
+
+
+def _refused_global(message: str, data: bytes) -> str | None:
+    """What the file asked to call, or None when the unpickling failed for another reason."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if match:
+        return match.group(1)
+    if "Trying to call reduce" in message or "Can only build" in message:
+        return "a callable"
+    if not data.startswith(_ZIP_MAGIC):
+        # A plain pickle (not torch's zip format) trips the unpickler on its framing before it
+        # reaches any global; its opcodes can be listed without executing them.
+        try:
+            for opcode, arg, _ in pickletools.genops(data):
+                if opcode.name in _CODE_OPCODES:
+                    return f"a {opcode.name} of {arg}" if arg else "a callable"
+        except Exception:  # not a pickle at all: corrupt
+            return None
+    return None
+
+
+def _corrupt(name: str, err: BaseException) -> CheckpointLoadError:
+    return CheckpointLoadError(
+        f"Checkpoint {name} is truncated or corrupt ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else 'unexpected end of data'}). Write it again, "
+        "or resume from another checkpoint.")

@@ -1,0 +1,295 @@
+"""Failure and scaling policies: observed state in, a frozen decision out (pure, no Ray).
+
+The controller observes (a worker failed, N workers can be placed), asks a policy, and acts on
+the returned decision, logging its ``reason``. Keeping the policies free of actors makes every
+branch a one-line unit test (Ray Train v2's ``failure_policy.py`` / ``scaling_policy.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from ray_lit.errors import MisconfigurationException
+
+__all__ = [
+    "AccumulationDecision",
+    "Decision",
+    "ElasticScaling",
+    "FailureDecision",
+    "FailurePolicy",
+    "FixedScaling",
+    "NoopDecision",
+    "ResizeDecision",
+    "ScalingPolicy",
+    "WaitDecision",
+    "WorkerError",
+    "accumulation_for_world_size",
+    "decide_accumulation",
+    "scaling_policy",
+]
+
+ErrorKind = Literal["actor_died", "node_died", "user_error", "hang", "preempted"]
+_KINDS = ("actor_died", "node_died", "user_error", "hang", "preempted")
+
+
+# --- failures --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerError:
+    """What the controller observed about one failed worker.
+
+    Attributes:
+        world_rank: the failed worker's rank.
+        node_id: its Ray node id.
+        node_ip: its node's IP.
+        traceback: the formatted traceback or Ray's error text.
+        kind: ``actor_died`` (process gone), ``node_died``, ``user_error`` (an exception from
+            the user's code), ``hang`` (no progress within the hang timeout) or ``preempted``
+            (the node is being drained).
+    """
+
+    world_rank: int | None
+    node_id: str | None
+    node_ip: str | None
+    traceback: str
+    kind: ErrorKind
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"WorkerError.kind={self.kind!r}; expected one of {_KINDS}")
+
+
+class FailureDecision(enum.Enum):
+    RESTART = "restart"
+    RAISE = "raise"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A failure policy's verdict.
+
+    Attributes:
+        decision: RESTART (a new worker group from the latest checkpoint) or RAISE.
+        reason: why, in words, for the controller's log and the final error.
+        counts_as_failure: whether the restart uses up one of ``max_failures`` (preemption
+            does not: it is the cluster's doing, not the run's).
+    """
+
+    decision: FailureDecision
+    reason: str
+    counts_as_failure: bool = True
+
+    @property
+    def name(self) -> str:
+        """``"RESTART"`` or ``"RAISE"``."""
+        return self.decision.name
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """Restart after infrastructure failures while ``max_failures`` allows; raise user errors.
+
+    An exception raised by the user's code (a ``ValueError`` in ``training_step``) is raised at
+    once: the restarted group would replay the same batches from the same checkpoint and fail
+    the same way, so restarting only delays the error (set ``retry_user_errors`` for code that
+    fails transiently, e.g. flaky remote reads). Actor deaths, node deaths and hangs restart.
+
+    Attributes:
+        max_failures: restarts allowed; ``-1`` means unlimited, ``0`` none.
+        retry_user_errors: treat user exceptions like infrastructure failures.
+    """
+
+    max_failures: int
+    retry_user_errors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise MisconfigurationException(
+                f"max_failures={self.max_failures}; use -1 (unlimited), 0 (no restarts) or a "
+                "positive number of restarts.")
+
+    def decide(self, failures_so_far: int, error: WorkerError) -> Decision:
+        """Restart or raise after ``error``, given ``failures_so_far`` earlier restarts."""
+        where = f"rank {error.world_rank} on {error.node_ip or error.node_id}"
+        if error.kind == "preempted":
+            return Decision(FailureDecision.RESTART,
+                            f"{where} was preempted; restarting does not count as a failure",
+                            counts_as_failure=False)
+        if error.kind == "user_error" and not self.retry_user_errors:
+            return Decision(FailureDecision.RAISE,
+                            f"{where} raised an exception in user code; a restart would replay "
+                            "the same steps and fail again")
+        if self.max_failures == -1:
+            return Decision(FailureDecision.RESTART,
+                            f"{where}: {error.kind}; restart {failures_so_far + 1} "
+                            "(max_failures=-1, unlimited)")
+        if failures_so_far < self.max_failures:
+            return Decision(FailureDecision.RESTART,
+                            f"{where}: {error.kind}; restart {failures_so_far + 1} of "
+                            f"{self.max_failures}")
+        return Decision(FailureDecision.RAISE,
+                        f"{where}: {error.kind}; {failures_so_far} restart(s) already used "
+                        f"(max_failures={self.max_failures})")
+
+
+# --- scaling ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResizeDecision:
+    """Start (or restart) a worker group of ``num_workers``."""
+
+    num_workers: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WaitDecision:
+    """Too few workers can be placed now; wait for resources and ask again."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoopDecision:
+    """Keep the current worker group."""
+
+    reason: str
+
+
+class ScalingPolicy:
+    """How many workers to run. Subclasses are frozen dataclasses."""
+
+    min_workers: int
+    max_workers: int
+
+    def decide_start(self, available_workers: int) -> ResizeDecision | WaitDecision:
+        """At the start of a run, with ``available_workers`` bundles placeable now."""
+        if available_workers < self.min_workers:
+            return WaitDecision(f"{available_workers} worker(s) placeable, need at least "
+                                f"{self.min_workers}")
+        size = min(available_workers, self.max_workers)
+        return ResizeDecision(size, f"{available_workers} worker(s) placeable; starting {size}"
+                                    f" (min {self.min_workers}, max {self.max_workers})")
+
+    def decide_after_loss(self, alive_workers: int) -> ResizeDecision | WaitDecision:
+        """After losing workers, with ``alive_workers`` still usable (placeable)."""
+        return self.decide_start(alive_workers)
+
+    def decide_grow(self, current: int, placeable_extra: int) -> NoopDecision | ResizeDecision:
+        """At a checkpoint boundary: grow by up to ``placeable_extra`` workers?"""
+        if current >= self.max_workers:
+            return NoopDecision(f"{current} worker(s) is already the maximum")
+        if placeable_extra <= 0:
+            return NoopDecision(f"no extra worker placeable (running {current} of "
+                                f"{self.max_workers})")
+        size = min(self.max_workers, current + placeable_extra)
+        return ResizeDecision(size, f"{placeable_extra} extra worker(s) placeable; growing "
+                                    f"{current} -> {size}")
+
+
+@dataclass(frozen=True)
+class FixedScaling(ScalingPolicy):
+    """Exactly ``num_workers`` workers; after a loss, a full group of the same size."""
+
+    num_workers: int
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise MisconfigurationException(
+                f"num_workers={self.num_workers}: a Ray worker group needs at least 1 worker "
+                "(num_workers=0 trains in this process without Ray).")
+
+    @property
+    def min_workers(self) -> int:  # type: ignore[override]
+        return self.num_workers
+
+    @property
+    def max_workers(self) -> int:  # type: ignore[override]
+        return self.num_workers
+
+    def decide_grow(self, current: int, placeable_extra: int) -> NoopDecision | ResizeDecision:
+        return NoopDecision(f"fixed scaling: num_workers={self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ElasticScaling(ScalingPolicy):
+    """Between ``min_workers`` and ``max_workers``: as many as can be placed."""
+
+    min_workers: int
+    max_workers: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise MisconfigurationException(
+                f"num_workers=({self.min_workers}, {self.max_workers}): elastic bounds need "
+                "1 <= min <= max, e.g. num_workers=(2, 4).")
+
+
+def scaling_policy(num_workers: int | tuple[int, int]) -> FixedScaling | ElasticScaling:
+    """The policy for the Trainer's ``num_workers`` option (``N`` or ``(min, max)``)."""
+    if isinstance(num_workers, tuple | list):
+        if len(num_workers) != 2:
+            raise MisconfigurationException(
+                f"num_workers={num_workers!r}: an elastic range is (min, max), e.g. (2, 4).")
+        return ElasticScaling(int(num_workers[0]), int(num_workers[1]))
+    return FixedScaling(int(num_workers))
+
+
+# --- batch size across world sizes ----------------------------------------------------------
+_MODES = ("keep_global_batch", "keep_per_worker")
+
+
+@dataclass(frozen=True)
+class AccumulationDecision:
+    """Gradient accumulation for a new world size.
+
+    Attributes:
+        accumulate: ``accumulate_grad_batches`` to use.
+        exact: the global batch per optimizer step equals the original one.
+        reason: how it was chosen.
+    """
+
+    accumulate: int
+    exact: bool
+    reason: str
+
+
+def decide_accumulation(base_world_size: int, base_accumulate: int, new_world_size: int,
+                        mode: str = "keep_global_batch") -> AccumulationDecision:
+    """Accumulation that keeps samples per optimizer step constant across a resize.
+
+    ``keep_global_batch``: ``base_world_size * base_accumulate / new_world_size`` when that
+    divides, else the nearest integer (at least 1) with ``exact=False``.
+    ``keep_per_worker``: ``base_accumulate`` (the global batch scales with the world size).
+    """
+    if mode not in _MODES:
+        raise MisconfigurationException(
+            f"elastic batch mode {mode!r} is unknown; use one of {list(_MODES)}.")
+    if min(base_world_size, base_accumulate, new_world_size) < 1:
+        raise MisconfigurationException(
+            f"world sizes and accumulation must be >= 1, got base_world_size={base_world_size}, "
+            f"base_accumulate={base_accumulate}, new_world_size={new_world_size}.")
+    if mode == "keep_per_worker":
+        return AccumulationDecision(base_accumulate, base_world_size == new_world_size,
+                                    "keep_per_worker: the global batch scales with the world")
+    total = base_world_size * base_accumulate
+    if total % new_world_size == 0:
+        acc = total // new_world_size
+        return AccumulationDecision(acc, True, f"{total} micro-batches per step = "
+                                               f"{new_world_size} workers x {acc}")
+    acc = max(1, math.floor(total / new_world_size + 0.5))
+    return AccumulationDecision(
+        acc, False,
+        f"{total} micro-batches per step do not divide over {new_world_size} workers; using "
+        f"accumulate_grad_batches={acc} ({acc * new_world_size} per step)")
+
+
+def accumulation_for_world_size(base_world_size: int, base_accumulate: int,
+                                new_world_size: int, mode: str = "keep_global_batch") -> int:
+    """``decide_accumulation(...).accumulate``; warns when the global batch changes."""
+    decision = decide_accumulation(base_world_size, base_accumulate, new_world_size, mode)
+    if not decision.exact and mode == "keep_global_batch":
+        warnings.warn(f"ray_lit elastic resize: {decision.reason}", UserWarning, stacklevel=2)
+    return decision.accumulate

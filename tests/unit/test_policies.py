@@ -1,0 +1,137 @@
+"""Failure and scaling policies, and accumulation across world sizes: every branch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ray_lit.distributed.policies import (
+    Decision,
+    ElasticScaling,
+    FailureDecision,
+    FailurePolicy,
+    FixedScaling,
+    NoopDecision,
+    ResizeDecision,
+    WaitDecision,
+    WorkerError,
+    accumulation_for_world_size,
+    decide_accumulation,
+    scaling_policy,
+)
+from ray_lit.errors import MisconfigurationException
+
+
+def error(kind="actor_died", rank=1):
+    return WorkerError(world_rank=rank, node_id="n1", node_ip="10.0.0.2", traceback="tb",
+                       kind=kind)
+
+
+# --- failures ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["actor_died", "node_died", "hang"])
+def test_infrastructure_failures_restart_while_failures_remain(kind):
+    policy = FailurePolicy(max_failures=2)
+    first = policy.decide(0, error(kind))
+    assert first.decision is FailureDecision.RESTART and first.counts_as_failure
+    assert "restart 1 of 2" in first.reason and kind in first.reason
+    assert policy.decide(1, error(kind)).decision is FailureDecision.RESTART
+    last = policy.decide(2, error(kind))
+    assert last.decision is FailureDecision.RAISE and "max_failures=2" in last.reason
+
+
+def test_zero_failures_raises_at_once_and_minus_one_never_gives_up():
+    assert FailurePolicy(0).decide(0, error()).decision is FailureDecision.RAISE
+    unlimited = FailurePolicy(-1).decide(10_000, error("node_died"))
+    assert unlimited.decision is FailureDecision.RESTART and "unlimited" in unlimited.reason
+
+
+def test_user_errors_raise_immediately_unless_retried():
+    decision = FailurePolicy(5).decide(0, error("user_error"))
+    assert decision.decision is FailureDecision.RAISE and "user code" in decision.reason
+    assert decision.name == "RAISE"
+    retried = FailurePolicy(5, retry_user_errors=True).decide(0, error("user_error"))
+    assert retried.decision is FailureDecision.RESTART
+    assert FailurePolicy(-1).decide(0, error("user_error")).decision is FailureDecision.RAISE
+
+
+def test_preemption_restarts_without_counting():
+    decision = FailurePolicy(0).decide(3, error("preempted"))
+    assert decision.decision is FailureDecision.RESTART and not decision.counts_as_failure
+    assert "rank 1 on 10.0.0.2" in decision.reason
+
+
+def test_values_are_frozen_and_validated():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Decision(FailureDecision.RAISE, "r").reason = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        error().kind = "hang"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="kind"):
+        error("exploded")
+    with pytest.raises(MisconfigurationException, match="max_failures"):
+        FailurePolicy(-2)
+
+
+# --- scaling -----------------------------------------------------------------------------
+def test_fixed_scaling():
+    policy = FixedScaling(4)
+    assert policy.decide_start(8) == ResizeDecision(4, policy.decide_start(8).reason)
+    assert isinstance(policy.decide_start(3), WaitDecision)
+    assert policy.decide_after_loss(4).num_workers == 4
+    assert isinstance(policy.decide_after_loss(2), WaitDecision)
+    assert isinstance(policy.decide_grow(4, 10), NoopDecision)
+    with pytest.raises(MisconfigurationException, match="num_workers=0"):
+        FixedScaling(0)
+
+
+def test_elastic_start_after_loss_and_grow():
+    policy = ElasticScaling(2, 4)
+    assert policy.decide_start(8).num_workers == 4
+    assert policy.decide_start(3).num_workers == 3
+    wait = policy.decide_start(1)
+    assert isinstance(wait, WaitDecision) and "at least 2" in wait.reason
+    assert policy.decide_after_loss(2).num_workers == 2
+    assert isinstance(policy.decide_after_loss(1), WaitDecision)
+    grow = policy.decide_grow(2, 5)
+    assert isinstance(grow, ResizeDecision) and grow.num_workers == 4 and "2 -> 4" in grow.reason
+    assert policy.decide_grow(2, 1).num_workers == 3
+    assert isinstance(policy.decide_grow(2, 0), NoopDecision)
+    assert isinstance(policy.decide_grow(4, 3), NoopDecision)
+
+
+@pytest.mark.parametrize("bounds", [(0, 2), (3, 2)])
+def test_elastic_bounds_validated(bounds):
+    with pytest.raises(MisconfigurationException, match="min <= max"):
+        ElasticScaling(*bounds)
+
+
+def test_scaling_policy_from_the_option():
+    assert scaling_policy(3) == FixedScaling(3)
+    assert scaling_policy((1, 4)) == ElasticScaling(1, 4)
+    with pytest.raises(MisconfigurationException, match="min, max"):
+        scaling_policy((1, 2, 3))  # type: ignore[arg-type]
+
+
+# --- accumulation --------------------------------------------------------------------------
+def test_keep_global_batch_when_it_divides():
+    assert accumulation_for_world_size(4, 2, 2) == 4
+    assert accumulation_for_world_size(4, 2, 8) == 1
+    assert decide_accumulation(4, 3, 6).exact
+
+
+def test_nearest_value_with_a_warning_when_it_does_not_divide():
+    with pytest.warns(UserWarning, match="do not divide over 3 workers"):
+        assert accumulation_for_world_size(4, 1, 3) == 1
+    with pytest.warns(UserWarning):
+        assert accumulation_for_world_size(8, 1, 3) == 3  # 2.67 -> 3
+    with pytest.warns(UserWarning):
+        assert accumulation_for_world_size(2, 1, 8) == 1  # never below 1
+    assert not decide_accumulation(8, 1, 3).exact
+
+
+def test_keep_per_worker_and_bad_modes():
+    assert accumulation_for_world_size(4, 2, 3, mode="keep_per_worker") == 2
+    with pytest.raises(MisconfigurationException, match="keep_global_batch"):
+        accumulation_for_world_size(4, 2, 3, mode="linear")
+    with pytest.raises(MisconfigurationException, match=">= 1"):
+        decide_accumulation(0, 1, 2)
