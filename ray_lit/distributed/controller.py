@@ -73,12 +73,15 @@ class Controller:
                 decision = self.policy.decide(self.failures, outcome.error)
                 if _is_raise(decision):
                     self._raise(outcome, decision)
-                self.failures += 1
+                if getattr(decision, "counts_as_failure", True):
+                    self.failures += 1
                 self.trainer.num_restarts += 1
                 self._failed_at = time.monotonic()
-                log.warning("ray_lit: rank %s failed (%s); restarting attempt %d: %s",
-                            outcome.error.world_rank, outcome.error.kind, self.failures + 1,
-                            decision.reason)
+                message = (f"ray_lit: rank {outcome.error.world_rank} failed "
+                           f"({outcome.error.kind}); starting attempt {self.failures + 1}: "
+                           f"{decision.reason}")
+                log.warning(message)
+                self.sink.print(message)
 
     def _attempt(self) -> AttemptOutcome:
         job = dict(self.job)
@@ -92,8 +95,8 @@ class Controller:
                                   "parts": {r: latest.part_uri(r)
                                             for r in range(latest.world_size)}}
                 job.pop("checkpoint", None)
-                log.info("ray_lit: restoring from %s (step %d, epoch %d)", latest.name,
-                         latest.global_step, latest.epoch)
+                self.sink.print(f"ray_lit: restoring from {latest.name} (step "
+                                f"{latest.global_step}, epoch {latest.epoch})")
         group = WorkerGroup.create(**self.group_options)
         self.trainer.world_size_history.append(group.world_size)
         try:

@@ -292,7 +292,8 @@ def shard_dataloader(loader: DataLoader, *, world_rank: int, world_size: int, tr
             DistributedSampler | ResumableDistributedSampler):
         return loader
     user_shuffle = isinstance(sampler, RandomSampler)
-    shuffle = train if world_size > 1 else user_shuffle
+    # train: always shuffled across ranks (0.9 rule), the user's choice on one rank; eval: never
+    shuffle = train and (world_size > 1 or user_shuffle)
     n = len(dataset)  # type: ignore[arg-type]
 
     def shard(inner: Any) -> ResumableDistributedSampler:

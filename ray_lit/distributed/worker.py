@@ -97,7 +97,7 @@ class Worker:
 
         init_process_group(backend=backend, master_addr=master_addr, master_port=master_port,
                            world_rank=ranks.world_rank, world_size=ranks.world_size,
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, local_rank=ranks.local_rank)
         self._ranks = ranks
         self._backend = backend
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_lit.distributed.ranks import WorkerRanks
-from ray_lit.distributed.sampler import sampler_of, shard_dataloader
+from ray_lit.distributed.sampler import loader_batch_size, sampler_of, shard_dataloader
 
 
 class _StepModule(nn.Module):
@@ -98,9 +98,11 @@ class WorkerHost:
         if sampler is not None:
             # the same epoch keeps a restored mid-epoch position; a new epoch starts over
             sampler.set_epoch(epoch)
-        elif self._train_loader is not None and hasattr(
-                getattr(self._train_loader, "sampler", None), "set_epoch"):
-            self._train_loader.sampler.set_epoch(epoch)
+        elif self._train_loader is not None:
+            for inner in (getattr(self._train_loader, "sampler", None),
+                          getattr(self._train_loader, "batch_sampler", None)):
+                if hasattr(inner, "set_epoch"):
+                    inner.set_epoch(epoch)
 
     def iterate_train(self, loader: Any, skip: int) -> Iterator[tuple[int, Any]]:
         # Creating a DataLoader iterator draws a seed for its worker processes from the global
@@ -119,7 +121,7 @@ class WorkerHost:
         return iterator
 
     def _train_batch_size(self) -> int:
-        return int(getattr(self._train_loader, "batch_size", None) or 1)
+        return loader_batch_size(self._train_loader)
 
     def sampler_state(self, batches_done: int) -> dict | None:
         """The train sampler's position after ``batches_done`` batches of this epoch."""

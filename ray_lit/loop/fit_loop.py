@@ -142,16 +142,22 @@ class FitLoop:
         self._step_metrics(step_outputs, store, batch_idx)
         progress.batches_done = batch_idx + 1
         progress.total_batch_idx += 1
-        if should_step and any(o is not None and o.loss is not None for o in step_outputs):
+        stepped = should_step and any(o is not None and o.loss is not None
+                                      for o in step_outputs)
+        if stepped:
             progress.global_step += 1
-            progress.batches_that_stepped += 1
-            step_schedulers(trainer.lr_scheduler_configs, "step", progress.global_step,
+            # 0.9 rule (spec §3.6): a step scheduler's frequency counts batches of the epoch
+            step_schedulers(trainer.lr_scheduler_configs, "step", batch_idx + 1,
                             trainer.callback_metrics)
         if trainer._sink.wants_progress(batch_idx + 1):
             trainer._sink.progress_update("train", batch_idx + 1, trainer._pbar_view())
         if self._should_validate(batch_idx, total):
             trainer._run_validation()
             trainer._metric_store = store
+        if stepped:
+            # the loggers' step moves after validation, so a batch's train and val metrics
+            # share one step (2.x ``_batches_that_stepped``)
+            progress.batches_that_stepped += 1
         trainer._after_train_step(is_last)
         return False
 

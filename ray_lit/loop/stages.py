@@ -36,6 +36,7 @@ def attach(trainer: Any, module: LightningModule, datamodule: Any) -> None:
     if datamodule is not None:
         datamodule.trainer = trainer
     trainer._hooks = HookDispatcher(trainer)
+    trainer.callback_metrics.clear()  # each fit/validate/test starts without old metrics
     for cb in module.configure_callbacks() or []:
         # a callback from configure_callbacks replaces one of the same type
         trainer.callbacks = [c for c in trainer.callbacks if type(c) is not type(cb)] + [cb]
@@ -89,6 +90,13 @@ def _setup_optimizers(trainer: Any) -> None:
     trainer.optimizers = setup.optimizers
     trainer.lr_scheduler_configs = setup.schedulers
     trainer._optimizer_frequencies = setup.frequencies
+    module = trainer.lightning_module
+    if len(setup.optimizers) > 1 and module.automatic_optimization and \
+            not trainer._several_optimizers_expected():
+        raise MisconfigurationException(
+            f"configure_optimizers returned {len(setup.optimizers)} optimizers, but "
+            f"{type(module).__name__}.training_step has no `optimizer_idx` argument. Add it "
+            "(training_step(self, batch, batch_idx, optimizer_idx)), or return one optimizer.")
     if not trainer.lightning_module.automatic_optimization:
         for opt in trainer.optimizers:
             opt.register_step_post_hook(lambda *_: _count_manual_step(trainer))

@@ -160,7 +160,8 @@ class LoopState:
         metrics = dict(metrics)
         if step is None:
             explicit = metrics.pop("step", None)
-            step = int(to_float(explicit)) if explicit is not None else self.global_step
+            step = int(to_float(explicit)) if explicit is not None else \
+                self._progress.batches_that_stepped
             metrics["epoch"] = self.current_epoch
         for key, value in metrics.items():
             if key != "epoch":

@@ -145,6 +145,8 @@ def test_unknown_trainer_option_without_close_match():
     ({"val_check_interval": 1.5}, "val_check_interval"),
     ({"gradient_clip_algorithm": "median"}, "gradient_clip_algorithm"),
     ({"precision": 8}, "precision"),
+    ({"truncated_bptt_steps": 2}, "truncated_bptt_steps"),
+    ({"accelerator": "abacus"}, "accelerator"),
 ])
 def test_bad_option_values(options, name):
     with pytest.raises(pl.MisconfigurationException, match=name):

@@ -187,3 +187,15 @@ def test_checkpoint_callback_is_picklable():
     ckpt = ModelCheckpoint(monitor="val_loss", save_top_k=2)
     restored = pickle.loads(pickle.dumps(ckpt))
     assert restored.monitor == "val_loss" and restored.save_top_k == 2
+
+
+def test_test_after_fit_uses_best_checkpoint(make_trainer, tmp_path):
+    class Tested(ScriptedValLoss):
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", self.step(batch))
+
+    trainer, ckpt, _, _ = _run(make_trainer, tmp_path, model=Tested(), save_top_k=1)
+    results = trainer.test()  # model omitted: ckpt_path='best'
+    assert trainer.tested_ckpt_path == ckpt.best_model_path
+    assert os.path.basename(ckpt.best_model_path) == "epoch=4.ckpt"
+    assert results == [{"test_loss": BATCH_LOSS}]

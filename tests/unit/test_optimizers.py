@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel
+from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger
 from torch import nn
 
 import ray_lit as pl
@@ -313,6 +313,21 @@ def test_accumulation_schedule_dict(make_trainer):
     trainer.fit(model)
     assert model.step_at == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 3)]
     assert trainer.global_step == 6
+
+
+def test_accumulation_keeps_unnormalised_checkpoint_on_and_pbar_loss(make_trainer):
+    class ResultAccumulation(DeterministicModel):
+        def training_step(self, batch, batch_idx):
+            return pl.TrainResult(minimize=self.step(batch))
+
+    trainer = make_trainer(accumulate_grad_batches=2, logger=RecordingLogger(version=12345))
+    trainer.fit(ResultAccumulation())
+    assert trainer.global_step == 2
+    # spec §7.3: checkpoint_on is the un-normalised minimize; the bar's loss is re-scaled
+    assert float(trainer.callback_metrics["checkpoint_on"]) == BATCH_LOSS
+    bar = trainer.progress_bar_dict
+    assert bar["loss"] == "171.000"
+    assert bar["v_num"] == 12345
 
 
 @pytest.mark.parametrize("schedule, error", [({-1: 2}, IndexError), ({}, TypeError),

@@ -230,6 +230,7 @@ class UnequalBatches(DeterministicModel):
         result.log("w", value, on_step=False, on_epoch=True)
         result.log("s", value, on_step=False, on_epoch=True, reduce_fx=torch.sum)
         result.log("m", value, on_step=False, on_epoch=True, reduce_fx=torch.max)
+        result.log("c", value, on_step=False, on_epoch=True, reduce_fx=lambda v: v.max() * 2)
         return result
 
 
@@ -240,6 +241,7 @@ def test_epoch_mean_is_weighted_by_true_batch_size(make_trainer):
     assert metrics["w"] == pytest.approx((4 * 1 + 4 * 2 + 2 * 10) / 10)
     assert metrics["s"] == pytest.approx(13.0)
     assert metrics["m"] == pytest.approx(10.0)
+    assert metrics["c"] == pytest.approx(20.0)  # any callable gets the stacked values
     # callback values are plain (unweighted) means of the per-batch values
     assert float(trainer.callback_metrics["checkpoint_on"]) == pytest.approx(
         (228 + 228 + 114) / 3)

@@ -322,3 +322,19 @@ def test_log_outside_trainer_warns_and_is_noop():
     model = DeterministicModel()
     with pytest.warns(UserWarning):
         model.log("x", 1.0)
+
+
+def test_callback_metrics_reset_at_the_start_of_validate(make_trainer):
+    # spec §2.5: callback_metrics are reset at the start of each fit / validate / test
+    class Both(EvalLogging):
+        def training_step(self, batch, batch_idx):
+            self.log("train_only", 1.0, on_epoch=True)
+            return self.step(batch)
+
+    trainer = make_trainer(num_sanity_val_steps=0)
+    model = Both()
+    trainer.fit(model)
+    assert "train_only" in trainer.callback_metrics
+    trainer.validate(model)
+    assert "train_only" not in trainer.callback_metrics
+    assert float(trainer.callback_metrics["val_loss"]) == BATCH_LOSS + 1.5
