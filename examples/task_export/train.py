@@ -28,7 +28,7 @@ FEATURES, CLASSES = 16, 3
 
 
 def make_data(n: int, seed: int) -> TensorDataset:
-    centers = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(0)) * 1.5
+    centers = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(0)) * 0.9
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, CLASSES, (n,), generator=g)
     return TensorDataset(centers[y] + torch.randn(n, FEATURES, generator=g), y)

@@ -1,0 +1,301 @@
+"""ray_lit side by side with raw torch DDP, Lightning's DDP and Ray Train + Lightning.
+
+Every (workload, framework) pair runs once, in a fresh Python process launched by this script,
+so "launch to done" counts interpreter start, imports, cluster start (Ray), worker start-up,
+process-group formation, training and the framework's teardown up to ``fit`` returning. Ranks
+write their own epoch times, first-step time and peak RSS (``VmHWM``); this script prints one
+table per workload.
+
+    python benchmarks/run.py                 # both workloads, every framework installed
+    python benchmarks/run.py --quick         # tiny smoke version (seconds, not minutes)
+    python benchmarks/run.py --workloads mlp --frameworks raw_ddp,ray_lit
+    python benchmarks/run.py --json results.json
+
+Frameworks: ``raw_ddp`` (baseline), ``ray_lit`` (progress bar, logger, checkpointing and model
+summary off), ``ray_lit_defaults`` (the same with the Trainer's defaults: what they cost),
+``lightning`` (Lightning's own DDP, if ``lightning`` is installed), ``ray_train`` (Ray Train's
+``TorchTrainer`` + ``ray.train.lightning``, if ``lightning`` is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.workloads import Workload, workload  # noqa: E402
+
+ALL_FRAMEWORKS = ["raw_ddp", "ray_lit", "ray_lit_defaults", "lightning", "ray_train"]
+QUIET_OPTIONS = {"enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
+                 "enable_model_summary": False}
+
+
+def _lightning_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lightning") is not None
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # collectives on loopback only
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    return env
+
+
+def _init_local_ray() -> None:
+    """A fresh single-node Ray on loopback for this process (never an existing cluster)."""
+    import ray
+
+    ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(),
+             log_to_driver=False)
+
+
+# --- children: one framework, one workload, one process ---------------------------------------
+def child_raw_ddp(w: Workload, out: str) -> dict[str, Any]:
+    from benchmarks.raw_ddp import run
+
+    return run(w, out)
+
+
+def child_ray_lit(w: Workload, out: str, defaults: bool = False) -> dict[str, Any]:
+    import cloudpickle
+
+    import benchmarks.workloads as wl
+
+    cloudpickle.register_pickle_by_value(wl)
+    start = time.time()
+    import ray_lit
+
+    _init_local_ray()
+    ray_init_s = time.time() - start
+    module = wl.make_module_class(ray_lit.LightningModule)(w.name, w.lr, out)
+    options: dict[str, Any] = {} if defaults else dict(QUIET_OPTIONS)
+    fit_start = time.time()
+    trainer = ray_lit.fit(module, wl.train_loader(w), num_workers=w.num_workers,
+                          max_epochs=w.max_epochs, default_root_dir=os.path.join(out, "runs"),
+                          **options)
+    done = time.time()
+    controller = getattr(trainer, "_controller", None)
+    return {"fit_start_ts": fit_start, "done_ts": done, "import_and_ray_init_s": ray_init_s,
+            "global_step": trainer.global_step,
+            "recovery_times": getattr(controller, "recovery_times", None)}
+
+
+def _lightning_trainer_kwargs(w: Workload) -> dict[str, Any]:
+    return {"max_epochs": w.max_epochs, **QUIET_OPTIONS}
+
+
+def child_lightning(w: Workload, out: str) -> dict[str, Any] | None:
+    import lightning as L
+
+    import benchmarks.workloads as wl
+
+    start = time.time()
+    module = wl.make_module_class(L.LightningModule)(w.name, w.lr, out)
+    trainer = L.Trainer(accelerator="cpu", devices=w.num_workers, strategy="ddp",
+                        default_root_dir=os.path.join(out, "runs"),
+                        **_lightning_trainer_kwargs(w))
+    trainer.fit(module, wl.train_loader(w))
+    if trainer.global_rank != 0:
+        return None  # a rank process Lightning launched: only rank 0 reports
+    return {"fit_start_ts": start, "done_ts": time.time(), "global_step": trainer.global_step}
+
+
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    import lightning as L
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+    import benchmarks.workloads as wl
+
+    w = Workload(**config["workload"])
+    module = wl.make_module_class(L.LightningModule)(w.name, w.lr, config["out"])
+    trainer = L.Trainer(accelerator="cpu", devices="auto", strategy=RayDDPStrategy(),
+                        plugins=[RayLightningEnvironment()],
+                        default_root_dir=os.path.join(config["out"], "runs"),
+                        **_lightning_trainer_kwargs(w))
+    trainer = prepare_trainer(trainer)
+    trainer.fit(module, wl.train_loader(w))
+
+
+def child_ray_train(w: Workload, out: str) -> dict[str, Any]:
+    _init_local_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    start = time.time()
+    trainer = TorchTrainer(
+        _ray_train_loop, train_loop_config={"workload": w.to_dict(), "out": out},
+        scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=False),
+        run_config=RunConfig(storage_path=os.path.join(out, "ray_train"), name="bench"))
+    trainer.fit()
+    return {"fit_start_ts": start, "done_ts": time.time()}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    w = Workload(**json.loads(args.workload_json))
+    out = args.out
+    fn = {"raw_ddp": child_raw_ddp, "ray_lit": child_ray_lit,
+          "ray_lit_defaults": lambda w, o: child_ray_lit(w, o, defaults=True),
+          "lightning": child_lightning, "ray_train": child_ray_train}[args.child]
+    info = fn(w, out)
+    if info is not None:
+        with open(os.path.join(out, "driver.json"), "w") as f:
+            json.dump(info, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # teardown of Ray / process groups is not part of the measurement
+
+
+# --- parent ---------------------------------------------------------------------------------------
+def _loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def measure(framework: str, w: Workload, out_root: str, timeout_s: float) -> dict[str, Any]:
+    out = os.path.join(out_root, f"{w.name}_{framework}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    load_before = _loadavg()
+    launch = time.time()
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--out", out,
+           "--workload-json", json.dumps(w.to_dict())]
+    with open(os.path.join(out, "stdout.log"), "w") as log:
+        try:
+            proc = subprocess.run(cmd, env=_child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s, cwd=out)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    exited = time.time()
+    row: dict[str, Any] = {"framework": framework, "workload": w.name, "rc": rc,
+                           "load_before": load_before, "exit_s": exited - launch}
+    driver_path = os.path.join(out, "driver.json")
+    deadline = time.time() + 10  # Lightning's other ranks may still be writing
+    while time.time() < deadline and sum(
+            n.startswith("rank") for n in os.listdir(out)) < w.num_workers:
+        time.sleep(0.1)
+    ranks = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("rank") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                ranks.append(json.load(f))
+    if rc != 0 or not os.path.exists(driver_path) or len(ranks) < w.num_workers:
+        row["error"] = f"rc={rc}; see {out}/stdout.log"
+        return row
+    with open(driver_path) as f:
+        driver = json.load(f)
+    ranks.sort(key=lambda r: r["rank"])
+    epochs = ranks[0]["epoch_times"]
+    row.update({
+        "launch_to_done_s": driver["done_ts"] - launch,
+        "launch_to_first_step_s": min(r["first_step_ts"] for r in ranks) - launch,
+        "epoch_times_s": epochs,
+        "steady_epoch_s": statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0],
+        "first_epoch_s": epochs[0],
+        "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
+        "torch_threads": [r["torch_threads"] for r in ranks],
+        "driver": driver,
+    })
+    return row
+
+
+def _fmt_ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def table(rows: list[dict[str, Any]], w: Workload) -> str:
+    base = next((r for r in rows if r["framework"] == "raw_ddp" and "error" not in r), None)
+    steps = w.steps_per_epoch()
+    head = (f"workload {w.name}: {w.num_samples} samples, batch {w.batch_size}/worker, "
+            f"{w.num_workers} workers, {w.max_epochs} epochs, {steps} steps/epoch/worker")
+    lines = [head, "",
+             "| framework | launch->done s (x raw) | steady epoch s (x raw) | first epoch s | "
+             "overhead ms/step vs raw | launch->1st step s | peak RSS MiB/worker (x raw) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['framework']} | failed: {r['error']} | | | | | |")
+            continue
+        rss = max(r["peak_rss_mb"])
+        if base:
+            over = (r["steady_epoch_s"] - base["steady_epoch_s"]) / steps * 1000
+            over_s = f"{over:+.2f}"
+            brss = max(base["peak_rss_mb"])
+        else:
+            over_s, brss = "-", None
+        lines.append(
+            f"| {r['framework']} | {r['launch_to_done_s']:.1f} "
+            f"({_fmt_ratio(r['launch_to_done_s'], base and base['launch_to_done_s'])}) | "
+            f"{r['steady_epoch_s']:.3f} "
+            f"({_fmt_ratio(r['steady_epoch_s'], base and base['steady_epoch_s'])}) | "
+            f"{r['first_epoch_s']:.3f} | {over_s} | {r['launch_to_first_step_s']:.1f} | "
+            f"{' / '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} "
+            f"({_fmt_ratio(rss, brss)}) |")
+    loads = ", ".join(f"{r['framework']} {r['load_before']:.2f}" for r in rows)
+    lines += ["", f"1-min load average before each run: {loads}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version")
+    parser.add_argument("--workloads", default="mlp,conv")
+    parser.add_argument("--frameworks", default=",".join(ALL_FRAMEWORKS))
+    parser.add_argument("--out", default=None, help="where the runs write (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write every measurement here")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workload-json", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    if not _lightning_installed():
+        skipped = [f for f in frameworks if f in ("lightning", "ray_train")]
+        if skipped:
+            print(f"skipping {skipped}: `pip install lightning` to compare with them")
+        frameworks = [f for f in frameworks if f not in ("lightning", "ray_train")]
+    out_root = args.out or tempfile.mkdtemp(prefix="ray_lit_bench_")
+    all_rows = []
+    for name in args.workloads.split(","):
+        w = workload(name, args.quick)
+        rows = []
+        for fw in frameworks:
+            print(f"[{name}] {fw} ...", flush=True)
+            row = measure(fw, w, out_root, args.timeout)
+            rows.append(row)
+            if "error" in row:
+                print(f"    failed: {row['error']}", flush=True)
+            else:
+                print(f"    launch->done {row['launch_to_done_s']:.1f} s, epochs "
+                      f"{[round(e, 3) for e in row['epoch_times_s']]}", flush=True)
+        all_rows += rows
+        print()
+        print(table(rows, w))
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": all_rows, "quick": args.quick}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
