@@ -98,6 +98,11 @@ def committed_manifests(run_name: str) -> list[str]:
                                          "manifest.json")))
 
 
+def read_manifest(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_killed_after_first_commit(run_name: str, timeout_s: float = 120.0) -> None:
     """Start the driver in its own session; SIGKILL its process group at the first commit."""
     proc = subprocess.Popen(driver_command(run_name), start_new_session=True)
@@ -114,7 +119,7 @@ def run_killed_after_first_commit(run_name: str, timeout_s: float = 120.0) -> No
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the driver's own process group only
         proc.wait()
-    manifest = json.load(open(committed_manifests(run_name)[-1]))
+    manifest = read_manifest(committed_manifests(run_name)[-1])
     print(f"[demo] killed the driver (rc={proc.returncode}) after checkpoint "
           f"{manifest['name']} was committed (global_step {manifest['global_step']})",
           flush=True)
@@ -144,7 +149,7 @@ def main() -> None:
     shutil.rmtree(RUNS, ignore_errors=True)
     os.makedirs(RUNS)
     run_killed_after_first_commit("preempted")
-    last_commit = json.load(open(committed_manifests("preempted")[-1]))["global_step"]
+    last_commit = read_manifest(committed_manifests("preempted")[-1])["global_step"]
     print("[demo] running the same driver command again", flush=True)
     resumed = run_to_completion("preempted")
     expected = MAX_EPOCHS * BATCHES_PER_EPOCH
