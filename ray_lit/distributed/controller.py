@@ -22,9 +22,16 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from ray_lit.distributed.policies import FailurePolicy, WorkerError
+from ray_lit.distributed.policies import (
+    ElasticScaling,
+    FailurePolicy,
+    ResizeDecision,
+    WorkerError,
+    decide_accumulation,
+    scaling_policy,
+)
 from ray_lit.distributed.worker_group import WorkerGroup
-from ray_lit.errors import TrainingFailedError
+from ray_lit.errors import MisconfigurationException, TrainingFailedError
 from ray_lit.loop.reporting import replay
 
 log = logging.getLogger("ray_lit")
@@ -36,6 +43,7 @@ class AttemptOutcome:
     error: WorkerError | None = None
     exception: BaseException | None = None
     preempted: bool = False
+    resize_to: int | None = None
 
 
 class Controller:
@@ -57,6 +65,11 @@ class Controller:
         self.recovery_times: list[float] = []
         self._preempt = threading.Event()
         self._failed_at: float | None = None
+        self.scaling = scaling_policy(trainer.config.num_workers)
+        self.elastic = isinstance(self.scaling, ElasticScaling)
+        self.grow_check_interval_s = 2.0
+        self._next_size: int | None = None
+        self._attempts = 0
 
     # --- attempts -------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -64,6 +77,9 @@ class Controller:
         with self._sigterm_requests_checkpoint():
             while True:
                 outcome = self._attempt()
+                if outcome.resize_to is not None:
+                    self._next_size = outcome.resize_to  # a planned resize, not a failure
+                    continue
                 if outcome.preempted:
                     raise SystemExit(
                         "ray_lit: stopped after a preemption checkpoint; run the same script "
@@ -80,7 +96,6 @@ class Controller:
                 message = (f"ray_lit: rank {outcome.error.world_rank} failed "
                            f"({outcome.error.kind}); starting attempt {self.failures + 1}: "
                            f"{decision.reason}")
-                log.warning(message)
                 self.sink.print(message)
 
     def _attempt(self) -> AttemptOutcome:
@@ -89,15 +104,20 @@ class Controller:
             self.manager.abandon_pending()
             self.manager.clean_uncommitted()
             latest = self.manager.latest()
+            # a later attempt (after a failure or a resize) always continues from the latest
+            # commit; the first one only with resume="auto"
             if latest is not None and job.get("stage") == "fit" and (
-                    self.failures > 0 or job.get("resume_latest")):
+                    self._attempts > 0 or job.get("resume_latest")):
                 job["restore"] = {"rank0": latest.part_uri(0),
                                   "parts": {r: latest.part_uri(r)
                                             for r in range(latest.world_size)}}
                 job.pop("checkpoint", None)
                 self.sink.print(f"ray_lit: restoring from {latest.name} (step "
                                 f"{latest.global_step}, epoch {latest.epoch})")
-        group = WorkerGroup.create(**self.group_options)
+        self._attempts += 1
+        size = self._world_size()
+        self._plan_accumulation(job, size)
+        group = WorkerGroup.create(**dict(self.group_options, num_workers=size))
         self.trainer.world_size_history.append(group.world_size)
         try:
             group.run(self.payload_ref, job)
@@ -108,7 +128,10 @@ class Controller:
     # --- supervision ----------------------------------------------------------------------------
     def _supervise(self, group: WorkerGroup) -> AttemptOutcome:
         done: dict[int, Any] = {}
+        states: dict[int, str] = {}
         stop_requested = False
+        resize_to: int | None = None
+        self._last_grow_check = time.monotonic()
         while True:
             failures: list[AttemptOutcome] = []
             for rank, status in enumerate(self._poll_all(group)):
@@ -120,6 +143,7 @@ class Controller:
                     failures.append(self._failed(group, rank, status))
                 elif state in ("done", "preempted"):
                     done[rank] = status.get("result")
+                    states[rank] = state
                 elif self.hang_timeout_s and status["idle_s"] > self.hang_timeout_s:
                     failures.append(AttemptOutcome(error=self._error(
                         group, rank, "hang", f"no training progress for {status['idle_s']:.0f}"
@@ -132,12 +156,23 @@ class Controller:
             if failures:
                 return self._root_cause(group, failures)
             if len(done) == group.world_size:
+                if resize_to is not None and all(
+                        s == "preempted" for s in states.values()):
+                    return AttemptOutcome(resize_to=resize_to)
                 return AttemptOutcome(result=done.get(0), preempted=stop_requested)
             if self._preempt.is_set() and not stop_requested:
-                step = max(self._steps(group), default=0) + 2
-                ray.get([w.actor.request_stop_at.remote(step) for w in group.workers])
+                step = self._stop_at_next_step(group)
                 stop_requested = True
-                log.warning("ray_lit: SIGTERM: checkpointing at step %d, then stopping", step)
+                self.sink.print(f"ray_lit: SIGTERM: checkpointing at step {step}, then "
+                                "stopping")
+            if resize_to is None and not stop_requested and self._grow_due(group):
+                decision = self.scaling.decide_grow(group.world_size,
+                                                    self._placeable_extra(group))
+                if isinstance(decision, ResizeDecision):
+                    resize_to = decision.num_workers
+                    step = self._stop_at_next_step(group)
+                    self.sink.print(f"ray_lit: resize {group.world_size} -> {resize_to} at "
+                                    f"the checkpoint of step {step}: {decision.reason}")
             time.sleep(self.poll_interval_s)
 
     def _poll_all(self, group: WorkerGroup) -> list[Any]:
@@ -188,6 +223,80 @@ class Controller:
         order = {"node_died": 0, "actor_died": 1, "hang": 2, "user_error": 3, "preempted": 4}
         return min(failures, key=lambda f: (order.get(f.error.kind, 5),
                                             f.exception is not None))
+
+    def _stop_at_next_step(self, group: WorkerGroup) -> int:
+        """Every rank checkpoints at the same optimizer step a little ahead, then stops (ranks
+        move in lockstep through DDP, so two steps ahead is reached by all)."""
+        step = max(self._steps(group), default=0) + 2
+        ray.get([w.actor.request_stop_at.remote(step) for w in group.workers])
+        return step
+
+    # --- elasticity -----------------------------------------------------------------------------
+    def _per_worker(self) -> dict[str, float]:
+        return self.group_options["per_worker"]
+
+    def _placeable(self, available: list[dict[str, float]]) -> int:
+        """How many worker bundles fit in the given per-node free resources."""
+        per = self._per_worker()
+        count = 0
+        for node in available:
+            fits = [int(node.get(k, 0.0) // v) for k, v in per.items() if v > 0]
+            count += min(fits) if fits else 0
+        return count
+
+    def _free_per_node(self) -> list[dict[str, float]]:
+        import ray._private.state as state
+
+        return list(state.available_resources_per_node().values())
+
+    def _world_size(self) -> int:
+        """Fixed: ``num_workers``. Elastic: as many as can be placed now (at least ``min``,
+        waiting up to ``placement_timeout_s`` for them)."""
+        if not self.elastic:
+            return self.group_options["num_workers"]
+        if self._next_size is not None:
+            size, self._next_size = self._next_size, None
+            return size
+        deadline = time.monotonic() + self.group_options["placement_timeout_s"]
+        while True:
+            placeable = self._placeable(self._free_per_node())
+            decision = self.scaling.decide_start(placeable)
+            if isinstance(decision, ResizeDecision):
+                self.sink.print(f"ray_lit: world size {decision.num_workers}: {decision.reason}")
+                return decision.num_workers
+            if time.monotonic() > deadline:
+                raise MisconfigurationException(
+                    f"num_workers={self.trainer.config.num_workers}: {decision.reason} after "
+                    f"{self.group_options['placement_timeout_s']:.0f} s of waiting. Free "
+                    f"resources per node: {self._free_per_node()}; each worker needs "
+                    f"{self._per_worker()}. Lower the minimum or add nodes.")
+            time.sleep(0.5)
+
+    def _grow_due(self, group: WorkerGroup) -> bool:
+        if not self.elastic or group.world_size >= self.scaling.max_workers or \
+                self.job.get("stage") != "fit" or self.manager is None:
+            return False
+        now = time.monotonic()
+        if now - self._last_grow_check < self.grow_check_interval_s:
+            return False
+        self._last_grow_check = now
+        return True
+
+    def _placeable_extra(self, group: WorkerGroup) -> int:
+        return self._placeable(self._free_per_node())
+
+    def _plan_accumulation(self, job: dict[str, Any], size: int) -> None:
+        """Keep the global batch per optimizer step through accumulation (the documented
+        default, ``elastic_batch``) when the world size is not the configured maximum."""
+        config = self.trainer.config
+        if not self.elastic or not isinstance(config.accumulate_grad_batches, int):
+            return
+        decision = decide_accumulation(self.scaling.max_workers, config.accumulate_grad_batches,
+                                       size, config.elastic_batch)
+        job["accumulate"] = decision.accumulate
+        if size != self.scaling.max_workers:
+            self.sink.print(f"ray_lit: {size} worker(s): accumulate_grad_batches="
+                            f"{decision.accumulate} ({decision.reason})")
 
     def _steps(self, group: WorkerGroup) -> list[int]:
         statuses = ray.get(group.poll(), timeout=30)

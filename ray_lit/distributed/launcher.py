@@ -49,8 +49,9 @@ def _device_type(config: Any) -> str:
 
 
 def _num_workers(config: Any) -> int:
+    """Workers that must be placeable at all: ``min`` of an elastic range."""
     workers = config.num_workers
-    return workers[1] if isinstance(workers, tuple) else int(workers)
+    return workers[0] if isinstance(workers, tuple) else int(workers)
 
 
 def _worker_trainer(trainer: Any) -> Any:

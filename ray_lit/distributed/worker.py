@@ -171,6 +171,8 @@ def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any
     ranks = worker._ranks
     trainer = payload["trainer"]
     module = payload["module"]
+    if job.get("accumulate") is not None:  # elastic: the controller's accumulation plan
+        trainer.config.accumulate_grad_batches = job["accumulate"]
     if job.get("seed") is not None:
         seed_everything(job["seed"])
     device = torch.device("cpu")

@@ -123,6 +123,15 @@ class WorkerHost:
     def _train_batch_size(self) -> int:
         return loader_batch_size(self._train_loader)
 
+    def epoch_length(self, loader: Any, batches_done: int) -> float:
+        """Batches in this epoch: after a resume the sampler serves only the remainder, which
+        may be sharded over another world size than the batches already done."""
+        from ray_lit.loop.data import loader_length
+
+        if sampler_of(loader) is not None:
+            return batches_done + loader_length(loader)
+        return loader_length(loader)
+
     def sampler_state(self, batches_done: int) -> dict | None:
         """The train sampler's position after ``batches_done`` batches of this epoch."""
         sampler = sampler_of(self._train_loader) if self._train_loader is not None else None

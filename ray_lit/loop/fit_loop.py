@@ -66,6 +66,7 @@ class FitLoop:
         module = trainer.lightning_module
         progress.start_epoch(epoch)
         trainer._host.set_epoch(epoch, progress.batches_done)
+        trainer._refresh_epoch_length()
         store = self.store
         trainer._metric_store = store
         trainer._val_ran_this_epoch = False

@@ -69,6 +69,12 @@ class LocalHost:
             iterator = itertools.islice(iterator, skip, None)
         return iterator
 
+    def epoch_length(self, loader: Any, batches_done: int) -> float:
+        """Batches in this epoch (the resume skips ``batches_done`` of them)."""
+        from ray_lit.loop.data import loader_length
+
+        return loader_length(loader)
+
     def sampler_state(self, batches_done: int) -> dict | None:
         """In process the loader is the user's own: a resume skips the batches done."""
         return None

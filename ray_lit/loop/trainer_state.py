@@ -202,6 +202,14 @@ class LoopState:
         self._val_ran_this_epoch = True
         self.should_stop = self._host.agree_on_rank_zero(self.should_stop)  # COLLECTIVE
 
+    def _refresh_epoch_length(self) -> None:
+        """Batches this epoch runs (a resumed epoch may have been re-sharded)."""
+        from ray_lit.loop.data import limit_batches
+
+        length = self._host.epoch_length(self._train_loader, self._progress.batches_done)
+        self.num_training_batches = limit_batches(length, self.config.limit_train_batches,
+                                                  "limit_train_batches")
+
     def _after_train_step(self, is_last: bool) -> None:
         if self.config.terminate_on_nan and self._running_losses:
             last = self._running_losses[-1]

@@ -1,0 +1,136 @@
+"""Elastic worker groups on a multi-node ``ray.cluster_utils.Cluster`` (loopback): a lost node
+shrinks the group and the unseen rest of the epoch is re-sharded; a new node grows it back."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import cloudpickle
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from torch.utils.data import DataLoader, Dataset
+
+import ray_lit
+import ray_lit as pl
+from ray_lit.checkpoint.manager import CheckpointManager
+
+pytestmark = pytest.mark.ray
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Indexed(Dataset):
+    def __init__(self, n: int) -> None:
+        self.x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], i
+
+
+class Recorder(pl.LightningModule):
+    def __init__(self, out_dir: str, sleep_s: float) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.out_dir = out_dir
+        self.sleep_s = sleep_s
+
+    def training_step(self, batch, batch_idx):
+        x, idx = batch
+        time.sleep(self.sleep_s)
+        line = f"{self.trainer.world_size} {self.current_epoch} {self.global_step} " + \
+            " ".join(str(int(i)) for i in idx)
+        with open(os.path.join(self.out_dir, f"seen-{os.getpid()}.txt"), "a") as f:
+            f.write(line + "\n")
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _seen(out_dir) -> list[tuple[int, int, int, list[int]]]:
+    rows = []
+    for name in os.listdir(out_dir):
+        if name.startswith("seen-"):
+            for line in open(os.path.join(out_dir, name)):
+                world, epoch, step, *idx = (int(v) for v in line.split())
+                rows.append((world, epoch, step, idx))
+    return rows
+
+
+@pytest.fixture
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _fit(tmp_path, out_dir, **extra):
+    model = Recorder(str(out_dir), extra.pop("sleep_s"))
+    return ray_lit.fit(model, DataLoader(Indexed(64), batch_size=4, shuffle=True),
+                       num_workers=(1, 2), storage_path=str(tmp_path / "runs"),
+                       run_name="elastic", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False,
+                       placement_timeout_s=20, **extra)
+
+
+def test_lost_node_shrinks_and_the_epoch_is_seen_once(cluster, tmp_path):
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    out = tmp_path / "seen"
+    out.mkdir()
+    run_dir = str(tmp_path / "runs" / "elastic")
+
+    def remove_after_first_commit():
+        manager = CheckpointManager(run_dir)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.isdir(os.path.join(run_dir, "checkpoints")) and manager.committed():
+                cluster.remove_node(node, allow_graceful=False)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=remove_after_first_commit, daemon=True)
+    killer.start()
+    trainer = _fit(tmp_path, out, max_epochs=1, checkpoint_every_n_steps=2, sleep_s=0.3)
+    killer.join()
+    assert trainer.world_size_history[0] == 2 and trainer.world_size_history[-1] == 1
+    rows = _seen(out)
+    restored = min(step for world, _, step, _ in rows if world == 1)
+    kept = [i for world, _, step, idx in rows if (world == 2 and step < restored) or world == 1
+            for i in idx]
+    assert sorted(kept) == list(range(64))  # every sample of the epoch once
+    assert trainer.global_step == 8  # the global batch per optimizer step stayed 8 samples
+
+
+def test_new_node_grows_the_group(cluster, tmp_path):
+    out = tmp_path / "seen"
+    out.mkdir()
+    result: dict = {}
+
+    def train():  # in a thread: Cluster.add_node must run on the main thread
+        result["trainer"] = _fit(tmp_path, out, max_epochs=3, sleep_s=0.15)
+
+    runner = threading.Thread(target=train, daemon=True)
+    runner.start()
+    time.sleep(3)
+    cluster.add_node(num_cpus=1)
+    runner.join(timeout=180)
+    trainer = result["trainer"]
+    assert trainer.world_size_history[0] == 1
+    assert trainer.world_size_history[-1] == 2
+    worlds = {world for world, *_ in _seen(out)}
+    assert worlds == {1, 2}
+    assert trainer.global_step == 24  # 8 samples per optimizer step at either size
