@@ -120,8 +120,11 @@ def main() -> None:
         chaos_s = time.monotonic() - start
         stop.set()
         watcher.join()
-        kills = [json.load(open(os.path.join(tmp, f))) for f in sorted(os.listdir(tmp))
-                 if f.startswith("kill-")]
+        kills = []
+        for name in sorted(os.listdir(tmp)):
+            if name.startswith("kill-"):
+                with open(os.path.join(tmp, name)) as f:
+                    kills.append(json.load(f))
         redone = sum(k["step"] - (k["step"] // args.every) * args.every for k in kills)
         identical = all(torch.equal(v, model.state_dict()[k])
                         for k, v in reference.state_dict().items())

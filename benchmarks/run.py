@@ -250,6 +250,12 @@ def table(rows: list[dict[str, Any]], w: Workload) -> str:
             f"({_fmt_ratio(rss, brss)}) |")
     loads = ", ".join(f"{r['framework']} {r['load_before']:.2f}" for r in rows)
     lines += ["", f"1-min load average before each run: {loads}"]
+    spreads = [f"{r['framework']}: launch->done {r['spread']['launch_to_done_s'][0]:.1f}-"
+               f"{r['spread']['launch_to_done_s'][1]:.1f} s, steady epoch "
+               f"{r['spread']['steady_epoch_s'][0]:.3f}-{r['spread']['steady_epoch_s'][1]:.3f} s"
+               for r in rows if "spread" in r]
+    if spreads:
+        lines += ["", "medians of the repeats; min-max: " + "; ".join(spreads)]
     return "\n".join(lines)
 
 
@@ -262,6 +268,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where the runs write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write every measurement here")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every framework N times (round robin) and report medians")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workload-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,23 +286,45 @@ def main() -> None:
     all_rows = []
     for name in args.workloads.split(","):
         w = workload(name, args.quick)
-        rows = []
-        for fw in frameworks:
-            print(f"[{name}] {fw} ...", flush=True)
-            row = measure(fw, w, out_root, args.timeout)
-            rows.append(row)
-            if "error" in row:
-                print(f"    failed: {row['error']}", flush=True)
-            else:
-                print(f"    launch->done {row['launch_to_done_s']:.1f} s, epochs "
-                      f"{[round(e, 3) for e in row['epoch_times_s']]}", flush=True)
-        all_rows += rows
+        runs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in frameworks}
+        for rep in range(args.repeat):  # round robin: slow drifts hit every framework alike
+            for fw in frameworks:
+                print(f"[{name}] {fw} (run {rep + 1}/{args.repeat}) ...", flush=True)
+                row = measure(fw, w, os.path.join(out_root, f"rep{rep}"), args.timeout)
+                row["repeat"] = rep
+                runs[fw].append(row)
+                all_rows.append(row)
+                if "error" in row:
+                    print(f"    failed: {row['error']}", flush=True)
+                else:
+                    print(f"    launch->done {row['launch_to_done_s']:.1f} s, epochs "
+                          f"{[round(e, 3) for e in row['epoch_times_s']]}", flush=True)
+        rows = [combine(runs[fw]) for fw in frameworks]
         print()
         print(table(rows, w))
         print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": all_rows, "quick": args.quick}, f, indent=1)
+            json.dump({"rows": all_rows, "quick": args.quick, "repeat": args.repeat}, f,
+                      indent=1)
+
+
+def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each measurement over the repeats (a failed run fails the row)."""
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        return failed[0]
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    for key in ("launch_to_done_s", "launch_to_first_step_s", "steady_epoch_s",
+                "first_epoch_s", "load_before"):
+        out[key] = statistics.median(r[key] for r in rows)
+    out["peak_rss_mb"] = [statistics.median(r["peak_rss_mb"][i] for r in rows)
+                          for i in range(len(rows[0]["peak_rss_mb"]))]
+    out["spread"] = {key: (min(r[key] for r in rows), max(r[key] for r in rows))
+                     for key in ("launch_to_done_s", "steady_epoch_s")}
+    return out
 
 
 if __name__ == "__main__":

@@ -58,9 +58,10 @@ def _seen(out_dir) -> list[tuple[int, int, int, list[int]]]:
     rows = []
     for name in os.listdir(out_dir):
         if name.startswith("seen-"):
-            for line in open(os.path.join(out_dir, name)):
-                world, epoch, step, *idx = (int(v) for v in line.split())
-                rows.append((world, epoch, step, idx))
+            with open(os.path.join(out_dir, name)) as f:
+                for line in f:
+                    world, epoch, step, *idx = (int(v) for v in line.split())
+                    rows.append((world, epoch, step, idx))
     return rows
 
 

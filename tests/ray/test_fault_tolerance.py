@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -98,3 +99,25 @@ def test_failures_beyond_max_failures_raise_training_failed(ray_cluster, tmp_pat
                     enable_checkpointing=False)
     assert info.value.rank == 1
     assert "rank: 1" in str(info.value)
+
+
+def test_a_rank_without_progress_is_treated_as_failed(ray_cluster, tmp_path):
+    marker = str(tmp_path / "hung")
+
+    class HangsOnce(DropoutNet):
+        def training_step(self, batch, batch_idx):
+            if self.global_rank == 1 and self.global_step == 3 and not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(3600)  # a silent hang: no exception, no exit
+            return super().training_step(batch, batch_idx)
+
+    pl.seed_everything(11)
+    start = time.monotonic()
+    trainer = ray_lit.fit(HangsOnce(), _data(), num_workers=2, max_epochs=1,
+                          worker_hang_timeout_s=4, checkpoint_every_n_steps=2,
+                          storage_path=str(tmp_path / "runs"), run_name="hang",
+                          enable_progress_bar=False, enable_model_summary=False, logger=False,
+                          enable_checkpointing=False)
+    assert os.path.exists(marker)
+    assert trainer.num_restarts == 1 and trainer.global_step == 6
+    assert time.monotonic() - start < 90
