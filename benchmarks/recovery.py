@@ -41,7 +41,13 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import ray_lit  # noqa: E402
-from benchmarks.workloads import build_net, current_rank, train_loader, workload  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    build_net,
+    current_rank,
+    process_start_ts,
+    train_loader,
+    workload,
+)
 
 
 class KillOnce(ray_lit.LightningModule):
@@ -72,7 +78,7 @@ class KillOnce(ray_lit.LightningModule):
                 if self._first_ts > killed["ts"]:  # this process belongs to a new group
                     with open(os.path.join(self.out_dir, f"resumed_rank{rank}.json"), "w") as f:
                         json.dump({"ts": now, "global_step": step, "rank": rank,
-                                   "pid": os.getpid(), "process_start_ts": _process_start_ts(),
+                                   "pid": os.getpid(), "process_start_ts": process_start_ts(),
                                    "fit_start_ts": self._fit_start_ts}, f)
                     self._reported = True
         elif rank == self.kill_rank and step >= self.kill_step:
@@ -89,15 +95,6 @@ class KillOnce(ray_lit.LightningModule):
 
     def on_fit_start(self):
         self._fit_start_ts = time.time()
-
-
-def _process_start_ts() -> float:
-    """When this process started (wall clock), from /proc."""
-    with open("/proc/self/stat") as f:
-        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/stat") as f:
-        btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Times(logging.Handler):

@@ -72,6 +72,33 @@ def child_raw_ddp(w: Workload, out: str) -> dict[str, Any]:
     return run(w, out)
 
 
+def _time_driver_phases(phases: list[tuple[str, float, float]]) -> None:
+    """Wrap ray_lit's driver-side start-up steps with timers (in this process only)."""
+    from ray_lit.distributed import launcher
+    from ray_lit.distributed.worker_group import WorkerGroup
+
+    def wrap(owner: Any, name: str, label: str, is_classmethod: bool = False) -> None:
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        func = original.__func__ if is_classmethod else original
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            begin = time.time()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                phases.append((label, begin, time.time()))
+
+        setattr(owner, name, classmethod(timed) if is_classmethod else timed)
+
+    wrap(launcher, "_ship", "ship (pickle + ray.put)")
+    wrap(launcher, "_group_options", "group options (feasibility check)")
+    wrap(WorkerGroup, "create", "worker group create (placement, actors, process group)",
+         is_classmethod=True)
+    wrap(WorkerGroup, "_join_process_group", "  of which: process group")
+    wrap(WorkerGroup, "run", "run (workers fetch payload, start loop)")
+    wrap(WorkerGroup, "shutdown", "shutdown")
+
+
 def child_ray_lit(w: Workload, out: str, defaults: bool = False) -> dict[str, Any]:
     import cloudpickle
 
@@ -80,9 +107,15 @@ def child_ray_lit(w: Workload, out: str, defaults: bool = False) -> dict[str, An
     cloudpickle.register_pickle_by_value(wl)
     start = time.time()
     import ray_lit
+    import ray_lit.trainer  # noqa: F401  (the lazy import would otherwise land in fit)
 
+    imported = time.time()
     _init_local_ray()
     ray_init_s = time.time() - start
+    phases: list[tuple[str, float, float]] = [("import ray_lit", start, imported),
+                                              ("ray.init (local cluster)", imported,
+                                               time.time())]
+    _time_driver_phases(phases)
     module = wl.make_module_class(ray_lit.LightningModule)(w.name, w.lr, out)
     options: dict[str, Any] = {} if defaults else dict(QUIET_OPTIONS)
     fit_start = time.time()
@@ -92,6 +125,7 @@ def child_ray_lit(w: Workload, out: str, defaults: bool = False) -> dict[str, An
     done = time.time()
     controller = getattr(trainer, "_controller", None)
     return {"fit_start_ts": fit_start, "done_ts": done, "import_and_ray_init_s": ray_init_s,
+            "phases": phases,
             "global_step": trainer.global_step,
             "recovery_times": getattr(controller, "recovery_times", None)}
 
@@ -183,6 +217,7 @@ def measure(framework: str, w: Workload, out_root: str, timeout_s: float) -> dic
             rc = "timeout"
     exited = time.time()
     row: dict[str, Any] = {"framework": framework, "workload": w.name, "rc": rc,
+                           "launch_ts": launch,
                            "load_before": load_before, "exit_s": exited - launch}
     driver_path = os.path.join(out, "driver.json")
     deadline = time.time() + 10  # Lightning's other ranks may still be writing
@@ -207,11 +242,18 @@ def measure(framework: str, w: Workload, out_root: str, timeout_s: float) -> dic
         "epoch_times_s": epochs,
         "steady_epoch_s": statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0],
         "first_epoch_s": epochs[0],
+        "steady_thread_cpu_s": _steady(ranks[0]["epoch_thread_cpu"]),
+        "steady_process_cpu_s": _steady(ranks[0]["epoch_process_cpu"]),
         "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
         "torch_threads": [r["torch_threads"] for r in ranks],
         "driver": driver,
+        "ranks": ranks,
     })
     return row
+
+
+def _steady(epochs: list[float]) -> float:
+    return statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
 
 
 def _fmt_ratio(value: float | None, base: float | None) -> str:
@@ -227,11 +269,12 @@ def table(rows: list[dict[str, Any]], w: Workload) -> str:
             f"{w.num_workers} workers, {w.max_epochs} epochs, {steps} steps/epoch/worker")
     lines = [head, "",
              "| framework | launch->done s (x raw) | steady epoch s (x raw) | first epoch s | "
-             "overhead ms/step vs raw | launch->1st step s | peak RSS MiB/worker (x raw) |",
-             "|---|---|---|---|---|---|---|"]
+             "overhead ms/step vs raw | launch->1st step s | peak RSS MiB/worker (x raw) | "
+             "steady epoch CPU s: loop thread / rank process (x raw) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['framework']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['framework']} | failed: {r['error']} | | | | | | |")
             continue
         rss = max(r["peak_rss_mb"])
         if base:
@@ -247,7 +290,10 @@ def table(rows: list[dict[str, Any]], w: Workload) -> str:
             f"({_fmt_ratio(r['steady_epoch_s'], base and base['steady_epoch_s'])}) | "
             f"{r['first_epoch_s']:.3f} | {over_s} | {r['launch_to_first_step_s']:.1f} | "
             f"{' / '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} "
-            f"({_fmt_ratio(rss, brss)}) |")
+            f"({_fmt_ratio(rss, brss)}) | {r['steady_thread_cpu_s']:.3f} / "
+            f"{r['steady_process_cpu_s']:.3f} "
+            f"({_fmt_ratio(r['steady_thread_cpu_s'], base and base['steady_thread_cpu_s'])} / "
+            f"{_fmt_ratio(r['steady_process_cpu_s'], base and base['steady_process_cpu_s'])}) |")
     loads = ", ".join(f"{r['framework']} {r['load_before']:.2f}" for r in rows)
     lines += ["", f"1-min load average before each run: {loads}"]
     spreads = [f"{r['framework']}: launch->done {r['spread']['launch_to_done_s'][0]:.1f}-"
@@ -256,6 +302,26 @@ def table(rows: list[dict[str, Any]], w: Workload) -> str:
                for r in rows if "spread" in r]
     if spreads:
         lines += ["", "medians of the repeats; min-max: " + "; ".join(spreads)]
+    return "\n".join(lines)
+
+
+def startup(row: dict[str, Any], launch_key: str = "launch_ts") -> str:
+    """ray_lit's start-up, step by step, in seconds after the launch."""
+    driver = row.get("driver", {})
+    launch = row.get(launch_key)
+    if not driver.get("phases") or launch is None:
+        return ""
+    events = [(a - launch, b - launch, label) for label, a, b in driver["phases"]]
+    events += [(r["process_start_ts"] - launch, None, f"rank {r['rank']} process started")
+               for r in row.get("ranks", [])]
+    events += [(r["first_step_ts"] - launch, None, f"rank {r['rank']} first training step")
+               for r in row.get("ranks", [])]
+    events.append((driver["fit_start_ts"] - launch, None, "ray_lit.fit called"))
+    events.append((driver["done_ts"] - launch, None, "ray_lit.fit returned"))
+    lines = [f"{row['framework']} start-up (s after launch; run {row.get('repeat', 0) + 1}):"]
+    for a, b, label in sorted(events, key=lambda e: e[0]):
+        span = f"{a:6.2f}" + (f" -> {b:6.2f} ({b - a:5.2f})" if b is not None else "")
+        lines.append(f"  {span:30s} {label}")
     return "\n".join(lines)
 
 
@@ -303,6 +369,11 @@ def main() -> None:
         print()
         print(table(rows, w))
         print()
+        for fw in ("ray_lit", "ray_lit_defaults"):
+            for row in runs.get(fw, [])[:1]:
+                if "error" not in row:
+                    print(startup(row))
+                    print()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": all_rows, "quick": args.quick, "repeat": args.repeat}, f,
@@ -318,7 +389,7 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return rows[0]
     out = dict(rows[0])
     for key in ("launch_to_done_s", "launch_to_first_step_s", "steady_epoch_s",
-                "first_epoch_s", "load_before"):
+                "first_epoch_s", "load_before", "steady_thread_cpu_s", "steady_process_cpu_s"):
         out[key] = statistics.median(r[key] for r in rows)
     out["peak_rss_mb"] = [statistics.median(r["peak_rss_mb"][i] for r in rows)
                           for i in range(len(rows[0]["peak_rss_mb"]))]

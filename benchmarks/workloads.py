@@ -113,6 +113,15 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def process_start_ts() -> float:
+    """When this process started (wall clock), from /proc."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def current_rank() -> int:
     import torch.distributed as dist
 
@@ -129,21 +138,32 @@ class Recorder:
     def __init__(self, out_dir: str | None) -> None:
         self.out_dir = out_dir
         self.marks: list[float] = []
+        self.thread_cpu_marks: list[float] = []  # CPU time of the training thread
+        self.process_cpu_marks: list[float] = []  # CPU time of the whole rank process
         self.first_step_ts: float | None = None
 
     def step(self) -> None:
         if self.first_step_ts is None:
             self.first_step_ts = time.time()
 
-    def epoch_start(self) -> None:
+    def _mark(self) -> None:
         self.marks.append(time.perf_counter())
+        self.thread_cpu_marks.append(time.thread_time())
+        self.process_cpu_marks.append(time.process_time())
+
+    def epoch_start(self) -> None:
+        self._mark()
 
     def train_end(self) -> None:
-        self.marks.append(time.perf_counter())
+        self._mark()
+
+    @staticmethod
+    def _diffs(marks: list[float]) -> list[float]:
+        return [b - a for a, b in zip(marks, marks[1:])]
 
     @property
     def epoch_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return self._diffs(self.marks)
 
     def dump(self, extra: dict[str, Any] | None = None) -> None:
         if not self.out_dir:
@@ -151,7 +171,10 @@ class Recorder:
         rank = current_rank()
         os.makedirs(self.out_dir, exist_ok=True)
         record = {"rank": rank, "pid": os.getpid(), "epoch_times": self.epoch_times,
+                  "epoch_thread_cpu": self._diffs(self.thread_cpu_marks),
+                  "epoch_process_cpu": self._diffs(self.process_cpu_marks),
                   "first_step_ts": self.first_step_ts, "peak_rss_mb": peak_rss_mb(),
+                  "process_start_ts": process_start_ts(),
                   "torch_threads": torch.get_num_threads(),
                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
         record.update(extra or {})

@@ -89,6 +89,9 @@ class Trainer(LoopState):
         if not checkpointing and any(isinstance(c, ModelCheckpoint) for c in self.callbacks):
             raise MisconfigurationException(
                 "enable_checkpointing=False but a ModelCheckpoint is in callbacks; drop one.")
+        # checkpoints go last so they save the state the other callbacks reached (2.x)
+        self.callbacks = [c for c in self.callbacks if not isinstance(c, ModelCheckpoint)] + \
+            [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
         bars = [c for c in self.callbacks if isinstance(c, ProgressBar)]
         if len(bars) > 1:
             raise MisconfigurationException("Only one ProgressBar callback is allowed.")

@@ -17,6 +17,7 @@ import torch
 from ray_lit import __version__
 from ray_lit.core.seed import rng_state, set_rng_state
 from ray_lit.errors import MisconfigurationException
+from ray_lit.loop.outputs import floats
 
 FORMAT_VERSION = 1
 
@@ -35,8 +36,12 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
     module = trainer.lightning_module
     progress = trainer._progress
     progress_state = progress.state_dict()
-    if progress.batches_done >= trainer.num_training_batches:
-        # saved after the epoch's last batch (validation or epoch end): resume at the next one
+    if progress.batches_done >= trainer.num_training_batches and not progress.epoch_finished:
+        # saved inside the epoch's last batch (at validation): resume at the next epoch, and
+        # do there what this epoch's end would still have done (epoch-interval schedulers)
+        progress_state["epoch_finished"] = True
+        progress_state["epoch_end_pending"] = True
+    elif progress.epoch_finished:
         progress_state["epoch_finished"] = True
     checkpoint: dict[str, Any] = {
         "epoch": progress.epoch,
@@ -47,7 +52,8 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "loops": {"progress": progress_state, "rng": rng_state(),
                   "sampler": trainer._host.sampler_state(progress.batches_done),
-                  "world_size": trainer._host.world_size},
+                  "world_size": trainer._host.world_size,
+                  "callback_metrics": floats(trainer.callback_metrics)},
     }
     if not weights_only:
         checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
@@ -138,8 +144,17 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         progress.global_step = max(int(checkpoint["global_step"]) - 1, 0)
         progress.batches_done = 0
         return
-    progress.load_state_dict(loops["progress"])
+    state = dict(loops["progress"])
+    pending = state.pop("epoch_end_pending", False)
+    progress.load_state_dict(state)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in
+                                     loops.get("callback_metrics", {}).items()})
     progress_was_finished = progress.epoch_finished
+    if pending:
+        from ray_lit.loop.optimization import step_schedulers
+
+        step_schedulers(trainer.lr_scheduler_configs, "epoch", progress.epoch + 1,
+                        trainer.callback_metrics)
     if progress.epoch_finished:
         progress.epoch += 1
         progress.batches_done = 0

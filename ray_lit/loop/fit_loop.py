@@ -238,11 +238,13 @@ class FitLoop:
         trainer._pbar_raw.update(pbar)
         trainer.callback_metrics.update(callback)
         store.reset()
+        # epoch schedulers step before the monitoring callbacks, so a checkpoint they save
+        # holds the scheduler state the next epoch starts from
+        step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1,
+                        trainer.callback_metrics)
         hooks.callbacks("on_train_epoch_end", callbacks=monitoring)
         # COLLECTIVE: rank 0's stop decision holds for every rank
         trainer.should_stop = trainer._host.agree_on_rank_zero(trainer.should_stop)
-        step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1,
-                        trainer.callback_metrics)
         trainer._after_epoch()
 
 

@@ -27,15 +27,14 @@ class ScriptedValLoss(DeterministicModel):
 
 
 class FileSets(pl.Callback):
-    """Records the checkpoint files present after each real validation run."""
+    """Records the checkpoint files present at each epoch end (after that epoch's validation
+    and its checkpoint: checkpoint callbacks run last, as in 2.x)."""
 
     def __init__(self, dirpath):
         self.dirpath = dirpath
         self.sets = []
 
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer, pl_module):
         files = os.listdir(self.dirpath) if os.path.isdir(self.dirpath) else []
         self.sets.append(sorted(files))
 
