@@ -20,7 +20,7 @@ from ray_lit.metrics import functional as FM
 
 def make_data(n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(4, 20, generator=torch.Generator().manual_seed(0)) * 2
+    centers = torch.randn(4, 20, generator=torch.Generator().manual_seed(0)) * 0.3
     y = torch.randint(0, 4, (n,), generator=g)
     x = centers[y] + torch.randn(n, 20, generator=g)
     return TensorDataset(x, y)
@@ -79,7 +79,7 @@ def main() -> None:
                                 trainer.callback_metrics.items() if v is not None})
     print("best checkpoint:", trainer.checkpoint_callback.best_model_path)
     result = trainer.test(test_dataloaders=test)
-    assert result[0]["test_acc"] > 0.8, result
+    assert result[0]["test_acc"] > 0.5, result  # 4 classes: chance is 0.25
 
 
 if __name__ == "__main__":
