@@ -36,7 +36,9 @@ class Trainer(LoopState):
         self.config = TrainerConfig.from_options(options)
         self._init_loop_state()
         config = self.config
-        self.default_root_dir = os.fspath(config.default_root_dir or os.getcwd())
+        root = os.fspath(config.default_root_dir or os.getcwd())
+        # absolute: Ray workers run in their own working directories
+        self.default_root_dir = root if "://" in root else os.path.abspath(root)
         self.callbacks: list[Callback] = list(config.callbacks)
         self.loggers = self._build_loggers(config.logger)
         self._add_default_callbacks()

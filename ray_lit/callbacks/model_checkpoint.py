@@ -72,6 +72,8 @@ class ModelCheckpoint(Callback):
         if save_top_k < -1:
             raise MisconfigurationException(f"ModelCheckpoint(save_top_k={save_top_k}) must "
                                             "be >= -1.")
+        if dirpath is not None and "://" not in str(dirpath):
+            dirpath = os.path.abspath(dirpath)  # workers resolve paths in their own cwd
         self.dirpath = dirpath
         self.filename = filename
         self.monitor = monitor

@@ -124,6 +124,8 @@ def _run_uri(trainer: Any) -> str:
     if config.run_name is None:
         config.run_name = time.strftime("ray_lit_%Y%m%d_%H%M%S")
     root = os.fspath(root)
+    if "://" not in root:
+        root = os.path.abspath(root)  # workers resolve paths in their own cwd
     return f"{root.rstrip('/')}/{config.run_name}"
 
 
@@ -145,6 +147,7 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
     manager = CheckpointManager(run_uri, keep=config.keep_checkpoints)
     job: dict[str, Any] = {"stage": "fit", "seed": global_seed(),
                            "sampler_seed": global_seed() or 0, "use_gpu": config.use_gpu,
+                           "accelerator": config.accelerator,
                            "checkpointer": CheckpointWriter(run_uri,
                                                             config.checkpoint_every_n_steps)}
     if ckpt_path is not None:
@@ -181,6 +184,7 @@ def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datam
     ensure_ray()
     group_options = _group_options(trainer)
     job = {"stage": stage, "seed": None, "use_gpu": trainer.config.use_gpu,
+           "accelerator": trainer.config.accelerator,
            "weights": weights}
     payload_ref = _ship({"trainer": _worker_trainer(trainer), "module": module,
                          "loaders": loaders, "dm": datamodule})
@@ -201,6 +205,12 @@ def _apply_final_state(trainer: Any, module: Any, datamodule: Any, state: dict[s
         module.load_state_dict(state["state_dict"])
     module.trainer = trainer
     trainer.lightning_module = module
+    from ray_lit.loop.host import LocalHost
+
+    # the driver's view of the group that ran: world_size as the workers saw it
+    trainer._host = LocalHost(False)
+    trainer._host.world_size = trainer.world_size_history[-1] if \
+        trainer.world_size_history else 1
     trainer.datamodule = datamodule
     trainer.callback_metrics = state["callback_metrics"]
     trainer.logged_metrics = state["logged_metrics"]

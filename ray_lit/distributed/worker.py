@@ -176,7 +176,11 @@ def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any
     if job.get("seed") is not None:
         seed_everything(job["seed"])
     device = torch.device("cpu")
-    if job.get("use_gpu") and torch.cuda.is_available():
+    if job.get("accelerator") == "tpu":
+        import torch_xla.core.xla_model as xm  # checked on the driver (choose_backend)
+
+        device = xm.xla_device()
+    elif job.get("use_gpu") and torch.cuda.is_available():
         device = torch.device("cuda", 0)  # Ray exposes only this worker's GPU(s)
         torch.cuda.set_device(device)
     checkpointer = None

@@ -119,7 +119,7 @@ def test_shards_disjoint_complete_and_replicas_identical(ray_cluster, tmp_path):
     # the driver's module holds rank 0's weights; the trainer describes the run
     for key, value in model.state_dict().items():
         assert torch.equal(value, w0[key])
-    assert trainer.world_size_history == [2]
+    assert trainer.world_size_history == [2] and trainer.world_size == 2
     assert trainer.global_step == 4 and trainer.current_epoch == 1
 
 
