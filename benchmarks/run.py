@@ -190,9 +190,14 @@ def child_main(args: argparse.Namespace) -> None:
     if info is not None:
         with open(os.path.join(out, "driver.json"), "w") as f:
             json.dump(info, f)
+    if "ray" in sys.modules:  # stop the local cluster now, not while the next run starts
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # teardown of Ray / process groups is not part of the measurement
+    os._exit(0)  # what is left of the teardown is not part of the measurement
 
 
 # --- parent ---------------------------------------------------------------------------------------
@@ -200,10 +205,35 @@ def _loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def measure(framework: str, w: Workload, out_root: str, timeout_s: float) -> dict[str, Any]:
+def _busy_fraction(window_s: float = 2.0) -> float:
+    """Share of all CPUs busy over ``window_s`` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = sample()
+    time.sleep(window_s)
+    busy1, total1 = sample()
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def wait_until_quiet(max_wait_s: float, busy_below: float = 0.1) -> float:
+    """Wait (up to ``max_wait_s``) until the machine is idle; returns the last busy share."""
+    deadline = time.time() + max_wait_s
+    busy = _busy_fraction(1.0)
+    while busy >= busy_below and time.time() < deadline:
+        busy = _busy_fraction(2.0)
+    return busy
+
+
+def measure(framework: str, w: Workload, out_root: str, timeout_s: float,
+            quiet_wait_s: float = 0.0) -> dict[str, Any]:
     out = os.path.join(out_root, f"{w.name}_{framework}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
+    busy_before = wait_until_quiet(quiet_wait_s) if quiet_wait_s else None
     load_before = _loadavg()
     launch = time.time()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--out", out,
@@ -217,7 +247,7 @@ def measure(framework: str, w: Workload, out_root: str, timeout_s: float) -> dic
             rc = "timeout"
     exited = time.time()
     row: dict[str, Any] = {"framework": framework, "workload": w.name, "rc": rc,
-                           "launch_ts": launch,
+                           "launch_ts": launch, "busy_before": busy_before,
                            "load_before": load_before, "exit_s": exited - launch}
     driver_path = os.path.join(out, "driver.json")
     deadline = time.time() + 10  # Lightning's other ranks may still be writing
@@ -334,6 +364,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where the runs write (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write every measurement here")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help="before each run, wait up to S seconds for the CPUs to be idle "
+                             "(<10%% busy)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every framework N times (round robin) and report medians")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -356,7 +389,8 @@ def main() -> None:
         for rep in range(args.repeat):  # round robin: slow drifts hit every framework alike
             for fw in frameworks:
                 print(f"[{name}] {fw} (run {rep + 1}/{args.repeat}) ...", flush=True)
-                row = measure(fw, w, os.path.join(out_root, f"rep{rep}"), args.timeout)
+                row = measure(fw, w, os.path.join(out_root, f"rep{rep}"), args.timeout,
+                              args.quiet_wait)
                 row["repeat"] = rep
                 runs[fw].append(row)
                 all_rows.append(row)

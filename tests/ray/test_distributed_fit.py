@@ -210,3 +210,50 @@ def test_no_training_step_fails_before_workers_start(ray_cluster, tmp_path):
 
     with pytest.raises(pl.MisconfigurationException, match="training_step"):
         ray_lit.fit(NoStep(), DataLoader(IndexDataset(8)), **_options(tmp_path))
+
+
+class GlobalSoftmax(Linear):
+    """The seed's dp/ddp2 idiom: ``training_step_end`` sees every rank's outputs."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        return {"scores": self(x).squeeze(-1), "idx": idx.float()}
+
+    def training_step_end(self, outputs):
+        scores = outputs["scores"]  # [world_size, batch] after the all-gather
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, f"shape_rank{self.global_rank}.txt"), "w") as f:
+                f.write(" ".join(str(d) for d in scores.shape))
+        # a softmax over the whole global batch, differentiable through the gather
+        return {"loss": -torch.log_softmax(scores.reshape(-1), dim=0)[0]}
+
+
+def test_step_end_gathers_every_rank_when_asked(ray_cluster, tmp_path):
+    model = GlobalSoftmax(out_dir=str(tmp_path))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ray_lit.fit(model, DataLoader(IndexDataset(32), batch_size=4),
+                **_options(tmp_path, max_epochs=1, gather_step_outputs=True))
+    for rank in (0, 1):
+        assert (tmp_path / f"shape_rank{rank}.txt").read_text() == "2 4"
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nothing_is_left_on_the_cluster(ray_cluster, tmp_path):
+    import ray
+    import ray._private.state as state
+
+    ray_lit.fit(Linear(), DataLoader(IndexDataset(32), batch_size=8),
+                **_options(tmp_path, max_epochs=1))
+    with pytest.raises(ValueError):
+        ray_lit.fit(Linear(fail_rank=0), DataLoader(IndexDataset(32), batch_size=8),
+                    **_options(tmp_path, max_epochs=1))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = [a for a in state.actors().values()
+                 if a["ActorClassName"] == "Worker" and a["State"] != "DEAD"]
+        groups = [g for g in ray.util.placement_group_table().values()
+                  if g["state"] != "REMOVED"]
+        if not alive and not groups:
+            break
+        time.sleep(0.5)
+    assert not alive and not groups

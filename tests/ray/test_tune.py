@@ -98,9 +98,10 @@ def test_pbt_exploit_puts_the_new_learning_rate_in_the_optimizer(ray_cluster, tm
     results = tuner.fit()
     assert not results.errors
     histories = [r.metrics_dataframe for r in results]
-    # every report: the optimizer used the lr of the trial's config at that time
-    for result, frame in zip(results, histories):
-        assert frame["lr_seen"].iloc[-1] == pytest.approx(result.config["lr"])
+    # every report: the optimizer used the lr of the trial's config at that time (Tune records
+    # the config of each report as ``config/lr``)
+    for frame in histories:
+        assert (frame["lr_seen"] - frame["config/lr"]).abs().max() < 1e-6
     # and at least one trial was exploited (its lr changed along the way)
     assert any(frame["lr_seen"].nunique() > 1 for frame in histories)
 
