@@ -146,7 +146,29 @@ def trainable(build: Callable[[dict], Any], train_dataloaders: Any = None,
                                 options.get("resources_per_worker"),
                                 bool(options.get("use_gpu") or options.get("gpus")),
                                 options.get("accelerator", "auto"))
+    _check_trial_fits(resources.bundles)
     return tune.with_resources(_run_trial, resources)
+
+
+def _check_trial_fits(bundles: list[dict[str, float]]) -> None:
+    """A trial that can never be placed fails now, not as a trial pending forever (checked when
+    Ray is already connected, as ``sweep`` makes sure)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources()
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + value
+    missing = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
+    if missing:
+        have = {k: total.get(k, 0.0) for k in need}
+        raise MisconfigurationException(
+            f"One trial needs {need} (its driver plus {len(bundles) - 1} worker(s)) but the "
+            f"cluster has {have}. Use fewer workers per trial (num_workers), smaller "
+            "resources_per_worker, or a bigger cluster.")
 
 
 def sweep(build: Callable[[dict], Any], param_space: dict[str, Any], *, metric: str,

@@ -227,3 +227,15 @@ def test_sweep_restored_after_its_driver_is_killed_completes(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = json.loads((tmp_path / "second.json").read_text())
     assert summary == {"errors": 0, "iterations": [4, 4], "steps": [32, 32]}
+
+
+def test_a_trial_larger_than_the_cluster_fails_fast(ray_cluster, tmp_path):
+    import time
+
+    train, val = _loaders()
+    start = time.monotonic()
+    with pytest.raises(pl.MisconfigurationException, match="One trial needs"):
+        sweep(lambda c: Net(c["lr"]), {"lr": 1e-2}, metric="val_loss", mode="min",
+              train_dataloaders=train, val_dataloaders=val, num_workers=8, max_epochs=1,
+              storage_path=str(tmp_path), **OPTIONS)
+    assert time.monotonic() - start < 10
