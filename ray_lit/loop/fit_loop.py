@@ -140,7 +140,7 @@ class FitLoop:
                     accumulators.setdefault(key, []).append(value)
             if out.loss is not None:
                 trainer._record_loss(out.loss.detach())
-        self._step_metrics(step_outputs, store, batch_idx)
+        self._step_metrics(step_outputs, store, batch_idx, should_step)
         progress.batches_done = batch_idx + 1
         progress.total_batch_idx += 1
         stepped = should_step and any(o is not None and o.loss is not None
@@ -168,7 +168,7 @@ class FitLoop:
             "on_train_batch_start", module, LightningModule)
 
     def _step_metrics(self, step_outputs: list[StepOutput | None], store: MetricStore,
-                      batch_idx: int) -> None:
+                      batch_idx: int, should_step: bool) -> None:
         """Route the batch's metrics: progress bar every batch, loggers at the cadence."""
         trainer = self.trainer
         log: dict[str, Any] = {}
@@ -184,7 +184,7 @@ class FitLoop:
         log.update(s_log)
         trainer._pbar_raw.update(s_pbar)
         trainer.callback_metrics.update(s_callback)
-        if log and trainer._should_log_step(batch_idx):
+        if log and trainer._should_log_step(batch_idx, should_step):
             trainer._log_to_loggers(log)
 
     def _should_validate(self, batch_idx: int, total: float) -> bool:

@@ -147,9 +147,15 @@ class LoopState:
         """What the progress bar shows now (host sync: only called at the refresh cadence)."""
         return self.progress_bar_dict
 
-    def _should_log_step(self, batch_idx: int) -> bool:
-        return bool(self.config.fast_dev_run) or self.should_stop or \
-            (batch_idx + 1) % self.config.log_every_n_steps == 0
+    def _should_log_step(self, batch_idx: int, should_step: bool = True) -> bool:
+        """Log cadence: every ``log_every_n_steps`` batches (0.9); while accumulating, only at
+        the optimizer steps, every ``log_every_n_steps`` of them (2.x never logs mid-window)."""
+        if self.config.fast_dev_run or self.should_stop:
+            return True
+        every = self.config.log_every_n_steps
+        if self._accumulation == 1:
+            return (batch_idx + 1) % every == 0
+        return should_step and (self._progress.batches_that_stepped + 1) % every == 0
 
     def _log_to_loggers(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record ``metrics`` in ``logged_metrics`` and send them to the loggers (as floats).

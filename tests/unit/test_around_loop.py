@@ -223,3 +223,20 @@ def test_progress_bar_lines_when_not_a_terminal(tmp_path, capsys):
                enable_model_summary=False).fit(Regressor(), *_loaders())
     out = capsys.readouterr().out
     assert "Epoch 0" in out and "Epoch 1" in out and "val_loss" in out
+
+
+def test_no_step_metrics_are_logged_inside_an_accumulation_window(tmp_path):
+    class Recording(CSVLogger):
+        steps: list = []
+
+        def log_metrics(self, metrics, step=None):
+            if "train_loss_step" in metrics:
+                Recording.steps.append(step)
+            super().log_metrics(metrics, step)
+
+    logger = Recording(str(tmp_path), name="acc")
+    trainer = _trainer(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1,
+                       accumulate_grad_batches=2)
+    trainer.fit(Regressor(), *_loaders())
+    assert trainer.global_step == 4
+    assert Recording.steps == [0, 1, 2, 3]  # one row per optimizer step, none mid-window
