@@ -11,7 +11,6 @@ decides between a new attempt and raising.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -33,8 +32,6 @@ from ray_lit.distributed.policies import (
 from ray_lit.distributed.worker_group import WorkerGroup
 from ray_lit.errors import MisconfigurationException, TrainingFailedError
 from ray_lit.loop.reporting import replay
-
-log = logging.getLogger("ray_lit")
 
 
 @dataclass
