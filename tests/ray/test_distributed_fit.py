@@ -257,3 +257,37 @@ def test_nothing_is_left_on_the_cluster(ray_cluster, tmp_path):
             break
         time.sleep(0.5)
     assert not alive and not groups
+
+
+class Slow(Linear):
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.2)
+        return super().training_step(batch, batch_idx)
+
+
+def test_ctrl_c_on_the_driver_releases_the_group(ray_cluster, tmp_path):
+    import _thread
+    import threading
+
+    import ray
+    import ray._private.state as state
+
+    timer = threading.Timer(6.0, _thread.interrupt_main)  # Ctrl-C while workers train
+    timer.start()
+    try:
+        trainer = pl.Trainer(**_options(tmp_path, max_epochs=50))
+        trainer.fit(Slow(), DataLoader(IndexDataset(64), batch_size=8))
+    finally:
+        timer.cancel()
+    assert trainer.interrupted  # 0.9: fit returns after an interrupt, the state says so
+    assert trainer.global_step < 50 * 4
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = [a for a in state.actors().values()
+                 if a["ActorClassName"] == "Worker" and a["State"] != "DEAD"]
+        groups = [g for g in ray.util.placement_group_table().values()
+                  if g["state"] != "REMOVED"]
+        if not alive and not groups:
+            break
+        time.sleep(0.5)
+    assert not alive and not groups
