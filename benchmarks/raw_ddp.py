@@ -84,7 +84,8 @@ def main() -> None:
     with open(os.path.join(args.out, "driver.json"), "w") as f:
         json.dump(info, f)
     for name in sorted(os.listdir(args.out)):
-        print(name, open(os.path.join(args.out, name)).read())
+        with open(os.path.join(args.out, name)) as f:
+            print(name, f.read())
 
 
 if __name__ == "__main__":

@@ -149,13 +149,15 @@ def _instrument(phases: list[tuple[str, float, float]]) -> None:
 
 
 def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
-            out_dir: str) -> dict[str, Any]:
+            out_dir: str, warm: bool = False) -> dict[str, Any]:
     import cloudpickle
     import ray
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    runtime_env = {"worker_process_setup_hook": "benchmarks.workloads.warm_imports"} \
+        if warm else None
     ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(),
-             log_to_driver=False)
+             log_to_driver=False, runtime_env=runtime_env)
     times = _Times()
     logger = logging.getLogger("ray_lit")
     logger.addHandler(times)
@@ -222,6 +224,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=1, help="the rank that dies")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="kill at step 30, ckpt every 20")
+    parser.add_argument("--warm-workers", action="store_true",
+                        help="experiment: a Ray worker_process_setup_hook imports torch, "
+                             "torch._dynamo and ray_lit in Ray's idle workers ahead of time")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -235,7 +240,8 @@ def main() -> None:
         if name.endswith(".json"):
             os.remove(os.path.join(out_dir, name))
     shutil.rmtree(os.path.join(out_dir, "runs"), ignore_errors=True)  # no resume of a past run
-    result = measure(args.kill_step, args.every, args.rank, args.epochs, out_dir)
+    result = measure(args.kill_step, args.every, args.rank, args.epochs, out_dir,
+                     args.warm_workers)
     print(json.dumps({k: v for k, v in result.items() if k != "timeline_s"}, indent=1))
     print("timeline (s after the kill):")
     for e in result["timeline_s"]:

@@ -103,6 +103,20 @@ def build_net(name: str) -> nn.Module:
         nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
+# --- worker warm-up (an experiment: not something ray_lit does today) ---------------------
+def warm_imports() -> None:
+    """A Ray ``worker_process_setup_hook``: import what a ray_lit rank imports anyway (torch, the
+    DDP machinery, which pulls in ``torch._dynamo``) while the worker process idles in Ray's
+    pool, before any actor lands in it."""
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import torch.nn.parallel  # noqa: F401
+
+    import ray_lit.distributed.worker  # noqa: F401
+    import ray_lit.distributed.worker_host  # noqa: F401
+    import ray_lit.loop.stages  # noqa: F401
+
+
 # --- measurements ---------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM) in MiB."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import os
 import pathlib
@@ -62,9 +63,37 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None
         checkpoint: the checkpoint dict (see ``ray_lit.loop.checkpoint_state``).
         path: a local path or a storage URI (``s3://``, ``gs://``, ``hdfs://``, ``file://``).
     """
+    target = os.fspath(path)
+    if "://" not in target:
+        _save_local(checkpoint, target)
+        return
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    write_file(path, buffer.getvalue())
+    write_file(target, buffer.getvalue())
+
+
+def _save_local(checkpoint: dict[str, Any], path: str) -> None:
+    """``torch.save`` straight into a temp file beside ``path``, fsync, rename: no in-memory
+    copy of the whole file (it can be GBs), and a reader never sees half a file."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            torch.save(checkpoint, out)
+            out.flush()
+            os.fsync(out.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
