@@ -381,11 +381,11 @@ def call_module_hook(module: LightningModule, name: str, *args: Any, **kwargs: A
     if fn is None:
         return None
     previous = module._current_fx_name
-    module._current_fx_name = name
+    module.__dict__["_current_fx_name"] = name
     try:
         return fn(*args, **kwargs)
     finally:
-        module._current_fx_name = previous
+        module.__dict__["_current_fx_name"] = previous
 
 
 def call_module_hook_adapted(module: LightningModule, name: str, modern: list,
@@ -395,8 +395,8 @@ def call_module_hook_adapted(module: LightningModule, name: str, modern: list,
     if fn is None:
         return None
     previous = module._current_fx_name
-    module._current_fx_name = name
+    module.__dict__["_current_fx_name"] = name
     try:
         return call_adapted(fn, (), modern, legacy)
     finally:
-        module._current_fx_name = previous
+        module.__dict__["_current_fx_name"] = previous

@@ -108,13 +108,15 @@ class Worker:
         payload = payload_ref if isinstance(payload_ref, (bytes, bytearray)) else ray.get(
             payload_ref)
         self._state = "running"
-        self._thread = threading.Thread(target=self._main, args=(payload, job), daemon=True,
+        # handed over in a box the loop empties, so the pickled bytes are freed once unpickled
+        self._thread = threading.Thread(target=self._main, args=([payload], job), daemon=True,
                                         name="ray_lit-loop")
         self._thread.start()
 
-    def _main(self, payload: bytes, job: dict[str, Any]) -> None:
+    def _main(self, box: list[bytes], job: dict[str, Any]) -> None:
         try:
-            self._result = run_job(self, cloudpickle.loads(payload), job)
+            unpacked = cloudpickle.loads(box.pop())
+            self._result = run_job(self, unpacked, job)
             self._state = "done"
         except BaseException as err:  # reported to the driver, which decides
             from ray_lit.distributed.ft_checkpoint import PreemptedExit

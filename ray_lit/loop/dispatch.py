@@ -25,11 +25,11 @@ class HookDispatcher:
     def _with_fx(self, name: str, fn: Any, *args: Any) -> Any:
         module = self.trainer.lightning_module
         previous = getattr(module, "_current_fx_name", None)
-        module._current_fx_name = name
+        module.__dict__["_current_fx_name"] = name
         try:
             return fn(*args)
         finally:
-            module._current_fx_name = previous
+            module.__dict__["_current_fx_name"] = previous
 
     def callbacks(self, name: str, *args: Any, callbacks: Any = None) -> None:
         trainer, module = self.trainer, self.trainer.lightning_module

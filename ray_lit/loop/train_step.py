@@ -82,7 +82,7 @@ class TrainingBatch:
             out = training_output(raw)
             if out.loss is None:
                 return out
-            loss = out.loss / trainer._accumulation
+            loss = out.loss / trainer._accumulation if trainer._accumulation > 1 else out.loss
             hooks.both("on_before_backward", loss)
             scaled = trainer._precision.scale(loss)
             fn = module.backward

@@ -103,11 +103,11 @@ class LoopState:
     def _call_step(self, name: str, *args: Any) -> Any:
         module = self.lightning_module
         previous = module._current_fx_name
-        module._current_fx_name = name
+        module.__dict__["_current_fx_name"] = name
         try:
             return self._host.call_step(name, *args)
         finally:
-            module._current_fx_name = previous
+            module.__dict__["_current_fx_name"] = previous
 
     def _training_step_end(self, raw: Any) -> Any:
         """``training_step_end``: each rank's own output, or (``gather_step_outputs=True``,
