@@ -6,11 +6,14 @@ start the stage, then supervise: poll every worker a few times a second (never p
 replay rank 0's events into the driver's loggers and progress bar, commit checkpoints whose
 parts every rank confirmed, and notice a dead actor (Ray's own error on the poll), a failed
 rank, or a rank that stopped making progress. On failure the group is torn down and the policy
-decides between a new attempt and raising.
+decides between a new attempt and raising. Announced departures (a Ray node drain notice, a
+SIGTERM to a worker or to the driver) and elastic growth are planned: every rank checkpoints
+at the same step, then the next attempt starts from that checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -22,11 +25,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from ray_lit.distributed.policies import (
+    DepartureDecision,
     ElasticScaling,
     FailurePolicy,
     ResizeDecision,
     WorkerError,
     decide_accumulation,
+    decide_departure,
     scaling_policy,
 )
 from ray_lit.distributed.worker_group import WorkerGroup
@@ -41,6 +46,7 @@ class AttemptOutcome:
     exception: BaseException | None = None
     preempted: bool = False
     resize_to: int | None = None
+    departed: DepartureDecision | None = None
 
 
 class Controller:
@@ -65,6 +71,7 @@ class Controller:
         self.scaling = scaling_policy(trainer.config.num_workers)
         self.elastic = isinstance(self.scaling, ElasticScaling)
         self.grow_check_interval_s = 2.0
+        self.drain_check_interval_s = 1.0
         self._next_size: int | None = None
         self._attempts = 0
 
@@ -74,8 +81,9 @@ class Controller:
         with self._sigterm_requests_checkpoint():
             while True:
                 outcome = self._attempt()
-                if outcome.resize_to is not None:
-                    self._next_size = outcome.resize_to  # a planned resize, not a failure
+                if outcome.resize_to is not None or outcome.departed is not None:
+                    # a planned resize or departure, not a failure
+                    self._next_size = outcome.resize_to
                     continue
                 if outcome.preempted:
                     raise SystemExit(
@@ -128,13 +136,17 @@ class Controller:
         states: dict[int, str] = {}
         stop_requested = False
         resize_to: int | None = None
-        self._last_grow_check = time.monotonic()
+        departure: DepartureDecision | None = None
+        self._last_grow_check = self._last_drain_check = time.monotonic()
         while True:
             failures: list[AttemptOutcome] = []
+            sigterm_ranks: list[int] = []
             for rank, status in enumerate(self._poll_all(group)):
                 if isinstance(status, AttemptOutcome):
                     failures.append(status)
                     continue
+                if status.get("sigterm"):
+                    sigterm_ranks.append(rank)
                 state = status["state"]
                 if state == "failed":
                     failures.append(self._failed(group, rank, status))
@@ -151,12 +163,27 @@ class Controller:
                     self.recovery_times.append(time.monotonic() - self._failed_at)
                     self._failed_at = None
             if failures:
-                return self._root_cause(group, failures)
+                return self._root_cause(group, failures, departure)
             if len(done) == group.world_size:
-                if resize_to is not None and all(
-                        s == "preempted" for s in states.values()):
+                planned = all(s == "preempted" for s in states.values())
+                if departure is not None and planned and not departure.stop_run:
+                    return AttemptOutcome(departed=departure)  # before a resize planned then
+                if resize_to is not None and planned:
                     return AttemptOutcome(resize_to=resize_to)
-                return AttemptOutcome(result=done.get(0), preempted=stop_requested)
+                # a stop asked for after the last step: the run simply finished
+                return AttemptOutcome(result=done.get(0), preempted=stop_requested and planned)
+            if departure is None and (sigterm_ranks or self._drain_check_due()):
+                departure = decide_departure(
+                    [w.node_id for w in group.workers], self._driver_node(),
+                    self._draining_nodes(), sigterm_ranks, int(time.time() * 1000))
+                if departure is not None:
+                    if departure.stop_run:
+                        self._preempt.set()  # stop like a SIGTERM to the driver
+                    elif not stop_requested and resize_to is None:
+                        step = self._stop_at_next_step(group)
+                        stop_requested = True
+                        self.sink.print(f"ray_lit: checkpointing at step {step}: "
+                                        f"{departure.reason}")
             if self._preempt.is_set() and not stop_requested:
                 step = self._stop_at_next_step(group)
                 stop_requested = True
@@ -206,9 +233,12 @@ class Controller:
         kind = "actor_died" if _is_peer_loss(exception, text) else "user_error"
         return AttemptOutcome(error=self._error(group, rank, kind, text), exception=exception)
 
-    def _root_cause(self, group: WorkerGroup, failures: list[AttemptOutcome]) -> AttemptOutcome:
+    def _root_cause(self, group: WorkerGroup, failures: list[AttemptOutcome],
+                    departure: DepartureDecision | None = None) -> AttemptOutcome:
         """A dead peer makes the others fail in their collectives: report the dead one. Ray
-        may need a moment to report the death, so poll again briefly before deciding."""
+        may need a moment to report the death, so poll again briefly before deciding. A death
+        announced by a departure notice (the node went before the checkpoint) is a
+        preemption, which does not use up ``max_failures``."""
         deadline = time.monotonic() + 5.0
         while not any(f.error.kind in ("actor_died", "node_died") and f.exception is None
                       for f in failures) and time.monotonic() < deadline:
@@ -218,8 +248,12 @@ class Controller:
             failures = failures + [s for s in self._poll_all(group)
                                    if isinstance(s, AttemptOutcome)]
         order = {"node_died": 0, "actor_died": 1, "hang": 2, "user_error": 3, "preempted": 4}
-        return min(failures, key=lambda f: (order.get(f.error.kind, 5),
-                                            f.exception is not None))
+        cause = min(failures, key=lambda f: (order.get(f.error.kind, 5),
+                                             f.exception is not None))
+        if departure is not None and cause.error.kind in ("node_died", "actor_died"):
+            cause = dataclasses.replace(cause, error=dataclasses.replace(
+                cause.error, kind="preempted"))
+        return cause
 
     def _stop_at_next_step(self, group: WorkerGroup) -> int:
         """Every rank checkpoints at the same optimizer step a little ahead, then stops (ranks
@@ -227,6 +261,30 @@ class Controller:
         step = max(self._steps(group), default=0) + 2
         ray.get([w.actor.request_stop_at.remote(step) for w in group.workers])
         return step
+
+    # --- departures -----------------------------------------------------------------------------
+    def _drain_check_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_drain_check < self.drain_check_interval_s:
+            return False
+        self._last_drain_check = now
+        return True
+
+    def _draining_nodes(self) -> dict[str, int]:
+        """Ray's nodes being drained (autoscaler scale-down, spot preemption notices):
+        ``{node_id: deadline_ms}``; empty where this Ray cannot tell."""
+        try:
+            import ray._private.state as state
+
+            return dict(state.state.get_draining_nodes())
+        except Exception:
+            return {}
+
+    def _driver_node(self) -> str | None:
+        try:
+            return ray.get_runtime_context().get_node_id()
+        except Exception:
+            return None
 
     # --- elasticity -----------------------------------------------------------------------------
     def _per_worker(self) -> dict[str, float]:
@@ -242,9 +300,12 @@ class Controller:
         return count
 
     def _free_per_node(self) -> list[dict[str, float]]:
+        """Free resources of each node that can take new workers (not one being drained)."""
         import ray._private.state as state
 
-        return list(state.available_resources_per_node().values())
+        draining = self._draining_nodes()
+        return [free for node, free in state.available_resources_per_node().items()
+                if node not in draining]
 
     def _world_size(self) -> int:
         """Fixed: ``num_workers``. Elastic: as many as can be placed now (at least ``min``,

@@ -3,37 +3,27 @@
 Every rank takes a checkpoint at the same step boundary (the conditions depend only on counters
 every rank shares, so no collective is needed to agree): every ``every_n_steps`` optimizer
 steps, at each epoch end, when the driver asks for one before a planned stop (preemption), and
-at the end of fit. The state is copied to host memory at that boundary (the only stall), then a
-background thread serialises and writes this rank's part while training goes on; at most one
-write is in flight. The driver commits the checkpoint once every rank confirmed its part.
+at the end of fit. At that boundary the small, fast-changing state is copied to host memory;
+parameters and optimizer state are copied by a background thread during the next forward and
+backward (``HostSnapshot``: optimizer steps wait for that copy), which then serialises and
+writes this rank's part while training goes on; at most one write is in flight. The driver
+commits the checkpoint once every rank confirmed its part.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
-import torch
-
 from ray_lit.checkpoint.manager import checkpoint_name, part_name
+from ray_lit.distributed.snapshot import HostSnapshot
+
+log = logging.getLogger("ray_lit")
 
 
 class PreemptedExit(Exception):
     """Raised in the loop after the checkpoint the driver asked for is written."""
-
-
-def to_host(obj: Any) -> Any:
-    """A deep copy with every tensor cloned to CPU (training may change the originals)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, to_host(v)) for k, v in obj.items()) if type(obj) is not dict \
-            else {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_host(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(to_host(v) for v in obj)
-    return obj
 
 
 class CheckpointWriter:
@@ -51,12 +41,25 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._last_step_taken = -1
         self._last_name: str | None = None
+        self._snapshot = HostSnapshot()
+        self._prepared = False
+        self.overlap_copy = True  # off after a torn copy (a parameter changed outside step)
         self.stall_s: list[float] = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_worker"] = state["_thread"] = None
+        state["_snapshot"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._snapshot = HostSnapshot()
+
+    @property
+    def fence_wait_s(self) -> list[float]:
+        """Time optimizer steps waited for a deferred copy, per checkpoint that made one wait."""
+        return self._snapshot.fence_wait_s
 
     def attach(self, worker: Any, ranks: Any) -> None:
         self._worker = worker
@@ -66,6 +69,8 @@ class CheckpointWriter:
     # --- when -----------------------------------------------------------------------------------
     def after_train_step(self, trainer: Any, is_last: bool) -> None:
         step = trainer.global_step
+        if not self._prepared and step >= 1:
+            self._prepare(trainer)
         stop_at = getattr(self._worker, "stop_at_step", None)
         if stop_at is not None and step >= stop_at:
             self.take(trainer, tag="preempt")
@@ -83,8 +88,23 @@ class CheckpointWriter:
         if trainer.global_step != self._last_step_taken:
             self.take(trainer)
         self.wait()
+        self._snapshot.release()
 
     # --- what -----------------------------------------------------------------------------------
+    def _prepare(self, trainer: Any) -> None:
+        """After the first optimizer step (the optimizer state exists now), allocate the host
+        buffers of this rank's checkpoint in the background."""
+        self._prepared = True
+        if self._rank != 0 or not self.asynchronous or self._thread is not None:
+            return  # other ranks' parts are small
+        # the large entries of ``dump_checkpoint``'s dict, under the same keys (no user hooks)
+        module = trainer.lightning_module
+        state = {"state_dict": {k: v.detach() for k, v in module.state_dict().items()},
+                 "optimizer_states": [opt.state_dict() for opt in trainer.optimizers]}
+        self._thread = threading.Thread(target=self._snapshot.prepare, args=(state,),
+                                        daemon=True, name="ray_lit-ckpt-prepare")
+        self._thread.start()
+
     def take(self, trainer: Any, tag: str = "") -> None:
         """Copy this rank's state to host memory now; write it in the background."""
         import time
@@ -92,18 +112,18 @@ class CheckpointWriter:
         from ray_lit.core.seed import rng_state
         from ray_lit.loop.checkpoint_state import dump_checkpoint
 
-        self.wait()  # at most one write in flight
         start = time.perf_counter()
+        self.wait()  # at most one write in flight (waiting for it is part of the stall)
         progress = trainer._progress
         if self._rank == 0:
-            state = dump_checkpoint(trainer)
+            state = dump_checkpoint(trainer, on_device=True)
         else:
             state = {"loops": {"progress": progress.state_dict(), "rng": rng_state(),
                                "sampler": trainer._host.sampler_state(progress.batches_done),
                                "world_size": self._world_size}}
             if progress.batches_done >= trainer.num_training_batches:
                 state["loops"]["progress"]["epoch_finished"] = True
-        state = to_host(state)
+        state = self._snapshot.capture(state, trainer.optimizers, deferred=self.overlap_copy)
         self.stall_s.append(time.perf_counter() - start)
         name = checkpoint_name(progress.global_step, progress.epoch, tag)
         meta = {"global_step": progress.global_step, "epoch": progress.epoch}
@@ -123,6 +143,14 @@ class CheckpointWriter:
         from ray_lit.checkpoint.io import save_checkpoint
 
         try:
+            if not self._snapshot.copy_deferred():
+                # a parameter changed in place outside optimizer.step during the copy: this
+                # checkpoint is never written (so never committed); copy synchronously from now
+                self.overlap_copy = False
+                log.warning("ray_lit: a parameter or optimizer state tensor changed outside "
+                            "optimizer.step while checkpoint %s was copied; it is skipped and "
+                            "later checkpoints copy synchronously", name)
+                return
             save_checkpoint(state, uri)
         except BaseException as err:  # surfaced on the loop thread at the next take/wait
             self._error = err
@@ -131,6 +159,7 @@ class CheckpointWriter:
             self._worker.outbox.append(("checkpoint", name, self._rank, self._world_size, meta))
 
     def wait(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error here."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -18,6 +18,7 @@ from ray_lit.errors import MisconfigurationException
 __all__ = [
     "AccumulationDecision",
     "Decision",
+    "DepartureDecision",
     "ElasticScaling",
     "FailureDecision",
     "FailurePolicy",
@@ -29,6 +30,7 @@ __all__ = [
     "WorkerError",
     "accumulation_for_world_size",
     "decide_accumulation",
+    "decide_departure",
     "scaling_policy",
 ]
 
@@ -293,3 +295,57 @@ def accumulation_for_world_size(base_world_size: int, base_accumulate: int,
     if not decision.exact and mode == "keep_global_batch":
         warnings.warn(f"ray_lit elastic resize: {decision.reason}", UserWarning, stacklevel=2)
     return decision.accumulate
+
+
+# --- planned departures ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DepartureDecision:
+    """Workers are about to go (a Ray node drain notice, a SIGTERM to a worker process): every
+    rank checkpoints at the same step a little ahead, then the group stops.
+
+    Attributes:
+        stop_run: True when the driver's own node is going: the run stops after the checkpoint
+            (like a SIGTERM to the driver) and a rerun of the script continues it. False: a new
+            worker group continues from that checkpoint without the departing nodes.
+        ranks: the world ranks that are leaving.
+        nodes: their node ids.
+        reason: in words, for the log.
+    """
+
+    stop_run: bool
+    ranks: tuple[int, ...]
+    nodes: tuple[str, ...]
+    reason: str
+
+
+def decide_departure(worker_nodes: list[str], driver_node: str | None,
+                     draining: dict[str, int], sigterm_ranks: list[int],
+                     now_ms: int) -> DepartureDecision | None:
+    """What to do about announced departures (pure).
+
+    Args:
+        worker_nodes: the node id of each world rank.
+        driver_node: the driver's node id.
+        draining: Ray's draining nodes, ``{node_id: deadline_ms}`` (0: no deadline).
+        sigterm_ranks: ranks whose worker process received SIGTERM.
+        now_ms: the current time (ms since the epoch), for the deadline in the reason.
+    """
+    drained = {n for n in draining if n in worker_nodes or n == driver_node}
+    signalled = {r for r in sigterm_ranks if 0 <= r < len(worker_nodes)}
+    ranks = tuple(sorted({r for r, n in enumerate(worker_nodes) if n in drained} | signalled))
+    stop_run = driver_node in drained
+    if not ranks and not stop_run:
+        return None
+    nodes = drained | {worker_nodes[r] for r in signalled}
+    causes = []
+    for node in sorted(drained):
+        deadline = draining[node]
+        left = f", deadline in {max(0, deadline - now_ms) / 1000:.0f} s" if deadline else ""
+        causes.append(f"node {node[:8]} is draining{left}")
+    if signalled:
+        # a SIGTERM says this process goes, not its node: the next group may use the node
+        causes.append(f"SIGTERM to the worker(s) of rank(s) {sorted(signalled)}")
+    then = ("the driver's node is going: stop after the checkpoint" if stop_run else
+            f"continue without rank(s) {list(ranks)} from that checkpoint")
+    return DepartureDecision(stop_run=stop_run, ranks=ranks, nodes=tuple(sorted(nodes)),
+                             reason=f"{'; '.join(causes)}; {then}")

@@ -8,6 +8,7 @@ here decides anything about failures: it reports, and the controller acts.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import traceback
@@ -78,6 +79,26 @@ class Worker:
         self.outbox: list[tuple] = []
         self.stop_at_step: int | None = None
         self._first_steps: int | None = None
+        self._sigterm = False
+        self._last_poll = time.monotonic()
+        self._previous_sigterm: Any = None
+        if threading.current_thread() is threading.main_thread():  # the actor's constructor
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """A SIGTERM to a training worker (its node is being reclaimed) is a notice: the next
+        poll tells the driver, which has every rank checkpoint at the same step and continues
+        without this node. An idle worker, or one the driver no longer polls, exits as Ray's
+        own handler would have it."""
+        polled = time.monotonic() - self._last_poll < 2.0
+        if self._state == "running" and polled and not self._sigterm:
+            self._sigterm = True
+            return
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise SystemExit(128 + signum)
 
     def node_info(self) -> dict[str, Any]:
         return _node_info()
@@ -133,6 +154,7 @@ class Worker:
 
     def poll(self) -> dict[str, Any]:
         """Status for the controller; rank 0 also hands over its recorded events."""
+        self._last_poll = time.monotonic()
         events = self._sink.drain() if self._sink is not None and hasattr(
             self._sink, "drain") else []
         trainer = self._trainer
@@ -144,7 +166,7 @@ class Worker:
                "idle_s": time.monotonic() - self._last_progress,
                "global_step": trainer.global_step if trainer is not None else 0,
                "steps": max(steps, 0) - self._first_steps if self._first_steps is not None
-               else 0}
+               else 0, "sigterm": self._sigterm}
         if self._first_steps is None and steps >= 0:
             self._first_steps = steps
         if self._state == "failed":

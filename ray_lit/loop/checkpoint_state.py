@@ -31,8 +31,13 @@ def _plain_hparams(hparams: Any) -> Any:
     return {k: v for k, v in dict(hparams).items() if not callable(v)}
 
 
-def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
-    """The checkpoint of ``trainer``'s run as it stands (called on every rank; rank 0 writes)."""
+def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = False
+                    ) -> dict[str, Any]:
+    """The checkpoint of ``trainer``'s run as it stands (called on every rank; rank 0 writes).
+
+    ``on_device`` leaves the weights where they are (the fault-tolerance writer copies them to
+    host memory itself, overlapped with training); otherwise they are copied to the CPU.
+    """
     module = trainer.lightning_module
     progress = trainer._progress
     progress_state = progress.state_dict()
@@ -49,7 +54,8 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False) -> dict[str, Any]:
         "pytorch-lightning_version": "2.4.0",
         "ray_lit_version": __version__,
         "ray_lit_format": FORMAT_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "state_dict": {k: v.detach() if on_device else v.detach().cpu()
+                       for k, v in module.state_dict().items()},
         "loops": {"progress": progress_state, "rng": rng_state(),
                   "sampler": trainer._host.sampler_state(progress.batches_done),
                   "world_size": trainer._host.world_size,

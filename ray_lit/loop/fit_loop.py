@@ -26,6 +26,7 @@ class FitLoop:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.batch_runner = TrainingBatch(trainer)
+        self._window_start = 0
 
     # --- the whole run -------------------------------------------------------------------------
     def run(self) -> None:
@@ -71,6 +72,10 @@ class FitLoop:
         trainer._metric_store = store
         trainer._val_ran_this_epoch = False
         trainer._accumulation = trainer._accumulation_for_epoch(epoch)
+        # accumulation windows count from where this epoch's batches start: 0, or the resume
+        # position, which is a window boundary at the checkpoint's world size but may not be
+        # one in the new numbering after an elastic resize
+        self._window_start = progress.batches_done
         outputs: list[list[Any]] = [[] for _ in trainer.optimizers]
         accumulators: dict[str, list[torch.Tensor]] = {}
         hooks.both("on_epoch_start")
@@ -119,7 +124,8 @@ class FitLoop:
                                             needed=self._batch_start_overridden()):
             return True
         is_last = batch_idx + 1 >= total
-        should_step = (batch_idx + 1) % trainer._accumulation == 0 or is_last
+        should_step = (batch_idx + 1 - self._window_start) % trainer._accumulation == 0 \
+            or is_last
         if trainer.lightning_module.automatic_optimization:
             step_outputs = self.batch_runner.run(batch, batch_idx, should_step)
         else:

@@ -135,3 +135,45 @@ def test_new_node_grows_the_group(cluster, tmp_path):
     worlds = {world for world, *_ in _seen(out)}
     assert worlds == {1, 2}
     assert trainer.global_step == 24  # 8 samples per optimizer step at either size
+
+
+def _drain(cluster_address: str, node_id: str, deadline_s: float) -> None:
+    """What the autoscaler (or KubeRay) does before reclaiming a spot node."""
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster_address)
+    accepted, why = gcs.drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "spot instance reclaimed", int((time.time() + deadline_s) * 1000))
+    assert accepted, why
+
+
+def test_a_drain_notice_checkpoints_then_continues_without_the_node(cluster, tmp_path, capsys):
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    out = tmp_path / "seen"
+    out.mkdir()
+    run_dir = str(tmp_path / "runs" / "elastic")
+
+    def drain_after_first_commit():
+        manager = CheckpointManager(run_dir)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.isdir(os.path.join(run_dir, "checkpoints")) and manager.committed():
+                _drain(cluster.address, node.node_id, deadline_s=60)
+                return
+            time.sleep(0.1)
+
+    notifier = threading.Thread(target=drain_after_first_commit, daemon=True)
+    notifier.start()
+    trainer = _fit(tmp_path, out, max_epochs=1, checkpoint_every_n_steps=2, sleep_s=0.3,
+                   max_failures=0)
+    notifier.join()
+    assert "is draining" in capsys.readouterr().out
+    assert trainer.world_size_history == [2, 1]
+    assert trainer.num_restarts == 0  # planned: no failure used up (max_failures=0)
+    rows = _seen(out)
+    # nothing redone: the checkpoint was taken where the two-worker group stopped
+    assert max(s for w, _, s, _ in rows if w == 2) < min(s for w, _, s, _ in rows if w == 1)
+    assert sorted(i for *_, idx in rows for i in idx) == list(range(64)), sorted(rows)
+    assert trainer.global_step == 8, sorted(rows)

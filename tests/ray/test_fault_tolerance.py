@@ -4,6 +4,7 @@ the latest committed checkpoint and the run ends with the weights of an uninterr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -23,7 +24,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 class DropoutNet(pl.LightningModule):
     """Dropout + Adam + a shuffled loader: exact resume needs RNG, optimizer and sampler."""
 
-    def __init__(self, kill_marker: str = "", kill_rank: int = 1, kill_step: int = 5) -> None:
+    def __init__(self, kill_marker: str = "", kill_rank: int = 1, kill_step: int = 5,
+                 kill_signal: int | None = None, step_sleep_s: float = 0.0) -> None:
         super().__init__()
         torch.manual_seed(3)
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
@@ -31,12 +33,18 @@ class DropoutNet(pl.LightningModule):
         self.kill_marker = kill_marker
         self.kill_rank = kill_rank
         self.kill_step = kill_step
+        self.kill_signal = kill_signal
+        self.step_sleep_s = step_sleep_s
 
     def training_step(self, batch, batch_idx):
         if (self.kill_marker and self.global_rank == self.kill_rank
                 and self.global_step == self.kill_step and not os.path.exists(self.kill_marker)):
             open(self.kill_marker, "w").close()
-            os._exit(1)  # the worker process dies: no exception, no cleanup
+            if self.kill_signal is not None:
+                os.kill(os.getpid(), self.kill_signal)  # a notice: the process goes soon
+            else:
+                os._exit(1)  # the worker process dies: no exception, no cleanup
+        time.sleep(self.step_sleep_s)  # time for the driver to act mid-run
         x, y = batch
         return torch.nn.functional.mse_loss(self.net(x), y)
 
@@ -51,10 +59,10 @@ def _data() -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
 
 
-def _fit(tmp_path, name: str, **extra):
+def _fit(tmp_path, name: str, max_failures: int = 3, **extra):
     pl.seed_everything(11)
     model = DropoutNet(**extra)
-    trainer = ray_lit.fit(model, _data(), num_workers=2, max_epochs=2,
+    trainer = ray_lit.fit(model, _data(), num_workers=2, max_epochs=2, max_failures=max_failures,
                           storage_path=str(tmp_path / "runs"), run_name=name,
                           checkpoint_every_n_steps=2, enable_progress_bar=False,
                           enable_model_summary=False, logger=False, enable_checkpointing=False)
@@ -81,6 +89,23 @@ def test_killed_rank_resumes_exactly(ray_cluster, tmp_path):
             from ray_lit.checkpoint.io import load_checkpoint
 
             assert "loops" in load_checkpoint(ckpt.part_uri(rank))
+
+
+def test_sigterm_to_a_worker_checkpoints_then_continues_exactly(ray_cluster, tmp_path, capsys):
+    reference, ref_trainer = _fit(tmp_path, "reference")
+    marker = str(tmp_path / "signalled")
+    model, trainer = _fit(tmp_path, "sigterm", kill_marker=marker, kill_signal=signal.SIGTERM,
+                          kill_step=3, step_sleep_s=0.1, max_failures=0)
+    assert os.path.exists(marker), "the signal was not sent"
+    # a planned stop: no failure used up (max_failures=0 would have raised), no step redone
+    assert trainer.num_restarts == 0
+    assert trainer.world_size_history == [2, 2]
+    out = capsys.readouterr().out
+    assert "SIGTERM to the worker(s) of rank(s) [1]" in out
+    assert "restoring from step-" in out  # the new group started from that checkpoint
+    assert trainer.global_step == ref_trainer.global_step == 12
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_failures_beyond_max_failures_raise_training_failed(ray_cluster, tmp_path):
