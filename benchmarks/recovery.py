@@ -15,6 +15,8 @@ printed next to it, which splits the time into detection and restart.
 
     python benchmarks/recovery.py                      # kill rank 1 at step 250, ckpt every 100
     python benchmarks/recovery.py --kill-step 130 --every 50 --rank 0 --json rec.json
+    python benchmarks/recovery.py --fresh-workers      # without keeping the surviving workers
+    python benchmarks/recovery.py --node-loss          # elastic (1, 2): a node removed
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ from benchmarks.workloads import (  # noqa: E402
 class KillOnce(ray_lit.LightningModule):
     """The MLP; rank ``kill_rank`` exits hard at global step ``kill_step`` the first time."""
 
-    def __init__(self, out_dir: str, kill_step: int, kill_rank: int) -> None:
+    def __init__(self, out_dir: str, kill_step: int, kill_rank: int,
+                 node_loss: bool = False) -> None:
         super().__init__()
         self.net = build_net("mlp")
         self.out_dir, self.kill_step, self.kill_rank = out_dir, kill_step, kill_rank
+        self.node_loss = node_loss  # rank 0 signals the step; the driver removes a node
         self._first_ts: float | None = None
         self._fit_start_ts: float | None = None
         self._reported = False
@@ -81,6 +85,11 @@ class KillOnce(ray_lit.LightningModule):
                                    "pid": os.getpid(), "process_start_ts": process_start_ts(),
                                    "fit_start_ts": self._fit_start_ts}, f)
                     self._reported = True
+        elif self.node_loss:
+            at_step = os.path.join(self.out_dir, "at_step.json")
+            if rank == 0 and step >= self.kill_step and not os.path.exists(at_step):
+                with open(at_step, "w") as f:
+                    json.dump({"global_step": step}, f)
         elif rank == self.kill_rank and step >= self.kill_step:
             with open(marker + ".tmp", "w") as f:
                 json.dump({"ts": time.time(), "global_step": step, "rank": rank,
@@ -144,20 +153,57 @@ def _instrument(phases: list[tuple[str, float, float]]) -> None:
 
     wrap(Controller, "_root_cause", "root_cause (decide which rank failed)")
     wrap(WorkerGroup, "shutdown", "old group shutdown")
+    wrap(WorkerGroup, "salvage", "old group salvage (survivors leave the process group)")
     wrap(WorkerGroup, "create", "new group create (actors + process group)", static=True)
     wrap(WorkerGroup, "run", "new group run (ship payload, start loop)")
 
 
+def _remove_node_at_step(cluster: Any, node: Any, out_dir: str) -> None:
+    """Driver thread of ``--node-loss``: when rank 0 reports the step, remove the node that
+    hosts rank 1 (its raylet and workers are killed, as when a spot VM vanishes)."""
+    at_step = os.path.join(out_dir, "at_step.json")
+    while not os.path.exists(at_step):
+        time.sleep(0.02)
+    time.sleep(0.05)
+    with open(at_step) as f:
+        step = json.load(f)["global_step"]
+    ts = time.time()
+    cluster.remove_node(node, allow_graceful=False)
+    marker = os.path.join(out_dir, "killed.json")
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"ts": ts, "global_step": step, "rank": 1, "pid": None,
+                   "removal_s": time.time() - ts}, f)
+    os.replace(marker + ".tmp", marker)
+
+
 def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
-            out_dir: str, warm: bool = False) -> dict[str, Any]:
+            out_dir: str, warm: bool = False, fresh: bool = False,
+            node_loss: bool = False) -> dict[str, Any]:
+    import threading
+
     import cloudpickle
     import ray
 
+    from ray_lit.distributed.controller import Controller
+
+    Controller.keep_survivors = not fresh
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     runtime_env = {"worker_process_setup_hook": "benchmarks.workloads.warm_imports"} \
         if warm else None
-    ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(),
-             log_to_driver=False, runtime_env=runtime_env)
+    cluster = remover = None
+    if node_loss:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        node = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
+        remover = threading.Thread(target=_remove_node_at_step, args=(cluster, node, out_dir),
+                                   daemon=True)
+        remover.start()
+    else:
+        ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(),
+                 log_to_driver=False, runtime_env=runtime_env)
     times = _Times()
     logger = logging.getLogger("ray_lit")
     logger.addHandler(times)
@@ -166,9 +212,10 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
     phases: list[tuple[str, float, float]] = []
     _instrument(phases)
     w = workload("mlp")
-    module = KillOnce(out_dir, kill_step, kill_rank)
+    module = KillOnce(out_dir, kill_step, kill_rank, node_loss)
     start = time.time()
-    trainer = ray_lit.fit(module, train_loader(w), num_workers=w.num_workers,
+    trainer = ray_lit.fit(module, train_loader(w),
+                          num_workers=(1, w.num_workers) if node_loss else w.num_workers,
                           max_epochs=max_epochs, checkpoint_every_n_steps=every,
                           storage_path=os.path.join(out_dir, "runs"), run_name="recovery",
                           enable_progress_bar=False, logger=False, enable_checkpointing=False,
@@ -186,9 +233,12 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
     noticed = next((t for t, m in times.records if "failed" in m and "attempt" in m), None)
     restoring = [t for t, m in times.records if "restoring from" in m]
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
     t0 = killed["ts"]
     after = [(label, a - t0, b - t0) for label, a, b in phases if b >= t0]
-    timeline = [("kill (os._exit in training_step)", 0.0, 0.0)]
+    timeline = [("node removed (raylet and its workers killed)" if node_loss else
+                 "kill (os._exit in training_step)", 0.0, killed.get("removal_s", 0.0))]
     if noticed is not None:
         timeline.append(("driver logs the failure", noticed - t0, noticed - t0))
     timeline += after
@@ -210,7 +260,8 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
         "restore_started_after_s": None if not restoring else restoring[-1] - killed["ts"],
         "controller_recovery_times_s": getattr(trainer._controller, "recovery_times", None),
         "num_restarts": trainer.num_restarts, "final_global_step": trainer.global_step,
-        "fit_wall_s": done - start,
+        "fit_wall_s": done - start, "world_size_history": trainer.world_size_history,
+        "survivors_kept": not fresh,
         "timeline_s": [{"what": label, "start": round(a, 3), "end": round(b, 3)}
                        for label, a, b in timeline],
     }
@@ -227,6 +278,12 @@ def main() -> None:
     parser.add_argument("--warm-workers", action="store_true",
                         help="experiment: a Ray worker_process_setup_hook imports torch, "
                              "torch._dynamo and ray_lit in Ray's idle workers ahead of time")
+    parser.add_argument("--fresh-workers", action="store_true",
+                        help="tear the whole group down on a failure (the behaviour before "
+                             "survivors were kept), for comparison")
+    parser.add_argument("--node-loss", action="store_true",
+                        help="elastic (1, 2) on a two-node ray.cluster_utils.Cluster; the "
+                             "node of rank 1 is removed at --kill-step")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -241,7 +298,7 @@ def main() -> None:
             os.remove(os.path.join(out_dir, name))
     shutil.rmtree(os.path.join(out_dir, "runs"), ignore_errors=True)  # no resume of a past run
     result = measure(args.kill_step, args.every, args.rank, args.epochs, out_dir,
-                     args.warm_workers)
+                     args.warm_workers, args.fresh_workers, args.node_loss)
     print(json.dumps({k: v for k, v in result.items() if k != "timeline_s"}, indent=1))
     print("timeline (s after the kill):")
     for e in result["timeline_s"]:

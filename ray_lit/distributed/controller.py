@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 
+from ray_lit.distributed.cluster_view import ClusterView
 from ray_lit.distributed.policies import (
     DepartureDecision,
     ElasticScaling,
@@ -34,7 +33,7 @@ from ray_lit.distributed.policies import (
     decide_departure,
     scaling_policy,
 )
-from ray_lit.distributed.worker_group import WorkerGroup
+from ray_lit.distributed.worker_group import Survivors, WorkerGone, WorkerGroup
 from ray_lit.errors import MisconfigurationException, TrainingFailedError
 from ray_lit.loop.reporting import replay
 
@@ -47,14 +46,23 @@ class AttemptOutcome:
     preempted: bool = False
     resize_to: int | None = None
     departed: DepartureDecision | None = None
+    peer_symptom: bool = False  # failed in a collective because a peer went away
 
 
 class Controller:
     """Driver-side owner of the worker groups of one stage (fit, validate or test)."""
 
+    keep_survivors = True  # reuse the live workers after a loss (benchmarks turn it off)
+    root_cause_grace_s = 5.0  # how long Ray may take to report the death behind a failure
+
     def __init__(self, *, trainer: Any, payload_ref: Any, job: dict[str, Any],
                  group_options: dict[str, Any], sink: Any, manager: Any = None,
-                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.1) -> None:
+                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.1,
+                 create_group: Any = None, cluster: Any = None) -> None:
+        """``create_group`` (``WorkerGroup.create``) and ``cluster`` (``ClusterView()``) are
+        where the controller meets Ray; ``ray_lit.testing`` passes fakes."""
+        self.create_group = create_group or WorkerGroup.create
+        self.cluster = cluster or ClusterView()
         self.trainer = trainer
         self.payload_ref = payload_ref
         self.job = job
@@ -74,10 +82,20 @@ class Controller:
         self.drain_check_interval_s = 1.0
         self._next_size: int | None = None
         self._attempts = 0
+        self._survivors: Survivors | None = None
+        self.reused_workers: list[int] = []  # per attempt: workers kept from the one before
 
     # --- attempts -------------------------------------------------------------------------------
     def run(self) -> Any:
         """Run attempts until one finishes; returns rank 0's result (bytes)."""
+        try:
+            return self._run_attempts()
+        finally:
+            if self._survivors is not None:  # a raise after a failure: nobody needs them
+                self._survivors.release()
+                self._survivors = None
+
+    def _run_attempts(self) -> Any:
         with self._sigterm_requests_checkpoint():
             while True:
                 outcome = self._attempt()
@@ -120,15 +138,57 @@ class Controller:
                 self.sink.print(f"ray_lit: restoring from {latest.name} (step "
                                 f"{latest.global_step}, epoch {latest.epoch})")
         self._attempts += 1
-        size = self._world_size()
+        survivors, self._survivors = self._survivors, None
+        if survivors is not None and self.elastic and not self._refillable(survivors):
+            survivors.release()  # the dead workers' places are gone: size the group afresh
+            survivors = None
+        size = survivors.num_workers if survivors is not None else self._world_size()
         self._plan_accumulation(job, size)
-        group = WorkerGroup.create(**dict(self.group_options, num_workers=size))
+        kept = len(survivors.actors) if survivors is not None else 0
+        try:
+            group = self.create_group(**dict(self.group_options, num_workers=size),
+                                      survivors=survivors)
+        except Exception as err:
+            if survivors is None:
+                raise
+            # e.g. a replacement placed on a node that Ray had not yet seen die: the kept
+            # workers were released with it; start a whole new group instead
+            self.sink.print(f"ray_lit: re-forming the group around the surviving workers "
+                            f"failed ({type(err).__name__}); starting a new group")
+            kept, size = 0, self._world_size()
+            self._plan_accumulation(job, size)
+            group = self.create_group(**dict(self.group_options, num_workers=size),
+                                      survivors=None)
+        self.reused_workers.append(kept)
+        if kept:
+            self.sink.print(f"ray_lit: kept {kept} surviving worker(s), started "
+                            f"{size - kept} new; process group re-formed")
         self.trainer.world_size_history.append(group.world_size)
+        outcome = AttemptOutcome(error=None)
         try:
             group.run(self.payload_ref, job)
-            return self._supervise(group)
+            outcome = self._supervise(group)
+            return outcome
         finally:
-            group.shutdown()
+            if self._worth_salvaging(outcome):
+                self._survivors = group.salvage()
+            else:
+                group.shutdown()
+
+    def _worth_salvaging(self, outcome: AttemptOutcome) -> bool:
+        """After a lost worker (not a bug in user code, not a planned stop) the live workers
+        are kept for the next attempt instead of being torn down with the group."""
+        error = outcome.error
+        return (self.keep_survivors and error is not None and self.job.get("stage") == "fit"
+                and error.kind in ("actor_died", "node_died", "hang", "preempted")
+                and self.policy.max_failures != 0)
+
+    def _refillable(self, survivors: Survivors) -> bool:
+        """Whether every dead worker's bundle sits on a live node that is not draining (a
+        process died, or Ray already re-placed the bundle of a lost node)."""
+        missing = [i + survivors.offset for i in range(survivors.num_workers)
+                   if i not in survivors.actors]
+        return self.cluster.bundles_placed(survivors.placement_group, missing)
 
     # --- supervision ----------------------------------------------------------------------------
     def _supervise(self, group: WorkerGroup) -> AttemptOutcome:
@@ -174,8 +234,8 @@ class Controller:
                 return AttemptOutcome(result=done.get(0), preempted=stop_requested and planned)
             if departure is None and (sigterm_ranks or self._drain_check_due()):
                 departure = decide_departure(
-                    [w.node_id for w in group.workers], self._driver_node(),
-                    self._draining_nodes(), sigterm_ranks, int(time.time() * 1000))
+                    [w.node_id for w in group.workers], self.cluster.driver_node(),
+                    self.cluster.draining_nodes(), sigterm_ranks, int(time.time() * 1000))
                 if departure is not None:
                     if departure.stop_run:
                         self._preempt.set()  # stop like a SIGTERM to the driver
@@ -202,16 +262,10 @@ class Controller:
     def _poll_all(self, group: WorkerGroup) -> list[Any]:
         """Every worker's status, or an AttemptOutcome for a worker that is gone."""
         out: list[Any] = []
-        for rank, ref in enumerate(group.poll()):
-            try:
-                status = ray.get(ref, timeout=30)
-            except RayActorError as err:
-                out.append(AttemptOutcome(error=self._error(group, rank, "actor_died",
-                                                            str(err))))
-                continue
-            except GetTimeoutError:
-                out.append(AttemptOutcome(error=self._error(
-                    group, rank, "hang", "the worker did not answer a poll within 30 s")))
+        for rank, status in enumerate(group.statuses()):
+            if isinstance(status, WorkerGone):
+                out.append(AttemptOutcome(error=self._error(group, rank, status.kind,
+                                                            status.text)))
                 continue
             if status["events"]:
                 replay(status["events"], self.sink)
@@ -230,8 +284,10 @@ class Controller:
         exception = _unpickle(status.get("exception"))
         text = status.get("error") or ""
         # a collective that lost its peer is a symptom of another rank's death, not a bug
-        kind = "actor_died" if _is_peer_loss(exception, text) else "user_error"
-        return AttemptOutcome(error=self._error(group, rank, kind, text), exception=exception)
+        peer_loss = _is_peer_loss(exception, text)
+        kind = "actor_died" if peer_loss else "user_error"
+        return AttemptOutcome(error=self._error(group, rank, kind, text), exception=exception,
+                              peer_symptom=peer_loss)
 
     def _root_cause(self, group: WorkerGroup, failures: list[AttemptOutcome],
                     departure: DepartureDecision | None = None) -> AttemptOutcome:
@@ -239,8 +295,8 @@ class Controller:
         may need a moment to report the death, so poll again briefly before deciding. A death
         announced by a departure notice (the node went before the checkpoint) is a
         preemption, which does not use up ``max_failures``."""
-        deadline = time.monotonic() + 5.0
-        while not any(f.error.kind in ("actor_died", "node_died") and f.exception is None
+        deadline = time.monotonic() + self.root_cause_grace_s
+        while not any(f.error.kind in ("actor_died", "node_died") and not f.peer_symptom
                       for f in failures) and time.monotonic() < deadline:
             if all(f.error.kind == "user_error" for f in failures):
                 break
@@ -248,7 +304,7 @@ class Controller:
             failures = failures + [s for s in self._poll_all(group)
                                    if isinstance(s, AttemptOutcome)]
         order = {"node_died": 0, "actor_died": 1, "hang": 2, "user_error": 3, "preempted": 4}
-        cause = min(failures, key=lambda f: (order.get(f.error.kind, 5),
+        cause = min(failures, key=lambda f: (order.get(f.error.kind, 5), f.peer_symptom,
                                              f.exception is not None))
         if departure is not None and cause.error.kind in ("node_died", "actor_died"):
             cause = dataclasses.replace(cause, error=dataclasses.replace(
@@ -259,7 +315,7 @@ class Controller:
         """Every rank checkpoints at the same optimizer step a little ahead, then stops (ranks
         move in lockstep through DDP, so two steps ahead is reached by all)."""
         step = max(self._steps(group), default=0) + 2
-        ray.get([w.actor.request_stop_at.remote(step) for w in group.workers])
+        group.request_stop_at(step)
         return step
 
     # --- departures -----------------------------------------------------------------------------
@@ -269,22 +325,6 @@ class Controller:
             return False
         self._last_drain_check = now
         return True
-
-    def _draining_nodes(self) -> dict[str, int]:
-        """Ray's nodes being drained (autoscaler scale-down, spot preemption notices):
-        ``{node_id: deadline_ms}``; empty where this Ray cannot tell."""
-        try:
-            import ray._private.state as state
-
-            return dict(state.state.get_draining_nodes())
-        except Exception:
-            return {}
-
-    def _driver_node(self) -> str | None:
-        try:
-            return ray.get_runtime_context().get_node_id()
-        except Exception:
-            return None
 
     # --- elasticity -----------------------------------------------------------------------------
     def _per_worker(self) -> dict[str, float]:
@@ -300,12 +340,7 @@ class Controller:
         return count
 
     def _free_per_node(self) -> list[dict[str, float]]:
-        """Free resources of each node that can take new workers (not one being drained)."""
-        import ray._private.state as state
-
-        draining = self._draining_nodes()
-        return [free for node, free in state.available_resources_per_node().items()
-                if node not in draining]
+        return self.cluster.free_per_node()
 
     def _world_size(self) -> int:
         """Fixed: ``num_workers``. Elastic: as many as can be placed now (at least ``min``,
@@ -357,7 +392,7 @@ class Controller:
                             f"{decision.accumulate} ({decision.reason})")
 
     def _steps(self, group: WorkerGroup) -> list[int]:
-        statuses = ray.get(group.poll(), timeout=30)
+        statuses = [s for s in group.statuses() if not isinstance(s, WorkerGone)]
         for status in statuses:
             if status["events"]:
                 replay(status["events"], self.sink)

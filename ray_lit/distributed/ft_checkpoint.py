@@ -26,6 +26,10 @@ class PreemptedExit(Exception):
     """Raised in the loop after the checkpoint the driver asked for is written."""
 
 
+class AttemptAborted(Exception):
+    """Raised in a surviving worker's loop when the driver gave the attempt up."""
+
+
 class CheckpointWriter:
     """Shipped to every worker with the job; ``attach`` binds it to the worker and its rank."""
 
@@ -69,6 +73,8 @@ class CheckpointWriter:
     # --- when -----------------------------------------------------------------------------------
     def after_train_step(self, trainer: Any, is_last: bool) -> None:
         step = trainer.global_step
+        if getattr(self._worker, "aborting", False):
+            raise AttemptAborted("the driver is re-forming the worker group")
         if not self._prepared and step >= 1:
             self._prepare(trainer)
         stop_at = getattr(self._worker, "stop_at_step", None)

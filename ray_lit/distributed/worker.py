@@ -54,6 +54,17 @@ class LoggerProxy:
                              "with self.log, which reaches the driver's loggers.")
 
 
+def _warm_imports() -> None:
+    try:
+        import torch._dynamo  # noqa: F401
+        import torch.nn.parallel  # noqa: F401
+
+        import ray_lit.distributed.worker_host  # noqa: F401
+        import ray_lit.loop.stages  # noqa: F401
+    except Exception:  # only a head start; the real import reports any problem
+        pass
+
+
 def _node_info() -> dict[str, Any]:
     import ray
 
@@ -80,10 +91,14 @@ class Worker:
         self.stop_at_step: int | None = None
         self._first_steps: int | None = None
         self._sigterm = False
+        self.aborting = False
         self._last_poll = time.monotonic()
         self._previous_sigterm: Any = None
         if threading.current_thread() is threading.main_thread():  # the actor's constructor
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # DDP's constructor imports torch._dynamo (~1.5 s): import it while the group forms
+        # and the payload ships, not on the way to the first step
+        threading.Thread(target=_warm_imports, daemon=True, name="ray_lit-warm").start()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """A SIGTERM to a training worker (its node is being reclaimed) is a notice: the next
@@ -145,6 +160,9 @@ class Worker:
             if isinstance(err, PreemptedExit):
                 self._state = "preempted"
                 return
+            if self.aborting:  # the driver gave this attempt up; nothing to report
+                self._state = "aborted"
+                return
             self._error = traceback.format_exc()
             try:
                 self._exception = cloudpickle.dumps(err)
@@ -184,6 +202,42 @@ class Worker:
         from ray_lit.distributed.process_group import destroy_process_group
 
         destroy_process_group()
+
+    def abort(self, timeout_s: float) -> bool:
+        """Leave the failed attempt but stay alive for the next one (a surviving worker).
+
+        The loop thread ends at its next collective (the dead peer's sockets are closed) or,
+        failing that, at the next step boundary (``aborting``); a write in flight is finished.
+        Returns False when the loop did not end within ``timeout_s`` (stuck in a collective
+        or in user code): the controller then replaces this actor too.
+        """
+        self.aborting = True
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                return False
+        checkpointer = getattr(getattr(self._trainer, "_host", None), "checkpointer", None)
+        if checkpointer is not None:
+            try:
+                checkpointer.wait()  # its parts belong to the old attempt; never half-written
+            except BaseException:
+                pass
+        self.shutdown()
+        self._reset()
+        import gc
+
+        gc.collect()  # the old attempt's module, optimizer and data go now, not later
+        return True
+
+    def _reset(self) -> None:
+        self._thread, self._state = None, "idle"
+        self._error = self._exception = self._result = None
+        self._sink = self._trainer = None
+        self._last_progress, self._steps = time.monotonic(), -1
+        self.outbox, self.stop_at_step, self._first_steps = [], None, None
+        self._sigterm = False
+        self.aborting = False
 
 
 def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any:

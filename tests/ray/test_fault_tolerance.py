@@ -25,7 +25,8 @@ class DropoutNet(pl.LightningModule):
     """Dropout + Adam + a shuffled loader: exact resume needs RNG, optimizer and sampler."""
 
     def __init__(self, kill_marker: str = "", kill_rank: int = 1, kill_step: int = 5,
-                 kill_signal: int | None = None, step_sleep_s: float = 0.0) -> None:
+                 kill_signal: int | None = None, step_sleep_s: float = 0.0,
+                 pid_log: str = "") -> None:
         super().__init__()
         torch.manual_seed(3)
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
@@ -35,6 +36,12 @@ class DropoutNet(pl.LightningModule):
         self.kill_step = kill_step
         self.kill_signal = kill_signal
         self.step_sleep_s = step_sleep_s
+        self.pid_log = pid_log
+
+    def on_train_start(self):
+        if self.pid_log:  # which process hosts which rank, per attempt
+            with open(self.pid_log, "a") as f:
+                f.write(f"{self.global_rank} {os.getpid()}\n")
 
     def training_step(self, batch, batch_idx):
         if (self.kill_marker and self.global_rank == self.kill_rank
@@ -73,10 +80,15 @@ def test_killed_rank_resumes_exactly(ray_cluster, tmp_path):
     reference, ref_trainer = _fit(tmp_path, "reference")
     assert ref_trainer.num_restarts == 0
     marker = str(tmp_path / "killed")
-    model, trainer = _fit(tmp_path, "killed", kill_marker=marker)
+    pids = tmp_path / "pids.txt"
+    model, trainer = _fit(tmp_path, "killed", kill_marker=marker, pid_log=str(pids))
     assert os.path.exists(marker), "the kill did not happen"
     assert trainer.num_restarts == 1
     assert trainer.world_size_history == [2, 2]
+    # the surviving worker was kept (same process, new process group); only rank 1 is new
+    first, second = (pids.read_text().split("\n")[i:i + 2] for i in (0, 2))
+    assert len(set(first) | set(second)) == 3
+    assert {line.split()[1] for line in first} & {line.split()[1] for line in second}
     assert trainer.global_step == ref_trainer.global_step == 12
     for key, value in reference.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key

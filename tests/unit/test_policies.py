@@ -18,6 +18,7 @@ from ray_lit.distributed.policies import (
     WorkerError,
     accumulation_for_world_size,
     decide_accumulation,
+    decide_departure,
     scaling_policy,
 )
 from ray_lit.errors import MisconfigurationException
@@ -135,3 +136,29 @@ def test_keep_per_worker_and_bad_modes():
         accumulation_for_world_size(4, 2, 3, mode="linear")
     with pytest.raises(MisconfigurationException, match=">= 1"):
         decide_accumulation(0, 1, 2)
+
+
+# --- departures (node drain notices, worker SIGTERM) ------------------------------------------
+def test_no_notice_no_departure() -> None:
+    assert decide_departure(["a", "a", "b"], "a", {}, [], now_ms=0) is None
+    # a node that hosts none of our workers is not our business
+    assert decide_departure(["a", "b"], "a", {"c": 0}, [], now_ms=0) is None
+
+
+def test_a_draining_worker_node_continues_without_its_ranks() -> None:
+    decision = decide_departure(["a", "b", "b", "c"], "a", {"b": 65_000}, [], now_ms=5_000)
+    assert decision.ranks == (1, 2) and decision.nodes == ("b",)
+    assert not decision.stop_run
+    assert "deadline in 60 s" in decision.reason and "continue without" in decision.reason
+
+
+def test_a_draining_driver_node_stops_the_run() -> None:
+    decision = decide_departure(["a", "b"], "a", {"a": 0}, [], now_ms=0)
+    assert decision.stop_run and decision.ranks == (0,)
+    assert "deadline" not in decision.reason  # 0: Ray gave none
+
+
+def test_sigterm_to_a_worker_on_the_driver_node_does_not_stop_the_run() -> None:
+    decision = decide_departure(["a", "a"], "a", {}, [1, 7], now_ms=0)
+    assert decision.ranks == (1,) and not decision.stop_run  # rank 7 does not exist
+    assert "SIGTERM" in decision.reason

@@ -1,0 +1,55 @@
+"""``ClusterView``: what the controller asks Ray about the cluster (driver side).
+
+The controller's decisions need a few facts about the cluster: the driver's node, the nodes
+being drained, the free resources of each node that can take workers, and whether a placement
+group's bundles sit on live nodes. They are read here, behind one small interface, so the
+controller runs against ``ray_lit.testing.FakeCluster`` in unit tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+
+class ClusterView:
+    """Reads the live Ray cluster (the driver must be connected)."""
+
+    def driver_node(self) -> str | None:
+        try:
+            return ray.get_runtime_context().get_node_id()
+        except Exception:
+            return None
+
+    def draining_nodes(self) -> dict[str, int]:
+        """Ray's nodes being drained (autoscaler scale-down, spot preemption notices):
+        ``{node_id: deadline_ms}`` (0: no deadline); empty where this Ray cannot tell."""
+        try:
+            import ray._private.state as state
+
+            return dict(state.state.get_draining_nodes())
+        except Exception:
+            return {}
+
+    def free_per_node(self) -> list[dict[str, float]]:
+        """Free resources of each live node that can take new workers (not one draining)."""
+        import ray._private.state as state
+
+        draining = self.draining_nodes()
+        return [free for node, free in state.available_resources_per_node().items()
+                if node not in draining]
+
+    def bundles_placed(self, placement_group: Any, indices: list[int]) -> bool:
+        """Whether each bundle ``indices`` of ``placement_group`` sits on a live node that is
+        not draining (after a lost node Ray re-places its bundles when it can)."""
+        try:
+            table = ray.util.placement_group_table(placement_group)
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:
+            return False
+        if table.get("state") != "CREATED":
+            return False
+        draining = self.draining_nodes()
+        placed = table.get("bundles_to_node_id", {})
+        return all(placed.get(i) in alive and placed.get(i) not in draining for i in indices)

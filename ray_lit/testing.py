@@ -1,0 +1,228 @@
+"""Test doubles: a fake worker group with scripted failures and a fake cluster, so the
+controller (attempts, failure handling, departures, elastic sizing) is unit-tested without Ray.
+
+    from ray_lit.distributed.controller import Controller
+    from ray_lit.testing import FakeCluster, FakeWorkerGroups, ScriptedAttempt, controller_for
+
+    groups = FakeWorkerGroups([ScriptedAttempt(die=(1, 2)), ScriptedAttempt()])
+    controller = controller_for(Trainer(num_workers=2), groups)
+    controller.run()                      # the second attempt's rank 0 result
+    groups.created[1]["kept"]             # 1: rank 0 survived the first attempt
+
+A fake group moves in lockstep: every poll of the controller is one optimizer step on every
+running rank. Nothing here starts a process; ``poll_interval_s=0`` makes a run take
+milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from ray_lit.distributed.worker_group import WorkerGone
+
+__all__ = ["FakeCluster", "FakeWorkerGroup", "FakeWorkerGroups", "PrintLog", "ScriptedAttempt",
+           "controller_for"]
+
+
+@dataclass
+class ScriptedAttempt:
+    """How one attempt of a fake worker group behaves, step by step.
+
+    Attributes:
+        steps: optimizer steps until every rank is done (the attempt's own count).
+        die: ``(rank, step)``: the rank's actor is gone from that step on; its peers fail in
+            their next collective (as gloo reports it).
+        user_error: ``(rank, step, exception)``: the rank's loop raises the exception.
+        hang: ``(rank, step)``: the rank makes no progress from that step on.
+        sigterm: ``(rank, step)``: the rank's process got SIGTERM at that step.
+        at_step: callbacks run when the group reaches a step (change a ``FakeCluster`` there).
+        result: what rank 0 returns when done.
+        nodes: the node of each rank in this attempt (default: ``FakeWorkerGroups.nodes``).
+    """
+
+    steps: int = 4
+    die: tuple[int, int] | None = None
+    user_error: tuple[int, int, BaseException] | None = None
+    hang: tuple[int, int] | None = None
+    sigterm: tuple[int, int] | None = None
+    at_step: dict[int, Callable[[], None]] = field(default_factory=dict)
+    result: Any = b"rank0-result"
+    nodes: list[str] | None = None
+
+
+@dataclass
+class _FakeWorker:
+    node_id: str
+    node_ip: str
+    actor: Any = None
+
+
+@dataclass
+class _FakeSurvivors:
+    placement_group: Any
+    owned: bool
+    offset: int
+    num_workers: int
+    actors: dict[int, Any]
+    released: bool = False
+
+    def release(self) -> None:
+        self.released = True
+        self.actors = {}
+
+
+class FakeWorkerGroup:
+    """One attempt's workers, following a ``ScriptedAttempt``."""
+
+    def __init__(self, script: ScriptedAttempt, nodes: list[str]) -> None:
+        self.script = script
+        self.workers = [_FakeWorker(node, f"10.0.0.{i}") for i, node in enumerate(nodes)]
+        self.step = 0
+        self.stop_at: int | None = None
+        self.job: dict[str, Any] | None = None
+        self.shut_down = False
+        self.salvaged = False
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
+        self.job = job
+
+    def request_stop_at(self, step: int) -> None:
+        self.stop_at = step
+
+    def statuses(self, timeout_s: float = 30.0) -> list[dict[str, Any] | WorkerGone]:
+        script = self.script
+        stopped = self.stop_at is not None and self.step >= self.stop_at
+        if self.step < script.steps and not stopped:
+            self.step += 1
+            if self.step in script.at_step:
+                script.at_step[self.step]()
+        return [self._status(rank) for rank in range(self.world_size)]
+
+    def _status(self, rank: int) -> dict[str, Any] | WorkerGone:
+        script, step = self.script, self.step
+        status: dict[str, Any] = {"state": "running", "events": [], "checkpoints": [],
+                                  "idle_s": 0.0, "global_step": step, "steps": step,
+                                  "sigterm": bool(script.sigterm and script.sigterm[0] == rank
+                                                  and step >= script.sigterm[1])}
+        if script.die and step >= script.die[1]:
+            if rank == script.die[0]:
+                return WorkerGone("actor_died", f"The actor of rank {rank} died unexpectedly")
+            return dict(status, state="failed", exception=None,
+                        error="RuntimeError: [gloo] Connection closed by peer")
+        if script.user_error and rank == script.user_error[0] and step >= script.user_error[1]:
+            return dict(status, state="failed", exception=cloudpickle.dumps(
+                script.user_error[2]), error=f"Traceback: {script.user_error[2]!r}")
+        if script.hang and rank == script.hang[0] and step >= script.hang[1]:
+            return dict(status, idle_s=1e6)
+        if self.stop_at is not None and step >= self.stop_at:
+            return dict(status, state="preempted")
+        if step >= script.steps:
+            return dict(status, state="done", result=script.result if rank == 0 else None)
+        return status
+
+    def shutdown(self, graceful: bool = True) -> None:
+        self.shut_down = True
+
+    def salvage(self, abort_timeout_s: float = 10.0) -> _FakeSurvivors | None:
+        """Keep every rank that the script did not kill."""
+        self.salvaged = True
+        dead = {self.script.die[0]} if self.script.die and self.step >= self.script.die[1] \
+            else set()
+        alive = {r: object() for r in range(self.world_size) if r not in dead}
+        return _FakeSurvivors(None, True, 0, self.world_size, alive) if alive else None
+
+
+class FakeWorkerGroups:
+    """Stands in for ``WorkerGroup.create``: attempt ``i`` follows ``attempts[i]`` (the last
+    one repeats). ``created`` records each call; ``groups`` the groups made."""
+
+    def __init__(self, attempts: list[ScriptedAttempt], nodes: list[str] | None = None,
+                 refuse_survivors: bool = False) -> None:
+        self.attempts = attempts
+        self.nodes = nodes
+        self.refuse_survivors = refuse_survivors  # a replacement dies while re-forming
+        self.created: list[dict[str, Any]] = []
+        self.groups: list[FakeWorkerGroup] = []
+
+    def __call__(self, *, num_workers: int, survivors: Any = None, **options: Any
+                 ) -> FakeWorkerGroup:
+        if survivors is not None and self.refuse_survivors:
+            self.created.append({"num_workers": num_workers, "kept": len(survivors.actors),
+                                 "failed": True})
+            survivors.release()
+            raise RuntimeError("the replacement actor died before it could start")
+        index = min(len(self.groups), len(self.attempts) - 1)
+        script = self.attempts[index]
+        nodes = (script.nodes or self.nodes or ["node-a"] * num_workers)[:num_workers]
+        nodes += [nodes[-1] if nodes else "node-a"] * (num_workers - len(nodes))
+        group = FakeWorkerGroup(script, nodes)
+        self.created.append({"num_workers": num_workers,
+                             "kept": len(survivors.actors) if survivors is not None else 0})
+        self.groups.append(group)
+        return group
+
+
+class FakeCluster:
+    """Stands in for ``ClusterView``; tests set its attributes (also from ``at_step``)."""
+
+    def __init__(self, driver: str = "node-a", free: list[dict[str, float]] | None = None
+                 ) -> None:
+        self.driver = driver
+        self.draining: dict[str, int] = {}
+        self.free = free if free is not None else [{"CPU": 8.0}]
+        self.placed = True
+
+    def driver_node(self) -> str | None:
+        return self.driver
+
+    def draining_nodes(self) -> dict[str, int]:
+        return dict(self.draining)
+
+    def free_per_node(self) -> list[dict[str, float]]:
+        return list(self.free)
+
+    def bundles_placed(self, placement_group: Any, indices: list[int]) -> bool:
+        return self.placed
+
+
+class PrintLog:
+    """A driver sink that keeps what the controller prints."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, text: str) -> None:
+        self.lines.append(text)
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None  # events a fake group never sends
+
+
+def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster | None = None,
+                   stage: str = "fit", hang_timeout_s: float | None = None) -> Any:
+    """A ``Controller`` for ``trainer`` that runs on fakes, polling without sleeping."""
+    from ray_lit.distributed.controller import Controller
+    from ray_lit.distributed.placement import resolve_worker_resources
+
+    config = trainer.config
+    workers = config.num_workers
+    options = {"num_workers": workers[1] if isinstance(workers, tuple) else workers,
+               "per_worker": resolve_worker_resources(use_gpu=False, accelerator="cpu"),
+               "strategy": "PACK", "device_type": "cpu", "placement_timeout_s": 0.0,
+               "pg_timeout_s": 1.0, "env": {}}
+    controller = Controller(trainer=trainer, payload_ref=None, job={"stage": stage},
+                            group_options=options, sink=PrintLog(), manager=None,
+                            hang_timeout_s=hang_timeout_s, poll_interval_s=0.0,
+                            create_group=groups, cluster=cluster or FakeCluster())
+    controller.grow_check_interval_s = 0.0
+    controller.root_cause_grace_s = 0.2
+    controller.drain_check_interval_s = 0.0
+    return controller
