@@ -68,6 +68,7 @@ class _FakeSurvivors:
     offset: int
     num_workers: int
     actors: dict[int, Any]
+    dead_nodes: list[str] = field(default_factory=list)
     released: bool = False
 
     def release(self) -> None:
@@ -190,6 +191,9 @@ class FakeCluster:
         return list(self.free)
 
     def bundles_placed(self, placement_group: Any, indices: list[int]) -> bool:
+        return self.placed
+
+    def reachable(self, node_ids: list[str], timeout_s: float = 3.0) -> bool:
         return self.placed
 
 

@@ -53,3 +53,30 @@ class ClusterView:
         draining = self.draining_nodes()
         placed = table.get("bundles_to_node_id", {})
         return all(placed.get(i) in alive and placed.get(i) not in draining for i in indices)
+
+    def reachable(self, node_ids: list[str], timeout_s: float = 2.0) -> bool:
+        """Whether a tiny task runs on each of ``node_ids`` within ``timeout_s``: after a
+        worker died, tells a live node (the process died) from a lost one, which Ray's node
+        table still lists as alive until it has missed enough heartbeats."""
+        if not node_ids:
+            return True
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        refs = [_node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote() for node in set(node_ids)]
+        try:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            return len(ready) == len(refs) and all(isinstance(n, str) for n in ray.get(ready))
+        except Exception:
+            return False
+        finally:
+            for ref in refs:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:
+                    pass
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()

@@ -139,8 +139,8 @@ class Controller:
                                 f"{latest.global_step}, epoch {latest.epoch})")
         self._attempts += 1
         survivors, self._survivors = self._survivors, None
-        if survivors is not None and self.elastic and not self._refillable(survivors):
-            survivors.release()  # the dead workers' places are gone: size the group afresh
+        if survivors is not None and not self._refillable(survivors):
+            survivors.release()  # the dead workers' places are gone: start a new group
             survivors = None
         size = survivors.num_workers if survivors is not None else self._world_size()
         self._plan_accumulation(job, size)
@@ -173,7 +173,8 @@ class Controller:
             if self._worth_salvaging(outcome):
                 self._survivors = group.salvage()
             else:
-                group.shutdown()
+                # after a failure nobody needs a clean goodbye (a peer may hang in it)
+                group.shutdown(graceful=outcome.error is None)
 
     def _worth_salvaging(self, outcome: AttemptOutcome) -> bool:
         """After a lost worker (not a bug in user code, not a planned stop) the live workers
@@ -181,14 +182,18 @@ class Controller:
         error = outcome.error
         return (self.keep_survivors and error is not None and self.job.get("stage") == "fit"
                 and error.kind in ("actor_died", "node_died", "hang", "preempted")
-                and self.policy.max_failures != 0)
+                and self.policy.max_failures != 0
+                # a lost node cannot take the replacement: tear down at once instead
+                and self.cluster.reachable([error.node_id] if error.node_id else []))
 
     def _refillable(self, survivors: Survivors) -> bool:
         """Whether every dead worker's bundle sits on a live node that is not draining (a
-        process died, or Ray already re-placed the bundle of a lost node)."""
+        process died, or Ray already re-placed the bundle of a lost node), and the nodes the
+        dead workers ran on still answer (else a node was lost: Ray's node table lags)."""
         missing = [i + survivors.offset for i in range(survivors.num_workers)
                    if i not in survivors.actors]
-        return self.cluster.bundles_placed(survivors.placement_group, missing)
+        return (self.cluster.reachable(survivors.dead_nodes)
+                and self.cluster.bundles_placed(survivors.placement_group, missing))
 
     # --- supervision ----------------------------------------------------------------------------
     def _supervise(self, group: WorkerGroup) -> AttemptOutcome:

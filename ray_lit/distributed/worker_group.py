@@ -11,7 +11,7 @@ contexts for the workers that survived.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -58,6 +58,7 @@ class Survivors:
     offset: int
     num_workers: int
     actors: dict[int, Any]
+    dead_nodes: list[str] = field(default_factory=list)  # where the lost workers ran
 
     def release(self) -> None:
         for actor in self.actors.values():
@@ -138,16 +139,18 @@ class WorkerGroup:
         pending = {w.bundle_index: (w.actor, w.actor.abort.remote(abort_timeout_s))
                    for w in self.workers}
         alive: dict[int, Any] = {}
+        dead_nodes: list[str] = []
+        nodes = {w.bundle_index: w.node_id for w in self.workers}
         for index, (actor, ref) in pending.items():
             try:
                 if ray.get(ref, timeout=abort_timeout_s + 5):
                     alive[index] = actor
                     continue
             except Exception:  # dead (RayActorError) or not answering
-                pass
+                dead_nodes.append(nodes[index])
             _kill(actor)
         survivors = Survivors(self.placement_group, self.owned, self.offset, self.world_size,
-                              alive)
+                              alive, dead_nodes)
         self.workers = []
         if not alive:
             survivors.release()
