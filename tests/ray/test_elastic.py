@@ -87,24 +87,31 @@ def _fit(tmp_path, out_dir, **extra):
                        placement_timeout_s=20, **extra)
 
 
+def _after_first_commit(tmp_path, action) -> threading.Thread:
+    """A thread that runs ``action`` once the run has committed its first checkpoint."""
+    run_dir = str(tmp_path / "runs" / "elastic")
+
+    def wait_then_act():
+        manager = CheckpointManager(run_dir)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.isdir(os.path.join(run_dir, "checkpoints")) and manager.committed():
+                action()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_lost_node_shrinks_and_the_epoch_is_seen_once(cluster, tmp_path):
     node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     out = tmp_path / "seen"
     out.mkdir()
-    run_dir = str(tmp_path / "runs" / "elastic")
-
-    def remove_after_first_commit():
-        manager = CheckpointManager(run_dir)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if os.path.isdir(os.path.join(run_dir, "checkpoints")) and manager.committed():
-                cluster.remove_node(node, allow_graceful=False)
-                return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=remove_after_first_commit, daemon=True)
-    killer.start()
+    killer = _after_first_commit(tmp_path, lambda: cluster.remove_node(node,
+                                                                       allow_graceful=False))
     trainer = _fit(tmp_path, out, max_epochs=1, checkpoint_every_n_steps=2, sleep_s=0.3)
     killer.join()
     assert trainer.world_size_history[0] == 2 and trainer.world_size_history[-1] == 1
@@ -153,19 +160,8 @@ def test_a_drain_notice_checkpoints_then_continues_without_the_node(cluster, tmp
     cluster.wait_for_nodes()
     out = tmp_path / "seen"
     out.mkdir()
-    run_dir = str(tmp_path / "runs" / "elastic")
-
-    def drain_after_first_commit():
-        manager = CheckpointManager(run_dir)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if os.path.isdir(os.path.join(run_dir, "checkpoints")) and manager.committed():
-                _drain(cluster.address, node.node_id, deadline_s=60)
-                return
-            time.sleep(0.1)
-
-    notifier = threading.Thread(target=drain_after_first_commit, daemon=True)
-    notifier.start()
+    notifier = _after_first_commit(tmp_path, lambda: _drain(cluster.address, node.node_id,
+                                                            deadline_s=60))
     trainer = _fit(tmp_path, out, max_epochs=1, checkpoint_every_n_steps=2, sleep_s=0.3,
                    max_failures=0)
     notifier.join()
