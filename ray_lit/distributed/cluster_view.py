@@ -64,17 +64,14 @@ class ClusterView:
 
         refs = [_node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             node, soft=False)).remote() for node in set(node_ids)]
+        # a probe left pending on a lost node fails by itself (no retries); it is never
+        # cancelled: cancelling a task whose reply is in flight crashes Ray 2.60's driver
+        # ("Tried to complete task that was not pending")
         try:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
             return len(ready) == len(refs) and all(isinstance(n, str) for n in ray.get(ready))
         except Exception:
             return False
-        finally:
-            for ref in refs:
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:
-                    pass
 
 
 @ray.remote(num_cpus=0, max_retries=0)
