@@ -42,6 +42,10 @@ class ScriptedAttempt:
         at_step: callbacks run when the group reaches a step (change a ``FakeCluster`` there).
         result: what rank 0 returns when done.
         nodes: the node of each rank in this attempt (default: ``FakeWorkerGroups.nodes``).
+        confirmations: ``{step: [("checkpoint", name, rank, world_size, meta), ...]}``: parts
+            the ranks report written at that step (their polls carry them).
+        leftover_confirmations: parts the survivors finish writing while they leave a failed
+            group (``salvage`` hands them over).
     """
 
     steps: int = 4
@@ -52,6 +56,8 @@ class ScriptedAttempt:
     at_step: dict[int, Callable[[], None]] = field(default_factory=dict)
     result: Any = b"rank0-result"
     nodes: list[str] | None = None
+    confirmations: dict[int, list[tuple]] = field(default_factory=dict)
+    leftover_confirmations: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +75,7 @@ class _FakeSurvivors:
     num_workers: int
     actors: dict[int, Any]
     dead_nodes: list[str] = field(default_factory=list)
+    confirmations: list[tuple] = field(default_factory=list)
     released: bool = False
 
     def release(self) -> None:
@@ -87,6 +94,7 @@ class FakeWorkerGroup:
         self.job: dict[str, Any] | None = None
         self.shut_down = False
         self.salvaged = False
+        self._reported: dict[int, int] = {}
 
     @property
     def world_size(self) -> int:
@@ -109,7 +117,9 @@ class FakeWorkerGroup:
 
     def _status(self, rank: int) -> dict[str, Any] | WorkerGone:
         script, step = self.script, self.step
-        status: dict[str, Any] = {"state": "running", "events": [], "checkpoints": [],
+        reported = [c for c in script.confirmations.get(step, []) if c[2] == rank] \
+            if self._fresh_step(rank) else []
+        status: dict[str, Any] = {"state": "running", "events": [], "checkpoints": reported,
                                   "idle_s": 0.0, "global_step": step, "steps": step,
                                   "sigterm": bool(script.sigterm and script.sigterm[0] == rank
                                                   and step >= script.sigterm[1])}
@@ -129,6 +139,13 @@ class FakeWorkerGroup:
             return dict(status, state="done", result=script.result if rank == 0 else None)
         return status
 
+    def _fresh_step(self, rank: int) -> bool:
+        """True the first time ``rank`` is polled at the current step (report once)."""
+        if self._reported.get(rank) == self.step:
+            return False
+        self._reported[rank] = self.step
+        return True
+
     def shutdown(self, graceful: bool = True) -> None:
         self.shut_down = True
 
@@ -138,7 +155,10 @@ class FakeWorkerGroup:
         dead = {self.script.die[0]} if self.script.die and self.step >= self.script.die[1] \
             else set()
         alive = {r: object() for r in range(self.world_size) if r not in dead}
-        return _FakeSurvivors(None, True, 0, self.world_size, alive) if alive else None
+        if not alive:
+            return None
+        return _FakeSurvivors(None, True, 0, self.world_size, alive,
+                              confirmations=list(self.script.leftover_confirmations))
 
 
 class FakeWorkerGroups:
@@ -211,7 +231,8 @@ class PrintLog:
 
 
 def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster | None = None,
-                   stage: str = "fit", hang_timeout_s: float | None = None) -> Any:
+                   stage: str = "fit", hang_timeout_s: float | None = None,
+                   manager: Any = None) -> Any:
     """A ``Controller`` for ``trainer`` that runs on fakes, polling without sleeping."""
     from ray_lit.distributed.controller import Controller
     from ray_lit.distributed.placement import resolve_worker_resources
@@ -223,7 +244,7 @@ def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster 
                "strategy": "PACK", "device_type": "cpu", "placement_timeout_s": 0.0,
                "pg_timeout_s": 1.0, "env": {}}
     controller = Controller(trainer=trainer, payload_ref=None, job={"stage": stage},
-                            group_options=options, sink=PrintLog(), manager=None,
+                            group_options=options, sink=PrintLog(), manager=manager,
                             hang_timeout_s=hang_timeout_s, poll_interval_s=0.0,
                             create_group=groups, cluster=cluster or FakeCluster())
     controller.grow_check_interval_s = 0.0

@@ -172,6 +172,7 @@ class Controller:
         finally:
             if self._worth_salvaging(outcome):
                 self._survivors = group.salvage()
+                self._confirm_leftovers(self._survivors)
             else:
                 # after a failure nobody needs a clean goodbye (a peer may hang in it)
                 group.shutdown(graceful=outcome.error is None)
@@ -185,6 +186,18 @@ class Controller:
                 and self.policy.max_failures != 0
                 # a lost node cannot take the replacement: tear down at once instead
                 and self.cluster.reachable([error.node_id] if error.node_id else []))
+
+    def _confirm_leftovers(self, survivors: Survivors | None) -> None:
+        """Parts the survivors wrote from memory while leaving can complete a checkpoint newer
+        than the last commit (the dead rank had written its part before it died): confirm them,
+        so the next attempt continues from there instead of redoing those steps."""
+        if survivors is None or self.manager is None:
+            return
+        for _, name, rank, world_size, meta in survivors.confirmations:
+            if self.manager.confirm(name, rank, world_size, meta):
+                self.sink.print(f"ray_lit: committed {name} from the surviving workers' "
+                                "memory (written while they left the failed group)")
+        survivors.confirmations = []
 
     def _refillable(self, survivors: Survivors) -> bool:
         """Whether every dead worker's bundle sits on a live node that is not draining (a

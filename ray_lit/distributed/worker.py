@@ -203,32 +203,38 @@ class Worker:
 
         destroy_process_group()
 
-    def abort(self, timeout_s: float) -> bool:
+    def abort(self, timeout_s: float) -> list[tuple] | None:
         """Leave the failed attempt but stay alive for the next one (a surviving worker).
 
         The loop thread ends at its next collective (the dead peer's sockets are closed) or,
-        failing that, at the next step boundary (``aborting``); a write in flight is finished.
-        Returns False when the loop did not end within ``timeout_s`` (stuck in a collective
-        or in user code): the controller then replaces this actor too.
+        failing that, at the next step boundary (``aborting``). The checkpoint write in flight
+        is finished: its state was copied from this worker's memory at a step boundary, and
+        may complete a checkpoint newer than the last commit.
+
+        Returns:
+            The checkpoint confirmations not yet handed to the driver (the one written just
+            now among them), or None when the loop did not end within ``timeout_s`` (stuck in
+            a collective or in user code): the controller then replaces this actor too.
         """
         self.aborting = True
         thread = self._thread
         if thread is not None:
             thread.join(timeout_s)
             if thread.is_alive():
-                return False
+                return None
         checkpointer = getattr(getattr(self._trainer, "_host", None), "checkpointer", None)
         if checkpointer is not None:
             try:
-                checkpointer.wait()  # its parts belong to the old attempt; never half-written
-            except BaseException:
+                checkpointer.wait()
+            except BaseException:  # a failed write confirms nothing
                 pass
+        confirmations = list(self.outbox)
         self.shutdown()
         self._reset()
         import gc
 
         gc.collect()  # the old attempt's module, optimizer and data go now, not later
-        return True
+        return confirmations
 
     def _reset(self) -> None:
         self._thread, self._state = None, "idle"

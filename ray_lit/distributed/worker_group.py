@@ -59,6 +59,8 @@ class Survivors:
     num_workers: int
     actors: dict[int, Any]
     dead_nodes: list[str] = field(default_factory=list)  # where the lost workers ran
+    # checkpoint parts the survivors finished writing while leaving (the driver confirms them)
+    confirmations: list[tuple] = field(default_factory=list)
 
     def release(self) -> None:
         for actor in self.actors.values():
@@ -141,16 +143,20 @@ class WorkerGroup:
         alive: dict[int, Any] = {}
         dead_nodes: list[str] = []
         nodes = {w.bundle_index: w.node_id for w in self.workers}
+        confirmations: list[tuple] = []
         for index, (actor, ref) in pending.items():
             try:
-                if ray.get(ref, timeout=abort_timeout_s + 5):
-                    alive[index] = actor
-                    continue
+                left = ray.get(ref, timeout=abort_timeout_s + 5)
             except Exception:  # dead (RayActorError) or not answering
-                dead_nodes.append(nodes[index])
+                left = None
+            if left is not None:
+                alive[index] = actor
+                confirmations.extend(left)
+                continue
+            dead_nodes.append(nodes[index])
             _kill(actor)
         survivors = Survivors(self.placement_group, self.owned, self.offset, self.world_size,
-                              alive, dead_nodes)
+                              alive, dead_nodes, confirmations)
         self.workers = []
         if not alive:
             survivors.release()

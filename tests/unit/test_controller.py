@@ -153,3 +153,72 @@ def test_when_re_forming_around_survivors_fails_a_new_group_starts() -> None:
     assert groups.created[1]["failed"] and groups.created[2] == {"num_workers": 2, "kept": 0}
     assert trainer.world_size_history == [2, 2]
     assert any("starting a new group" in line for line in controller.sink.lines)
+
+
+def _part(tmp_path, name: str, rank: int) -> tuple:
+    """A part as a rank writes it, and its confirmation."""
+    from ray_lit.checkpoint.manager import checkpoint_name, part_name
+
+    assert name == checkpoint_name(6, 0, "")
+    directory = tmp_path / "run" / "checkpoints" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / part_name(rank)).write_bytes(b"part")
+    return ("checkpoint", name, rank, 2, {"global_step": 6, "epoch": 0})
+
+
+def test_a_checkpoint_the_survivors_finish_while_leaving_is_committed_and_used(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager, checkpoint_name
+
+    name = checkpoint_name(6, 0, "")
+    # rank 1 wrote its part of step 6 and died; rank 0's write was still in flight: it finishes
+    # it from memory while leaving the failed group
+    dead_rank_part = _part(tmp_path, name, 1)
+    survivor_part = _part(tmp_path, name, 0)
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=10, die=(1, 8), confirmations={7: [dead_rank_part]},
+                        leftover_confirmations=[survivor_part]),
+        ScriptedAttempt()])
+    manager = CheckpointManager(str(tmp_path / "run"))
+    trainer = _trainer(max_failures=1)
+    controller = controller_for(trainer, groups, manager=manager)
+    controller.run()
+    assert [c.global_step for c in manager.committed()] == [6]
+    assert groups.groups[1].job["restore"]["rank0"].endswith(f"{name}/rank_0.pt")
+    assert any("from the surviving workers' memory" in line for line in controller.sink.lines)
+
+
+def test_an_incomplete_leftover_checkpoint_is_never_committed(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager, checkpoint_name
+
+    name = checkpoint_name(6, 0, "")
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=10, die=(1, 8), leftover_confirmations=[_part(tmp_path, name, 0)]),
+        ScriptedAttempt()])
+    manager = CheckpointManager(str(tmp_path / "run"))
+    controller_for(_trainer(max_failures=1), groups, manager=manager).run()
+    assert manager.committed() == []  # rank 1's part never came: nothing to resume from
+    assert "restore" not in groups.groups[1].job
+
+
+def test_a_surviving_worker_hands_over_the_part_it_finished_while_leaving() -> None:
+    from ray_lit.distributed.worker import Worker
+
+    class SlowWriter:
+        def wait(self) -> None:  # the write in flight completes and confirms
+            worker.outbox.append(("checkpoint", "step-6", 0, 2, {"global_step": 6}))
+
+    class Host:
+        checkpointer = SlowWriter()
+
+    class Trainer:
+        _host = Host()
+
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    worker = Worker()  # built on the main thread: it installs its SIGTERM handler
+    signal.signal(signal.SIGTERM, previous)
+    worker._trainer = Trainer()
+    left = worker.abort(timeout_s=1.0)
+    assert left == [("checkpoint", "step-6", 0, 2, {"global_step": 6})]
+    assert worker._state == "idle" and worker._trainer is None and worker.outbox == []
