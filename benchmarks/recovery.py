@@ -47,6 +47,7 @@ from benchmarks.workloads import (  # noqa: E402
     build_net,
     current_rank,
     process_start_ts,
+    time_calls,
     train_loader,
     workload,
 )
@@ -138,24 +139,13 @@ def _instrument(phases: list[tuple[str, float, float]]) -> None:
     from ray_lit.distributed.controller import Controller
     from ray_lit.distributed.worker_group import WorkerGroup
 
-    def wrap(owner: Any, name: str, label: str, static: bool = False) -> None:
-        original = owner.__dict__[name]
-        func = original.__func__ if static else original
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.time()
-            try:
-                return func(*args, **kwargs)
-            finally:
-                phases.append((label, start, time.time()))
-
-        setattr(owner, name, classmethod(timed) if static else timed)
-
-    wrap(Controller, "_root_cause", "root_cause (decide which rank failed)")
-    wrap(WorkerGroup, "shutdown", "old group shutdown")
-    wrap(WorkerGroup, "salvage", "old group salvage (survivors leave the process group)")
-    wrap(WorkerGroup, "create", "new group create (actors + process group)", static=True)
-    wrap(WorkerGroup, "run", "new group run (ship payload, start loop)")
+    time_calls(phases, Controller, "_root_cause", "root_cause (decide which rank failed)")
+    time_calls(phases, WorkerGroup, "shutdown", "old group shutdown")
+    time_calls(phases, WorkerGroup, "salvage",
+               "old group salvage (survivors leave the process group)")
+    time_calls(phases, WorkerGroup, "create", "new group create (actors + process group)",
+               is_classmethod=True)
+    time_calls(phases, WorkerGroup, "run", "new group run (ship payload, start loop)")
 
 
 def _remove_node_at_step(cluster: Any, node: Any, out_dir: str) -> None:

@@ -20,6 +20,7 @@ summary off), ``ray_lit_defaults`` (the same with the Trainer's defaults: what t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.workloads import Workload, workload  # noqa: E402
+from benchmarks.workloads import Workload, time_calls, workload  # noqa: E402
 
 ALL_FRAMEWORKS = ["raw_ddp", "ray_lit", "ray_lit_defaults", "lightning", "ray_train"]
 QUIET_OPTIONS = {"enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
@@ -77,19 +78,7 @@ def _time_driver_phases(phases: list[tuple[str, float, float]]) -> None:
     from ray_lit.distributed import launcher
     from ray_lit.distributed.worker_group import WorkerGroup
 
-    def wrap(owner: Any, name: str, label: str, is_classmethod: bool = False) -> None:
-        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        func = original.__func__ if is_classmethod else original
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            begin = time.time()
-            try:
-                return func(*args, **kwargs)
-            finally:
-                phases.append((label, begin, time.time()))
-
-        setattr(owner, name, classmethod(timed) if is_classmethod else timed)
-
+    wrap = functools.partial(time_calls, phases)
     wrap(launcher, "_ship", "ship (pickle + ray.put)")
     wrap(launcher, "_group_options", "group options (feasibility check)")
     wrap(WorkerGroup, "create", "worker group create (placement, actors, process group)",

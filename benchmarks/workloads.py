@@ -118,6 +118,23 @@ def warm_imports() -> None:
 
 
 # --- measurements ---------------------------------------------------------------------------------
+def time_calls(phases: list[tuple[str, float, float]], owner: Any, name: str, label: str,
+               is_classmethod: bool = False) -> None:
+    """Replace ``owner.name`` (a module function, method or classmethod) with a wrapper that
+    appends ``(label, start, end)`` wall times to ``phases`` (in this process only)."""
+    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    func = original.__func__ if is_classmethod else original
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        begin = time.time()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            phases.append((label, begin, time.time()))
+
+    setattr(owner, name, classmethod(timed) if is_classmethod else timed)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM) in MiB."""
     with open("/proc/self/status") as f:

@@ -83,7 +83,7 @@ class Controller:
         self._next_size: int | None = None
         self._attempts = 0
         self._survivors: Survivors | None = None
-        self.reused_workers: list[int] = []  # per attempt: workers kept from the one before
+        self._answered: set[str] = set()  # nodes a probe just reached (after a failure)
 
     # --- attempts -------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -159,7 +159,6 @@ class Controller:
             self._plan_accumulation(job, size)
             group = self.create_group(**dict(self.group_options, num_workers=size),
                                       survivors=None)
-        self.reused_workers.append(kept)
         if kept:
             self.sink.print(f"ray_lit: kept {kept} surviving worker(s), started "
                             f"{size - kept} new; process group re-formed")
@@ -181,11 +180,16 @@ class Controller:
         """After a lost worker (not a bug in user code, not a planned stop) the live workers
         are kept for the next attempt instead of being torn down with the group."""
         error = outcome.error
-        return (self.keep_survivors and error is not None and self.job.get("stage") == "fit"
+        if not (self.keep_survivors and error is not None and self.job.get("stage") == "fit"
                 and error.kind in ("actor_died", "node_died", "hang", "preempted")
-                and self.policy.max_failures != 0
-                # a lost node cannot take the replacement: tear down at once instead
-                and self.cluster.reachable([error.node_id] if error.node_id else []))
+                and self.policy.max_failures != 0):
+            return False
+        # a lost node cannot take the replacement: tear down at once instead
+        nodes = [error.node_id] if error.node_id else []
+        if not self.cluster.reachable(nodes):
+            return False
+        self._answered = set(nodes)  # _refillable need not ask these again
+        return True
 
     def _confirm_leftovers(self, survivors: Survivors | None) -> None:
         """Parts the survivors wrote from memory while leaving can complete a checkpoint newer
@@ -205,7 +209,8 @@ class Controller:
         dead workers ran on still answer (else a node was lost: Ray's node table lags)."""
         missing = [i + survivors.offset for i in range(survivors.num_workers)
                    if i not in survivors.actors]
-        return (self.cluster.reachable(survivors.dead_nodes)
+        unasked = [n for n in survivors.dead_nodes if n not in self._answered]
+        return (self.cluster.reachable(unasked)
                 and self.cluster.bundles_placed(survivors.placement_group, missing))
 
     # --- supervision ----------------------------------------------------------------------------
