@@ -2,6 +2,7 @@
 final weights against an uninterrupted run and that no committed checkpoint was unreadable.
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python benchmarks/chaos.py --kills 6
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python benchmarks/chaos.py --kills 6 --snapshot-every 1
 
 Prints kills survived, steps redone, recovery times and the checks.
 """
@@ -33,13 +34,15 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 class ChaosNet(pl.LightningModule):
     """Dropout + Adam + shuffled data; dies (os._exit) at the planned (rank, step) pairs."""
 
-    def __init__(self, plan_dir: str = "", plan: list | None = None) -> None:
+    def __init__(self, plan_dir: str = "", plan: list | None = None,
+                 step_sleep: float = 0.0) -> None:
         super().__init__()
         torch.manual_seed(3)
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
                                        torch.nn.Dropout(0.2), torch.nn.Linear(64, 1))
         self.plan_dir = plan_dir
         self.plan = plan or []
+        self.step_sleep = step_sleep
 
     def training_step(self, batch, batch_idx):
         for i, (rank, step) in enumerate(self.plan):
@@ -49,6 +52,7 @@ class ChaosNet(pl.LightningModule):
                 with open(marker, "w") as f:
                     json.dump({"time": time.time(), "step": step, "rank": rank}, f)
                 os._exit(1)
+        time.sleep(self.step_sleep)
         x, y = batch
         return torch.nn.functional.mse_loss(self.net(x), y)
 
@@ -63,10 +67,12 @@ def data() -> DataLoader:
                       shuffle=True)
 
 
-def run(storage: str, name: str, model: ChaosNet, every: int, epochs: int) -> ray_lit.Trainer:
+def run(storage: str, name: str, model: ChaosNet, every: int, epochs: int,
+        snapshot_every: int | None = None) -> ray_lit.Trainer:
     pl.seed_everything(7)
     return ray_lit.fit(model, data(), num_workers=2, max_epochs=epochs, storage_path=storage,
                        run_name=name, checkpoint_every_n_steps=every, max_failures=-1,
+                       snapshot_every_n_steps=snapshot_every,
                        logger=False, enable_progress_bar=False, enable_model_summary=False,
                        enable_checkpointing=False)
 
@@ -96,6 +102,10 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--every", type=int, default=4, help="checkpoint_every_n_steps")
+    parser.add_argument("--snapshot-every", type=int, default=None,
+                        help="snapshot_every_n_steps (in-memory snapshots held by peers)")
+    parser.add_argument("--step-sleep", type=float, default=0.0,
+                        help="seconds added to each training step (a slower model)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -106,17 +116,17 @@ def main() -> None:
                    for _ in range(args.kills)}, key=lambda p: p[1])
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
-        reference = ChaosNet()
+        reference = ChaosNet(step_sleep=args.step_sleep)
         run(tmp, "reference", reference, args.every, args.epochs)
         reference_s = time.monotonic() - start
-        model = ChaosNet(plan_dir=tmp, plan=plan)
+        model = ChaosNet(plan_dir=tmp, plan=plan, step_sleep=args.step_sleep)
         report = {"loaded": 0, "pruned_before_read": 0, "unreadable": []}
         stop = threading.Event()
         watcher = threading.Thread(target=watch_commits, args=(f"{tmp}/chaos", stop, report),
                                    daemon=True)
         watcher.start()
         start = time.monotonic()
-        trainer = run(tmp, "chaos", model, args.every, args.epochs)
+        trainer = run(tmp, "chaos", model, args.every, args.epochs, args.snapshot_every)
         chaos_s = time.monotonic() - start
         stop.set()
         watcher.join()
@@ -125,13 +135,18 @@ def main() -> None:
             if name.startswith("kill-"):
                 with open(os.path.join(tmp, name)) as f:
                     kills.append(json.load(f))
-        redone = sum(k["step"] - (k["step"] // args.every) * args.every for k in kills)
+        kills.sort(key=lambda k: k["time"])
+        origins = trainer._controller.restored_from  # one per restart, in order
+        redone = sum(k["step"] - step for k, (_, step) in zip(kills, origins))
+        from_memory = sum(1 for source, _ in origins if source == "memory")
         identical = all(torch.equal(v, model.state_dict()[k])
                         for k, v in reference.state_dict().items())
         recovery = trainer._controller.recovery_times
     print(f"plan (rank, step): {plan}")
     print(f"kills survived:     {len(kills)} of {len(plan)}; restarts {trainer.num_restarts}")
-    print(f"steps redone:       {redone} (<= {args.every} per kill)")
+    print(f"steps redone:       {redone} (checkpoint every {args.every}, snapshot every "
+          f"{args.snapshot_every}); restores from peers' memory: {from_memory} of "
+          f"{len(origins)}")
     if recovery:
         print(f"recovery (s):       min {min(recovery):.1f}  max {max(recovery):.1f}  "
               f"mean {sum(recovery) / len(recovery):.1f}")

@@ -20,6 +20,7 @@ a checkpoint is serialised; one worker by default (``--workers 2`` adds a DDP pe
 
     python benchmarks/checkpoint_stall.py
     python benchmarks/checkpoint_stall.py --quick          # a ~10M model, a few steps
+    python benchmarks/checkpoint_stall.py --snapshot       # in-memory peer snapshots instead
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class BigModule(ray_lit.LightningModule):
 
 
 def fit_once(args: argparse.Namespace, out_dir: str, tag: str, every: int | None,
-             sync_repeats: int) -> dict[str, Any]:
+             sync_repeats: int, snapshot_every: int | None = None) -> dict[str, Any]:
     steps = args.steps
     data = SyntheticDataset(steps * args.batch * args.workers, (args.width,), seed=0)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=False)
@@ -122,6 +123,7 @@ def fit_once(args: argparse.Namespace, out_dir: str, tag: str, every: int | None
     start = time.time()
     trainer = ray_lit.fit(module, loader, num_workers=args.workers, max_epochs=1,
                           checkpoint_every_n_steps=every,
+                          snapshot_every_n_steps=snapshot_every,
                           storage_path=os.path.join(out_dir, "runs"), run_name=tag,
                           resume="never", enable_progress_bar=False, logger=False,
                           enable_checkpointing=False, enable_model_summary=False)
@@ -151,6 +153,9 @@ def main() -> None:
                         help="steps after a take that count towards its effective cost")
     parser.add_argument("--sync-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="in-memory peer snapshots every --every steps instead of storage "
+                             "checkpoints (snapshot_every_n_steps)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -166,7 +171,11 @@ def main() -> None:
     os.makedirs(out_dir, exist_ok=True)
     # without step checkpoints first (only the one at the end of the epoch, after the last step)
     base = fit_once(args, out_dir, "nockpt", None, 0)
-    with_ckpt = fit_once(args, out_dir, "ckpt", args.every, args.sync_repeats)
+    if args.snapshot:
+        with_ckpt = fit_once(args, out_dir, "ckpt", None, args.sync_repeats,
+                             snapshot_every=args.every)
+    else:
+        with_ckpt = fit_once(args, out_dir, "ckpt", args.every, args.sync_repeats)
     ray.shutdown()
 
     # the end-of-epoch/end-of-fit checkpoint is taken after the last step in both runs
@@ -222,6 +231,8 @@ def main() -> None:
         "train_s_without_ckpt": base_train, "train_s_with_ckpt": ckpt_train,
     }
     print(json.dumps(result, indent=1))
+    print("in-memory peer snapshots (snapshot_every_n_steps)" if args.snapshot else
+          "storage checkpoints (checkpoint_every_n_steps)")
     print(f"{result['params'] / 1e6:.1f}M params, checkpoint {result['checkpoint_bytes'] / 1e9:.2f}"
           f" GB: training blocked {result['blocked_median_s']:.3f} s per checkpoint "
           f"({result['blocked_ratio_vs_sync_torch_save']:.1%} of a synchronous torch.save, "

@@ -97,6 +97,7 @@ class TrainerConfig:
     run_name: str | None = None
     resume: str = "auto"
     checkpoint_every_n_steps: int | None = None
+    snapshot_every_n_steps: int | None = None
     keep_checkpoints: int = 2
     find_unused_parameters: bool = False
     gather_step_outputs: bool = False
@@ -218,6 +219,17 @@ class TrainerConfig:
                 f"max_failures={self.max_failures!r}: use an int >= 0, or -1 for unlimited.")
         if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps < 1:
             raise MisconfigurationException("checkpoint_every_n_steps must be >= 1 or None.")
+        snap = self.snapshot_every_n_steps
+        if snap is not None:
+            if isinstance(snap, bool) or not isinstance(snap, int) or snap < 1:
+                raise MisconfigurationException(
+                    f"snapshot_every_n_steps={snap!r}: use an int >= 1 (optimizer steps between "
+                    "in-memory snapshots) or None.")
+            if not self.num_workers:
+                raise MisconfigurationException(
+                    "snapshot_every_n_steps keeps in-memory snapshots on Ray workers for "
+                    "recovery after a lost worker; with num_workers=0 there are none. Set "
+                    "num_workers, or drop snapshot_every_n_steps.")
         if self.elastic_batch not in ("keep_global_batch", "keep_per_worker"):
             raise MisconfigurationException(
                 f"elastic_batch={self.elastic_batch!r}: use 'keep_global_batch' or "

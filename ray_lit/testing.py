@@ -43,9 +43,11 @@ class ScriptedAttempt:
         result: what rank 0 returns when done.
         nodes: the node of each rank in this attempt (default: ``FakeWorkerGroups.nodes``).
         confirmations: ``{step: [("checkpoint", name, rank, world_size, meta), ...]}``: parts
-            the ranks report written at that step (their polls carry them).
+            the ranks report written at that step (their polls carry them); also in-memory
+            snapshot parts, ``("snapshot", (attempt, step), rank, world_size, bytes)``.
         leftover_confirmations: parts the survivors finish writing while they leave a failed
             group (``salvage`` hands them over).
+        held_snapshots: the in-memory snapshot keys ``(attempt, step)`` every survivor holds.
     """
 
     steps: int = 4
@@ -58,6 +60,7 @@ class ScriptedAttempt:
     nodes: list[str] | None = None
     confirmations: dict[int, list[tuple]] = field(default_factory=dict)
     leftover_confirmations: list[tuple] = field(default_factory=list)
+    held_snapshots: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -72,11 +75,23 @@ class _FakeSurvivors:
     placement_group: Any
     owned: bool
     offset: int
-    num_workers: int
+    slots: list[int]
     actors: dict[int, Any]
     dead_nodes: list[str] = field(default_factory=list)
     confirmations: list[tuple] = field(default_factory=list)
+    snapshots: dict[int, Any] = field(default_factory=dict)
+    capacity: int = 0
+    fill: list[int] = field(default_factory=list)
     released: bool = False
+    exported: list[tuple] = field(default_factory=list)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.slots)
+
+    def export_snapshot(self, bundle: int, key: Any) -> Any:
+        self.exported.append((bundle, key))
+        return f"snapshot-ref-{key}"
 
     def release(self) -> None:
         self.released = True
@@ -86,9 +101,13 @@ class _FakeSurvivors:
 class FakeWorkerGroup:
     """One attempt's workers, following a ``ScriptedAttempt``."""
 
-    def __init__(self, script: ScriptedAttempt, nodes: list[str]) -> None:
+    def __init__(self, script: ScriptedAttempt, nodes: list[str], slots: list[int] | None = None,
+                 capacity: int | None = None) -> None:
         self.script = script
         self.workers = [_FakeWorker(node, f"10.0.0.{i}") for i, node in enumerate(nodes)]
+        self.slots = slots if slots is not None else list(range(len(nodes)))
+        self.capacity = capacity if capacity is not None else len(nodes)
+        self.placement_group, self.offset = "fake-pg", 0
         self.step = 0
         self.stop_at: int | None = None
         self.job: dict[str, Any] | None = None
@@ -101,7 +120,7 @@ class FakeWorkerGroup:
         return len(self.workers)
 
     def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
-        self.job = job
+        self.job = dict(job)  # what the ranks received (a real run ships a copy)
 
     def request_stop_at(self, step: int) -> None:
         self.stop_at = step
@@ -149,16 +168,22 @@ class FakeWorkerGroup:
     def shutdown(self, graceful: bool = True) -> None:
         self.shut_down = True
 
-    def salvage(self, abort_timeout_s: float = 10.0) -> _FakeSurvivors | None:
-        """Keep every rank that the script did not kill."""
+    def salvage(self, abort_timeout_s: float = 10.0, lost_nodes: Any = ()
+                ) -> _FakeSurvivors | None:
+        """Keep every rank that the script did not kill (and that is not on a lost node)."""
         self.salvaged = True
         dead = {self.script.die[0]} if self.script.die and self.step >= self.script.die[1] \
             else set()
-        alive = {r: object() for r in range(self.world_size) if r not in dead}
+        alive = {self.slots[r]: object() for r in range(self.world_size)
+                 if r not in dead and self.workers[r].node_id not in lost_nodes}
+        dead_nodes = [w.node_id for r, w in enumerate(self.workers)
+                      if self.slots[r] not in alive]
         if not alive:
             return None
-        return _FakeSurvivors(None, True, 0, self.world_size, alive,
-                              confirmations=list(self.script.leftover_confirmations))
+        return _FakeSurvivors("fake-pg", True, 0, list(self.slots), alive, dead_nodes,
+                              confirmations=list(self.script.leftover_confirmations),
+                              snapshots={s: list(self.script.held_snapshots) for s in alive},
+                              capacity=self.capacity)
 
 
 class FakeWorkerGroups:
@@ -184,9 +209,14 @@ class FakeWorkerGroups:
         script = self.attempts[index]
         nodes = (script.nodes or self.nodes or ["node-a"] * num_workers)[:num_workers]
         nodes += [nodes[-1] if nodes else "node-a"] * (num_workers - len(nodes))
-        group = FakeWorkerGroup(script, nodes)
-        self.created.append({"num_workers": num_workers,
-                             "kept": len(survivors.actors) if survivors is not None else 0})
+        if survivors is not None:
+            slots = sorted(survivors.actors) + list(survivors.fill)
+            group = FakeWorkerGroup(script, nodes, slots, survivors.capacity)
+            self.created.append({"num_workers": num_workers, "kept": len(survivors.actors),
+                                 "fill": list(survivors.fill)})
+        else:
+            group = FakeWorkerGroup(script, nodes)
+            self.created.append({"num_workers": num_workers, "kept": 0})
         self.groups.append(group)
         return group
 
@@ -199,7 +229,9 @@ class FakeCluster:
         self.driver = driver
         self.draining: dict[str, int] = {}
         self.free = free if free is not None else [{"CPU": 8.0}]
-        self.placed = True
+        self.placed = True  # False: no bundle of a placement group sits on a live node
+        self.unplaced: set[int] = set()  # bundle indices not on a live node
+        self.lost: set[str] = set()  # nodes a probe does not reach
 
     def driver_node(self) -> str | None:
         return self.driver
@@ -210,11 +242,13 @@ class FakeCluster:
     def free_per_node(self) -> list[dict[str, float]]:
         return list(self.free)
 
-    def bundles_placed(self, placement_group: Any, indices: list[int]) -> bool:
-        return self.placed
+    def bundle_nodes(self, placement_group: Any) -> dict[int, str]:
+        if not self.placed:
+            return {}
+        return {i: self.driver for i in range(64) if i not in self.unplaced}
 
     def reachable(self, node_ids: list[str], timeout_s: float = 3.0) -> bool:
-        return self.placed
+        return self.placed and not any(n in self.lost for n in node_ids)
 
 
 class PrintLog:

@@ -67,9 +67,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None
     if "://" not in target:
         _save_local(checkpoint, target)
         return
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    write_file(target, buffer.getvalue())
+    write_file(target, checkpoint_to_bytes(checkpoint))
 
 
 def _save_local(checkpoint: dict[str, Any], path: str) -> None:
@@ -117,6 +115,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[s
         data = read_file(name)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"Checkpoint not found: {name}") from err
+    return checkpoint_from_bytes(data, map_location, name=name)
+
+
+def checkpoint_to_bytes(checkpoint: dict[str, Any]) -> bytes:
+    """``checkpoint`` as the bytes ``save_checkpoint`` would write (for memory, not a file)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def checkpoint_from_bytes(data: bytes, map_location: Any = None,
+                          name: str = "<in memory>") -> dict[str, Any]:
+    """Load checkpoint bytes as ``load_checkpoint`` does (weights only, no code run)."""
     try:
         with _LOAD_LOCK, torch.serialization.safe_globals(_missing_globals()):
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

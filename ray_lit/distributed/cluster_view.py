@@ -40,19 +40,20 @@ class ClusterView:
         return [free for node, free in state.available_resources_per_node().items()
                 if node not in draining]
 
-    def bundles_placed(self, placement_group: Any, indices: list[int]) -> bool:
-        """Whether each bundle ``indices`` of ``placement_group`` sits on a live node that is
-        not draining (after a lost node Ray re-places its bundles when it can)."""
+    def bundle_nodes(self, placement_group: Any) -> dict[int, str]:
+        """``{bundle index: node id}`` for the bundles of ``placement_group`` that sit on a
+        live node that is not draining (after a lost node Ray re-places its bundles when it
+        can; until then they are missing here)."""
         try:
             table = ray.util.placement_group_table(placement_group)
             alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         except Exception:
-            return False
-        if table.get("state") != "CREATED":
-            return False
+            return {}
+        if table.get("state") not in ("CREATED", "RESCHEDULING"):
+            return {}
         draining = self.draining_nodes()
-        placed = table.get("bundles_to_node_id", {})
-        return all(placed.get(i) in alive and placed.get(i) not in draining for i in indices)
+        return {int(i): node for i, node in table.get("bundles_to_node_id", {}).items()
+                if node in alive and node not in draining}
 
     def reachable(self, node_ids: list[str], timeout_s: float = 2.0) -> bool:
         """Whether a tiny task runs on each of ``node_ids`` within ``timeout_s``: after a

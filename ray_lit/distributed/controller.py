@@ -23,6 +23,7 @@ from typing import Any
 import cloudpickle
 
 from ray_lit.distributed.cluster_view import ClusterView
+from ray_lit.distributed.peer_snapshot import SnapshotLedger, decide_restore
 from ray_lit.distributed.policies import (
     DepartureDecision,
     ElasticScaling,
@@ -31,6 +32,7 @@ from ray_lit.distributed.policies import (
     WorkerError,
     decide_accumulation,
     decide_departure,
+    decide_regroup,
     scaling_policy,
 )
 from ray_lit.distributed.worker_group import Survivors, WorkerGone, WorkerGroup
@@ -84,6 +86,13 @@ class Controller:
         self._attempts = 0
         self._survivors: Survivors | None = None
         self._answered: set[str] = set()  # nodes a probe just reached (after a failure)
+        self._unreachable: set[str] = set()  # nodes a probe did not reach (a lost node)
+        # every node found lost: Ray lists one as alive (and its bundles as placed there) for
+        # a while after it went
+        self._lost_nodes: set[str] = set()
+        self.ledger = SnapshotLedger()  # every rank's own part of the in-memory snapshots
+        # where each later attempt started: ("storage" | "memory" | "start", global step)
+        self.restored_from: list[tuple[str, int]] = []
 
     # --- attempts -------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -123,6 +132,7 @@ class Controller:
 
     def _attempt(self) -> AttemptOutcome:
         job = dict(self.job)
+        note, origin = None, ("start", 0)
         if self.manager is not None:
             self.manager.abandon_pending()
             self.manager.clean_uncommitted()
@@ -135,14 +145,26 @@ class Controller:
                                   "parts": {r: latest.part_uri(r)
                                             for r in range(latest.world_size)}}
                 job.pop("checkpoint", None)
-                self.sink.print(f"ray_lit: restoring from {latest.name} (step "
-                                f"{latest.global_step}, epoch {latest.epoch})")
+                note = (f"ray_lit: restoring from {latest.name} (step {latest.global_step}, "
+                        f"epoch {latest.epoch})")
+                origin = ("storage", latest.global_step)
+        job["attempt"] = self._attempts
         self._attempts += 1
         survivors, self._survivors = self._survivors, None
-        if survivors is not None and not self._refillable(survivors):
-            survivors.release()  # the dead workers' places are gone: start a new group
+        if survivors is not None and job.get("stage") == "fit":
+            step = self._restore_from_peers(job, survivors)
+            if step is not None:
+                note = f"ray_lit: restoring from {job['restore']['memory']['reason']}"
+                origin = ("memory", step)
+        if note is not None:
+            self.sink.print(note)
+        if self._attempts > 1:
+            self.restored_from.append(origin)
+        regroup = self._regroup(survivors) if survivors is not None else None
+        if survivors is not None and regroup is None:
+            survivors.release()  # not enough places around them: start a new group
             survivors = None
-        size = survivors.num_workers if survivors is not None else self._world_size()
+        size = regroup.num_workers if regroup is not None else self._world_size()
         self._plan_accumulation(job, size)
         kept = len(survivors.actors) if survivors is not None else 0
         try:
@@ -160,58 +182,116 @@ class Controller:
             group = self.create_group(**dict(self.group_options, num_workers=size),
                                       survivors=None)
         if kept:
-            self.sink.print(f"ray_lit: kept {kept} surviving worker(s), started "
-                            f"{size - kept} new; process group re-formed")
+            self.sink.print(f"ray_lit: kept {kept} worker(s), started {size - kept} new; "
+                            f"process group re-formed ({regroup.reason})")
         self.trainer.world_size_history.append(group.world_size)
         outcome = AttemptOutcome(error=None)
         try:
             group.run(self.payload_ref, job)
+            # the ranks hold the peer snapshot's ref now; it is freed once they loaded it
+            job.pop("restore", None)
             outcome = self._supervise(group)
             return outcome
         finally:
             if self._worth_salvaging(outcome):
-                self._survivors = group.salvage()
+                # a survivor stuck in a collective with a lost node's worker is not waited for
+                # long: a fresh worker starts in less time
+                self._survivors = group.salvage(
+                    abort_timeout_s=3.0 if self._unreachable else 10.0,
+                    lost_nodes=set(self._unreachable))
                 self._confirm_leftovers(self._survivors)
             else:
                 # after a failure nobody needs a clean goodbye (a peer may hang in it)
                 group.shutdown(graceful=outcome.error is None)
 
     def _worth_salvaging(self, outcome: AttemptOutcome) -> bool:
-        """After a lost worker (not a bug in user code, not a planned stop) the live workers
-        are kept for the next attempt instead of being torn down with the group."""
+        """After a lost worker (not a bug in user code) and before an elastic resize, the
+        live workers are kept for the next attempt instead of being torn down with the group."""
+        if not self.keep_survivors or self.job.get("stage") != "fit":
+            return False
+        if outcome.resize_to is not None:  # growing: the running workers stay
+            return self.elastic
         error = outcome.error
-        if not (self.keep_survivors and error is not None and self.job.get("stage") == "fit"
-                and error.kind in ("actor_died", "node_died", "hang", "preempted")
-                and self.policy.max_failures != 0):
+        if not (error is not None and self.policy.max_failures != 0
+                and error.kind in ("actor_died", "node_died", "hang", "preempted")):
             return False
-        # a lost node cannot take the replacement: tear down at once instead
         nodes = [error.node_id] if error.node_id else []
-        if not self.cluster.reachable(nodes):
-            return False
-        self._answered = set(nodes)  # _refillable need not ask these again
-        return True
+        if self.cluster.reachable(nodes):
+            self._answered, self._unreachable = set(nodes), set()
+            return True
+        # a lost node: nothing can be placed on it. An elastic group continues with the
+        # workers elsewhere; a fixed-size one is torn down at once (its places are refilled
+        # only once Ray has noticed the death, which takes longer than a fresh start)
+        self._answered, self._unreachable = set(), set(nodes)
+        self._lost_nodes |= self._unreachable
+        return self.elastic
+
+    def _regroup(self, survivors: Survivors) -> Any:
+        """Which free places of the kept workers' placement group get a new worker (slots on
+        live nodes; the ended group's own empty places first), as ``decide_regroup`` rules.
+        None: the kept workers are let go and a new group is sized afresh."""
+        nodes = self.cluster.bundle_nodes(survivors.placement_group)
+        unasked = {n for n in survivors.dead_nodes
+                   if n not in self._answered and n not in self._unreachable}
+        lost = set(self._lost_nodes)
+        if unasked and not self.cluster.reachable(sorted(unasked)):
+            lost |= unasked  # Ray's node table lags behind a lost node
+            self._lost_nodes |= unasked
+        free = [i for i in range(survivors.capacity) if i not in survivors.actors
+                and nodes.get(i + survivors.offset) not in (None, *lost)]
+        free.sort(key=lambda i: (i not in survivors.slots, i))
+        if self._next_size is not None:  # growing: all of it, or a new group of that size
+            want = minimum = self._next_size
+        elif self.elastic:
+            want = min(self.scaling.max_workers, survivors.capacity)
+            minimum = self.scaling.min_workers
+        else:
+            want = minimum = self.group_options["num_workers"]
+        decision = decide_regroup(len(survivors.actors), free, want, minimum)
+        if decision is not None:
+            survivors.fill = list(decision.fill)
+            self._next_size = None
+        return decision
 
     def _confirm_leftovers(self, survivors: Survivors | None) -> None:
         """Parts the survivors wrote from memory while leaving can complete a checkpoint newer
         than the last commit (the dead rank had written its part before it died): confirm them,
         so the next attempt continues from there instead of redoing those steps."""
-        if survivors is None or self.manager is None:
+        if survivors is None:
             return
-        for _, name, rank, world_size, meta in survivors.confirmations:
-            if self.manager.confirm(name, rank, world_size, meta):
-                self.sink.print(f"ray_lit: committed {name} from the surviving workers' "
-                                "memory (written while they left the failed group)")
+        for name in self._receive(survivors.confirmations):
+            self.sink.print(f"ray_lit: committed {name} from the surviving workers' "
+                            "memory (written while they left the failed group)")
         survivors.confirmations = []
 
-    def _refillable(self, survivors: Survivors) -> bool:
-        """Whether every dead worker's bundle sits on a live node that is not draining (a
-        process died, or Ray already re-placed the bundle of a lost node), and the nodes the
-        dead workers ran on still answer (else a node was lost: Ray's node table lags)."""
-        missing = [i + survivors.offset for i in range(survivors.num_workers)
-                   if i not in survivors.actors]
-        unasked = [n for n in survivors.dead_nodes if n not in self._answered]
-        return (self.cluster.reachable(unasked)
-                and self.cluster.bundles_placed(survivors.placement_group, missing))
+    def _receive(self, entries: list[tuple]) -> list[str]:
+        """Take what the ranks handed over: checkpoint part confirmations (to the manager)
+        and in-memory snapshot parts (to the ledger). Returns the checkpoints committed."""
+        committed = []
+        for kind, name, rank, world_size, meta in entries:
+            if kind == "snapshot":
+                self.ledger.add(name, rank, world_size, meta)
+            elif self.manager is not None and self.manager.confirm(name, rank, world_size,
+                                                                   meta):
+                committed.append(name)
+        return committed
+
+    def _restore_from_peers(self, job: dict[str, Any], survivors: Survivors) -> int | None:
+        """Continue from a surviving worker's in-memory snapshot instead of storage when it is
+        newer than the latest commit (``Trainer(snapshot_every_n_steps=N)``): fewer steps
+        redone, and still exact."""
+        latest = self.manager.latest() if self.manager is not None else None
+        decision = decide_restore(latest.global_step if latest is not None else None,
+                                  self.ledger.complete(), survivors.snapshots)
+        if decision.key is None:
+            return None
+        ref = survivors.export_snapshot(decision.holder, decision.key)
+        if ref is None:
+            return None  # the holder went too: the storage checkpoint stands
+        job["restore"] = {"memory": {"ref": ref, "parts": self.ledger.parts(decision.key),
+                                     "reason": decision.reason}}
+        job.pop("checkpoint", None)
+        return decision.key[1]
 
     # --- supervision ----------------------------------------------------------------------------
     def _supervise(self, group: WorkerGroup) -> AttemptOutcome:
@@ -292,9 +372,7 @@ class Controller:
                 continue
             if status["events"]:
                 replay(status["events"], self.sink)
-            for _, name, r, world_size, meta in status["checkpoints"]:
-                if self.manager is not None:
-                    self.manager.confirm(name, r, world_size, meta)
+            self._receive(status["checkpoints"])
             out.append(status)
         return out
 
@@ -399,7 +477,18 @@ class Controller:
         return True
 
     def _placeable_extra(self, group: WorkerGroup) -> int:
-        return self._placeable(self._free_per_node())
+        """Workers that could join: free resources, plus the group's own placement-group
+        places that are empty and on a live node (a lost node's bundle that Ray re-placed
+        when the node, or another, came back)."""
+        nodes = self.cluster.bundle_nodes(group.placement_group)
+        empty = [i for i in range(group.capacity) if i not in set(group.slots)]
+        spare = sum(1 for i in empty
+                    if nodes.get(i + group.offset) not in (None, *self._lost_nodes))
+        if spare < len(empty):
+            # Ray places the group's own lost places first when resources appear: grow into
+            # those once they are placed, not into resources they are about to take
+            return spare
+        return self._placeable(self._free_per_node()) + spare
 
     def _plan_accumulation(self, job: dict[str, Any], size: int) -> None:
         """Keep the global batch per optimizer step through accumulation (the documented

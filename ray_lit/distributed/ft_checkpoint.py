@@ -3,7 +3,9 @@
 Every rank takes a checkpoint at the same step boundary (the conditions depend only on counters
 every rank shares, so no collective is needed to agree): every ``every_n_steps`` optimizer
 steps, at each epoch end, when the driver asks for one before a planned stop (preemption), and
-at the end of fit. At that boundary the small, fast-changing state is copied to host memory;
+at the end of fit. With ``snapshot_every_n_steps`` every rank also keeps an in-memory snapshot
+between them (``peer_snapshot``), which survivors of a loss hand to the next attempt. At that
+boundary the small, fast-changing state is copied to host memory;
 parameters and optimizer state are copied by a background thread during the next forward and
 backward (``HostSnapshot``: optimizer steps wait for that copy), which then serialises and
 writes this rank's part while training goes on; at most one write is in flight. The driver
@@ -33,10 +35,13 @@ class AttemptAborted(Exception):
 class CheckpointWriter:
     """Shipped to every worker with the job; ``attach`` binds it to the worker and its rank."""
 
-    def __init__(self, run_uri: str, every_n_steps: int | None, asynchronous: bool = True
-                 ) -> None:
+    def __init__(self, run_uri: str, every_n_steps: int | None, asynchronous: bool = True,
+                 snapshot_every_n_steps: int | None = None) -> None:
         self.run_uri = run_uri.rstrip("/")
         self.every_n_steps = every_n_steps
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self._attempt = 0
+        self._last_snapshot_step = -1
         self.asynchronous = asynchronous
         self._worker: Any = None
         self._rank = 0
@@ -62,13 +67,16 @@ class CheckpointWriter:
 
     @property
     def fence_wait_s(self) -> list[float]:
-        """Time optimizer steps waited for a deferred copy, per checkpoint that made one wait."""
-        return self._snapshot.fence_wait_s
+        """Time optimizer steps waited for a deferred copy, per checkpoint or in-memory
+        snapshot that made one wait."""
+        peer = getattr(self._worker, "peer_snapshot", None)
+        return self._snapshot.fence_wait_s + (peer.fence_wait_s if peer is not None else [])
 
-    def attach(self, worker: Any, ranks: Any) -> None:
+    def attach(self, worker: Any, ranks: Any, attempt: int = 0) -> None:
         self._worker = worker
         self._rank = ranks.world_rank
         self._world_size = ranks.world_size
+        self._attempt = attempt
 
     # --- when -----------------------------------------------------------------------------------
     def after_train_step(self, trainer: Any, is_last: bool) -> None:
@@ -82,10 +90,12 @@ class CheckpointWriter:
             self.take(trainer, tag="preempt")
             self.wait()
             raise PreemptedExit(f"checkpoint at step {step} written; stopping as asked")
-        if is_last or not self.every_n_steps or step == self._last_step_taken:
+        if is_last or step <= 0 or step in (self._last_step_taken, self._last_snapshot_step):
             return
-        if step > 0 and step % self.every_n_steps == 0:
+        if self.every_n_steps and step % self.every_n_steps == 0:
             self.take(trainer)
+        elif self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
+            self.snapshot(trainer)
 
     def after_epoch(self, trainer: Any) -> None:
         self.take(trainer)
@@ -95,12 +105,20 @@ class CheckpointWriter:
             self.take(trainer)
         self.wait()
         self._snapshot.release()
+        peer = getattr(self._worker, "peer_snapshot", None)
+        if peer is not None:  # the run is over: nobody will restore from it
+            peer.release()
 
     # --- what -----------------------------------------------------------------------------------
     def _prepare(self, trainer: Any) -> None:
         """After the first optimizer step (the optimizer state exists now), allocate the host
         buffers of this rank's checkpoint in the background."""
         self._prepared = True
+        if self.snapshot_every_n_steps:  # every rank keeps the replicated part in memory
+            from ray_lit.distributed.peer_snapshot import split_rank_state
+
+            replicated, _ = split_rank_state({}, trainer.lightning_module, trainer.optimizers)
+            self._peer().prepare(replicated)
         if self._rank != 0 or not self.asynchronous or self._thread is not None:
             return  # other ranks' parts are small
         # the large entries of ``dump_checkpoint``'s dict, under the same keys (no user hooks)
@@ -115,21 +133,11 @@ class CheckpointWriter:
         """Copy this rank's state to host memory now; write it in the background."""
         import time
 
-        from ray_lit.core.seed import rng_state
-        from ray_lit.loop.checkpoint_state import dump_checkpoint
-
         start = time.perf_counter()
         self.wait()  # at most one write in flight (waiting for it is part of the stall)
         progress = trainer._progress
-        if self._rank == 0:
-            state = dump_checkpoint(trainer, on_device=True)
-        else:
-            state = {"loops": {"progress": progress.state_dict(), "rng": rng_state(),
-                               "sampler": trainer._host.sampler_state(progress.batches_done),
-                               "world_size": self._world_size}}
-            if progress.batches_done >= trainer.num_training_batches:
-                state["loops"]["progress"]["epoch_finished"] = True
-        state = self._snapshot.capture(state, trainer.optimizers, deferred=self.overlap_copy)
+        state = self._snapshot.capture(self._rank_state(trainer), trainer.optimizers,
+                                       deferred=self.overlap_copy)
         self.stall_s.append(time.perf_counter() - start)
         name = checkpoint_name(progress.global_step, progress.epoch, tag)
         meta = {"global_step": progress.global_step, "epoch": progress.epoch}
@@ -144,6 +152,52 @@ class CheckpointWriter:
             self._write(state, uri, name, meta)
         if self._error is not None:
             raise self._error
+
+    def _rank_state(self, trainer: Any) -> dict[str, Any]:
+        """This rank's checkpoint state at the step boundary, tensors where they live: rank 0's
+        whole checkpoint; the other ranks' own loop state (RNG, progress, sampler)."""
+        from ray_lit.core.seed import rng_state
+        from ray_lit.loop.checkpoint_state import dump_checkpoint
+
+        progress = trainer._progress
+        if self._rank == 0:
+            return dump_checkpoint(trainer, on_device=True)
+        state = {"loops": {"progress": progress.state_dict(), "rng": rng_state(),
+                           "sampler": trainer._host.sampler_state(progress.batches_done),
+                           "world_size": self._world_size}}
+        if progress.batches_done >= trainer.num_training_batches:
+            state["loops"]["progress"]["epoch_finished"] = True
+        return state
+
+    def snapshot(self, trainer: Any) -> None:
+        """An in-memory snapshot (``peer_snapshot``): the replicated tensors stay in this
+        worker's memory, copied while the next step runs; this rank's own part goes to the
+        driver with the next poll."""
+        import time
+
+        from ray_lit.distributed.peer_snapshot import own_part_bytes, split_rank_state
+
+        start = time.perf_counter()
+        step = trainer.global_step
+        self._last_snapshot_step = step
+        replicated, own = split_rank_state(self._rank_state(trainer), trainer.lightning_module,
+                                           trainer.optimizers)
+        key = (self._attempt, step)
+        self._peer().take(replicated, trainer.optimizers, key)
+        blob = own_part_bytes(own)
+        self.stall_s.append(time.perf_counter() - start)
+        if self._worker is not None:
+            self._worker.outbox.append(("snapshot", key, self._rank, self._world_size, blob))
+
+    def _peer(self) -> Any:
+        from ray_lit.distributed.peer_snapshot import PeerSnapshot
+
+        worker = self._worker
+        if worker is None:  # not on a Ray worker (unit tests): keep it here
+            worker = self
+        if getattr(worker, "peer_snapshot", None) is None:
+            worker.peer_snapshot = PeerSnapshot()
+        return worker.peer_snapshot
 
     def _write(self, state: dict[str, Any], uri: str, name: str, meta: dict[str, Any]) -> None:
         from ray_lit.checkpoint.io import save_checkpoint

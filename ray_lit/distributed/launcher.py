@@ -148,8 +148,9 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
     job: dict[str, Any] = {"stage": "fit", "seed": global_seed(),
                            "sampler_seed": global_seed() or 0, "use_gpu": config.use_gpu,
                            "accelerator": config.accelerator,
-                           "checkpointer": CheckpointWriter(run_uri,
-                                                            config.checkpoint_every_n_steps)}
+                           "checkpointer": CheckpointWriter(
+                               run_uri, config.checkpoint_every_n_steps,
+                               snapshot_every_n_steps=config.snapshot_every_n_steps)}
     if ckpt_path is not None:
         checkpoint = trainer._load_resume_checkpoint(ckpt_path)
         job["checkpoint"] = checkpoint

@@ -24,6 +24,7 @@ __all__ = [
     "FailurePolicy",
     "FixedScaling",
     "NoopDecision",
+    "RegroupDecision",
     "ResizeDecision",
     "ScalingPolicy",
     "WaitDecision",
@@ -31,6 +32,7 @@ __all__ = [
     "accumulation_for_world_size",
     "decide_accumulation",
     "decide_departure",
+    "decide_regroup",
     "scaling_policy",
 ]
 
@@ -349,3 +351,42 @@ def decide_departure(worker_nodes: list[str], driver_node: str | None,
             f"continue without rank(s) {list(ranks)} from that checkpoint")
     return DepartureDecision(stop_run=stop_run, ranks=ranks, nodes=tuple(sorted(nodes)),
                              reason=f"{'; '.join(causes)}; {then}")
+
+
+# --- regrouping around kept workers ----------------------------------------------------------
+@dataclass(frozen=True)
+class RegroupDecision:
+    """Re-form the group around the kept workers, starting new ones in ``fill`` (placement
+    group bundle slots that sit on live nodes).
+
+    Attributes:
+        fill: the slots that get a new worker.
+        num_workers: the new world size (kept workers plus ``fill``).
+        reason: in words, for the log.
+    """
+
+    fill: tuple[int, ...]
+    num_workers: int
+    reason: str
+
+
+def decide_regroup(kept: int, free_slots: list[int], want: int, min_workers: int
+                   ) -> RegroupDecision | None:
+    """Whether the next group can be the ``kept`` workers plus new ones in some of the
+    ``free_slots`` (pure). ``want``: the size to aim for (the lost group's size after a failure,
+    the new size when growing); a fixed-size group has ``min_workers == want``. None: not
+    enough places; the kept workers are let go and a new group is sized afresh.
+    """
+    if kept < 1:
+        return None
+    size = min(want, kept + len(free_slots))
+    if size < max(min_workers, 1):
+        return None
+    fill = tuple(free_slots[:size - kept])
+    if size == kept:
+        why = f"continuing with the {kept} kept worker(s)"
+    else:
+        why = f"{kept} kept worker(s) and {len(fill)} new"
+    if size < want:
+        why += f" ({want - size} place(s) not available now)"
+    return RegroupDecision(fill, size, why)

@@ -88,6 +88,7 @@ class Worker:
         self._last_progress = time.monotonic()
         self._steps = -1
         self.outbox: list[tuple] = []
+        self.peer_snapshot: Any = None  # the latest in-memory snapshot; outlives an attempt
         self.stop_at_step: int | None = None
         self._first_steps: int | None = None
         self._sigterm = False
@@ -203,7 +204,16 @@ class Worker:
 
         destroy_process_group()
 
-    def abort(self, timeout_s: float) -> list[tuple] | None:
+    def export_snapshot(self, key: tuple[int, int]) -> tuple[int, bytes]:
+        """``(size, data)``: the replicated part of the in-memory snapshot ``key`` as
+        checkpoint bytes (a survivor, for the next attempt's restore; called with
+        ``num_returns=2`` so the driver learns it is done without fetching the data)."""
+        if self.peer_snapshot is None:
+            raise RuntimeError(f"peer snapshot {key} is not held here (none taken)")
+        data = self.peer_snapshot.export(key)
+        return len(data), data
+
+    def abort(self, timeout_s: float) -> dict[str, Any] | None:
         """Leave the failed attempt but stay alive for the next one (a surviving worker).
 
         The loop thread ends at its next collective (the dead peer's sockets are closed) or,
@@ -212,9 +222,11 @@ class Worker:
         may complete a checkpoint newer than the last commit.
 
         Returns:
-            The checkpoint confirmations not yet handed to the driver (the one written just
-            now among them), or None when the loop did not end within ``timeout_s`` (stuck in
-            a collective or in user code): the controller then replaces this actor too.
+            ``outbox``: what the driver was not yet handed (the confirmation of the part
+            written just now among it, and snapshot parts); ``snapshots``: the keys of the
+            in-memory snapshots this worker holds. None when the loop did not end
+            within ``timeout_s`` (stuck in a collective or in user code): the controller then
+            replaces this actor too.
         """
         self.aborting = True
         thread = self._thread
@@ -228,13 +240,16 @@ class Worker:
                 checkpointer.wait()
             except BaseException:  # a failed write confirms nothing
                 pass
-        confirmations = list(self.outbox)
+        peer = self.peer_snapshot
+        if peer is not None:
+            peer.wait()  # the copy in flight is of a step boundary: finish it
+        left = {"outbox": list(self.outbox), "snapshots": peer.keys if peer is not None else []}
         self.shutdown()
         self._reset()
         import gc
 
         gc.collect()  # the old attempt's module, optimizer and data go now, not later
-        return confirmations
+        return left
 
     def _reset(self) -> None:
         self._thread, self._state = None, "idle"
@@ -270,7 +285,7 @@ def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any
     checkpointer = None
     if job.get("checkpointer") is not None:
         checkpointer = job["checkpointer"]
-        checkpointer.attach(worker, ranks)
+        checkpointer.attach(worker, ranks, attempt=job.get("attempt", 0))
     host = WorkerHost(ranks, device, seed=job.get("sampler_seed", 0), checkpointer=checkpointer)
     sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
     for logger in trainer.loggers:
@@ -280,7 +295,8 @@ def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any
     stage = job["stage"]
     checkpoint = job.get("checkpoint")
     if job.get("restore") is not None:
-        checkpoint = load_restore(job["restore"], ranks.world_rank)
+        # popped: a snapshot fetched from a peer's memory is freed once loaded
+        checkpoint = load_restore(job.pop("restore"), ranks.world_rank)
     from ray_lit.loop.stages import run_evaluation, run_fit
 
     if stage == "fit":
@@ -298,9 +314,14 @@ def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any
 
 
 def load_restore(restore: dict[str, Any], world_rank: int) -> dict[str, Any]:
-    """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part."""
+    """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part
+    (from storage, or from a surviving worker's memory: ``peer_snapshot``)."""
     from ray_lit.checkpoint.io import load_checkpoint
 
+    if "memory" in restore:
+        from ray_lit.distributed.peer_snapshot import restore_checkpoint
+
+        return restore_checkpoint(restore["memory"], world_rank)
     checkpoint = load_checkpoint(restore["rank0"], map_location="cpu")
     own = restore["parts"].get(world_rank)
     if world_rank != 0 and own is not None:

@@ -3,9 +3,11 @@
 ``create`` reserves a placement group, starts one actor per bundle, derives ranks from where
 the actors landed, and forms the torch.distributed group on rank 0's node. ``shutdown`` releases
 actors and the placement group; it is safe to call on a half-built group and more than once.
-After a failure ``salvage`` keeps the live actors and the placement group (``Survivors``), and
-the next ``create`` refills only the dead workers' bundles: no new processes, imports or CUDA
-contexts for the workers that survived.
+After a failure (or before a planned resize) ``salvage`` keeps the live actors and the
+placement group (``Survivors``), and the next ``create`` starts actors only in the bundle
+slots the controller chose to fill (the dead workers' places when they can be refilled, places
+that came back, or none: the group shrinks to the kept workers): no new processes, imports or
+CUDA contexts for the workers that survived.
 """
 
 from __future__ import annotations
@@ -50,17 +52,39 @@ class WorkerGone:
 
 @dataclass
 class Survivors:
-    """What a failed attempt leaves for the next one: its placement group and the actors that
-    are still alive and idle, by bundle index (the dead ones' bundles are refilled)."""
+    """What an ended attempt leaves for the next one: its placement group and the actors that
+    are still alive and idle, by bundle slot (slot ``i`` is bundle ``i + offset``)."""
 
     placement_group: Any
     owned: bool
     offset: int
-    num_workers: int
+    slots: list[int]  # the ended group's slots, in rank order
     actors: dict[int, Any]
     dead_nodes: list[str] = field(default_factory=list)  # where the lost workers ran
-    # checkpoint parts the survivors finished writing while leaving (the driver confirms them)
+    # what the survivors had not yet handed to the driver: checkpoint parts they finished
+    # writing while leaving (the driver confirms them) and in-memory snapshot parts
     confirmations: list[tuple] = field(default_factory=list)
+    # the in-memory snapshots each survivor holds, by bundle index (``peer_snapshot``)
+    snapshots: dict[int, Any] = field(default_factory=dict)
+    capacity: int = 0  # worker bundles in the placement group (the most workers it can host)
+    fill: list[int] = field(default_factory=list)  # slots the next group starts actors in
+
+    @property
+    def num_workers(self) -> int:
+        """The size of the group these workers survived."""
+        return len(self.slots)
+
+    def export_snapshot(self, bundle: int, key: Any, timeout_s: float = 120.0) -> Any:
+        """An ObjectRef to the replicated part of snapshot ``key``, exported by the survivor
+        in ``bundle`` (the next attempt's ranks fetch it; the driver never does), or None when
+        the export failed. Returns once the export is done, so the survivor may go after."""
+        size, data = self.actors[bundle].export_snapshot.options(num_returns=2).remote(key)
+        try:
+            ray.get(size, timeout=timeout_s)
+        except Exception as err:  # the holder died, or no longer has it
+            log.warning("ray_lit: exporting peer snapshot %s failed: %s", key, err)
+            return None
+        return data
 
     def release(self) -> None:
         for actor in self.actors.values():
@@ -74,11 +98,17 @@ class WorkerGroup:
     """The actors of one attempt, in world-rank order."""
 
     def __init__(self, workers: list[WorkerInfo], placement_group: Any, owned: bool = True,
-                 offset: int = 0) -> None:
+                 offset: int = 0, capacity: int | None = None) -> None:
         self.workers = workers
         self.placement_group = placement_group
         self.owned = owned
         self.offset = offset
+        self.capacity = capacity if capacity is not None else len(workers)
+
+    @property
+    def slots(self) -> list[int]:
+        """The placement-group slots this group's workers occupy."""
+        return [w.bundle_index for w in self.workers]
 
     @property
     def world_size(self) -> int:
@@ -91,11 +121,16 @@ class WorkerGroup:
                survivors: Survivors | None = None) -> WorkerGroup:
         """Reserve (or reuse) the placement group, start the actors that are missing, assign
         ranks by node and form the process group. With ``survivors`` the earlier attempt's
-        live actors are kept: only the dead ones' bundles get new actors."""
+        live actors are kept and new ones start in ``survivors.fill`` only."""
         if survivors is not None:
             pg, owned, offset = survivors.placement_group, survivors.owned, survivors.offset
+            capacity = survivors.capacity
             kept = dict(survivors.actors)
             survivors.actors = {}
+            indices = sorted(kept) + [i for i in survivors.fill if i not in kept]
+            if len(indices) != num_workers:
+                raise ValueError(f"{num_workers} workers asked, {len(kept)} kept + "
+                                 f"{len(survivors.fill)} to fill")
         else:
             # Inside a Tune trial the trial's own placement group already holds a bundle per
             # worker after the trial driver's bundle 0: use those, never reserve more.
@@ -104,11 +139,13 @@ class WorkerGroup:
             pg = current or create_placement_group(num_workers, per_worker, strategy,
                                                    timeout_s=placement_timeout_s)
             offset = 0 if owned else 1
+            capacity = num_workers
             kept = {}
+            indices = list(range(num_workers))
         actors: dict[int, Any] = {}
         try:
             custom = {k: v for k, v in per_worker.items() if k not in ("CPU", "GPU")}
-            for index in range(num_workers):
+            for index in indices:
                 actors[index] = kept.pop(index, None) or _RemoteWorker.options(
                     num_cpus=per_worker.get("CPU", 0), num_gpus=per_worker.get("GPU", 0),
                     resources=custom or None, max_concurrency=2,
@@ -124,7 +161,7 @@ class WorkerGroup:
                 (WorkerInfo(actors[b], r, i["node_id"], i["node_ip"], i["gpu_ids"], i["pid"], b)
                  for b, r, i in zip(order, ranks, infos)),
                 key=lambda w: w.ranks.world_rank)
-            group = cls(workers, pg, owned, offset)
+            group = cls(workers, pg, owned, offset, capacity)
             group._join_process_group(device_type, pg_timeout_s, env,
                                       per_worker.get("CPU"))
             return group
@@ -135,28 +172,39 @@ class WorkerGroup:
                 remove_placement_group_quietly(pg)
             raise
 
-    def salvage(self, abort_timeout_s: float = 10.0) -> Survivors | None:
-        """End a failed attempt keeping the live workers: each leaves the process group and
-        drops the old run's state; dead or stuck ones are killed. None when nobody survived."""
+    def salvage(self, abort_timeout_s: float = 10.0, lost_nodes: set[str] | frozenset = frozenset()
+                ) -> Survivors | None:
+        """End an attempt keeping the live workers: each leaves the process group and drops
+        the old run's state; dead or stuck ones are killed, and so are the workers on
+        ``lost_nodes`` without asking (Ray may not know yet that they are gone). None when
+        nobody survived."""
+        import time
+
         pending = {w.bundle_index: (w.actor, w.actor.abort.remote(abort_timeout_s))
-                   for w in self.workers}
+                   for w in self.workers if w.node_id not in lost_nodes}
         alive: dict[int, Any] = {}
-        dead_nodes: list[str] = []
+        dead_nodes: list[str] = [w.node_id for w in self.workers if w.node_id in lost_nodes]
+        for w in self.workers:
+            if w.node_id in lost_nodes:
+                _kill(w.actor)
         nodes = {w.bundle_index: w.node_id for w in self.workers}
         confirmations: list[tuple] = []
+        snapshots: dict[int, Any] = {}
+        deadline = time.monotonic() + abort_timeout_s + 5  # one deadline for all of them
         for index, (actor, ref) in pending.items():
             try:
-                left = ray.get(ref, timeout=abort_timeout_s + 5)
+                left = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
             except Exception:  # dead (RayActorError) or not answering
                 left = None
             if left is not None:
                 alive[index] = actor
-                confirmations.extend(left)
+                confirmations.extend(left["outbox"])
+                snapshots[index] = left["snapshots"]
                 continue
             dead_nodes.append(nodes[index])
             _kill(actor)
-        survivors = Survivors(self.placement_group, self.owned, self.offset, self.world_size,
-                              alive, dead_nodes, confirmations)
+        survivors = Survivors(self.placement_group, self.owned, self.offset, self.slots,
+                              alive, dead_nodes, confirmations, snapshots, self.capacity)
         self.workers = []
         if not alive:
             survivors.release()

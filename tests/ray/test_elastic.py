@@ -78,6 +78,24 @@ def cluster():
         cluster.shutdown()
 
 
+@pytest.fixture
+def quick_cluster():
+    """A cluster whose GCS declares a lost node dead within ~2 s (Ray's default takes ~15 s
+    here), so that its placement-group bundles are re-placed while the test still trains."""
+    if ray.is_initialized():
+        ray.shutdown()
+    checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+              "health_check_timeout_ms": 500}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "_system_config": checks})
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def _fit(tmp_path, out_dir, **extra):
     model = Recorder(str(out_dir), extra.pop("sleep_s"))
     return ray_lit.fit(model, DataLoader(Indexed(64), batch_size=4, shuffle=True),
@@ -105,6 +123,17 @@ def _after_first_commit(tmp_path, action) -> threading.Thread:
     return thread
 
 
+def _pids_by_world(out_dir) -> dict[int, set[str]]:
+    """Which worker processes trained at each world size (from the ``seen-<pid>`` files)."""
+    pids: dict[int, set[str]] = {}
+    for name in os.listdir(out_dir):
+        if name.startswith("seen-"):
+            with open(os.path.join(out_dir, name)) as f:
+                for line in f:
+                    pids.setdefault(int(line.split()[0]), set()).add(name[5:-4])
+    return pids
+
+
 def test_lost_node_shrinks_and_the_epoch_is_seen_once(cluster, tmp_path):
     node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -121,6 +150,43 @@ def test_lost_node_shrinks_and_the_epoch_is_seen_once(cluster, tmp_path):
             for i in idx]
     assert sorted(kept) == list(range(64))  # every sample of the epoch once
     assert trainer.global_step == 8  # the global batch per optimizer step stayed 8 samples
+    # the worker on the surviving node was kept: the same process trained at both sizes
+    pids = _pids_by_world(out)
+    assert len(pids[1]) == 1 and pids[1] <= pids[2]
+
+
+def test_a_lost_node_coming_back_grows_the_group_around_the_kept_worker(quick_cluster,
+                                                                       tmp_path, capsys):
+    cluster = quick_cluster
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    out = tmp_path / "seen"
+    out.mkdir()
+    result: dict = {}
+
+    def train():  # in a thread: Cluster.add_node and remove_node run on the main thread
+        result["trainer"] = _fit(tmp_path, out, max_epochs=6, checkpoint_every_n_steps=2,
+                                 sleep_s=0.2)
+
+    runner = threading.Thread(target=train, daemon=True)
+    runner.start()
+    manager = CheckpointManager(str(tmp_path / "runs" / "elastic"))
+    deadline = time.monotonic() + 120
+    while not (os.path.isdir(tmp_path / "runs" / "elastic" / "checkpoints")
+               and manager.committed()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cluster.remove_node(node, allow_graceful=False)
+    while 1 not in _pids_by_world(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cluster.add_node(num_cpus=1)  # the spot node is back: Ray re-places the lost bundle there
+    runner.join(timeout=180)
+    trainer = result["trainer"]
+    assert trainer.world_size_history == [2, 1, 2]
+    pids = _pids_by_world(out)
+    # one process trained through all three groups; the lost one's place got a new worker
+    assert pids[1] <= pids[2] and len(pids[2]) == 3
+    assert "kept 1 worker(s), started 1 new" in capsys.readouterr().out
+    assert trainer.global_step == 48  # 8 samples per optimizer step throughout
 
 
 def test_new_node_grows_the_group(cluster, tmp_path):

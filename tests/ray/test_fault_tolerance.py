@@ -66,13 +66,16 @@ def _data() -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
 
 
-def _fit(tmp_path, name: str, max_failures: int = 3, **extra):
+def _fit(tmp_path, name: str, max_failures: int = 3, checkpoint_every_n_steps: int | None = 2,
+         snapshot_every_n_steps: int | None = None, **extra):
     pl.seed_everything(11)
     model = DropoutNet(**extra)
     trainer = ray_lit.fit(model, _data(), num_workers=2, max_epochs=2, max_failures=max_failures,
                           storage_path=str(tmp_path / "runs"), run_name=name,
-                          checkpoint_every_n_steps=2, enable_progress_bar=False,
-                          enable_model_summary=False, logger=False, enable_checkpointing=False)
+                          checkpoint_every_n_steps=checkpoint_every_n_steps,
+                          snapshot_every_n_steps=snapshot_every_n_steps,
+                          enable_progress_bar=False, enable_model_summary=False, logger=False,
+                          enable_checkpointing=False)
     return model, trainer
 
 
@@ -101,6 +104,24 @@ def test_killed_rank_resumes_exactly(ray_cluster, tmp_path):
             from ray_lit.checkpoint.io import load_checkpoint
 
             assert "loops" in load_checkpoint(ckpt.part_uri(rank))
+
+
+def test_a_lost_rank_0_resumes_exactly_from_a_survivors_memory(ray_cluster, tmp_path, capsys):
+    reference, ref_trainer = _fit(tmp_path, "reference")
+    marker = str(tmp_path / "killed")
+    # storage checkpoints only at epoch ends (step 6); in-memory snapshots every 2 steps. Rank 0
+    # dies at step 5: rank 1 holds the parameters and optimizer state of step 4, the driver
+    # holds rank 0's own part (buffers, schedulers, RNG, loop and sampler position)
+    model, trainer = _fit(tmp_path, "snapshot", kill_marker=marker, kill_rank=0,
+                          checkpoint_every_n_steps=None, snapshot_every_n_steps=2,
+                          step_sleep_s=0.15)
+    assert os.path.exists(marker), "the kill did not happen"
+    assert trainer.num_restarts == 1
+    out = capsys.readouterr().out
+    assert "restoring from step 4 from a surviving worker's memory, 4 step(s) newer" in out
+    assert trainer.global_step == ref_trainer.global_step == 12
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_sigterm_to_a_worker_checkpoints_then_continues_exactly(ray_cluster, tmp_path, capsys):

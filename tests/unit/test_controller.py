@@ -32,9 +32,9 @@ def test_a_dead_worker_restarts_with_the_survivor_kept() -> None:
     assert trainer.num_restarts == 1 and controller.failures == 1
     first, second = groups.groups
     assert first.salvaged and not first.shut_down  # rank 0 left the group alive
-    assert groups.created[1] == {"num_workers": 2, "kept": 1}
+    assert groups.created[1] == {"num_workers": 2, "kept": 1, "fill": [1]}
     assert any("rank 1 failed (actor_died)" in line for line in controller.sink.lines)
-    assert any("kept 1 surviving worker(s), started 1 new" in line
+    assert any("kept 1 worker(s), started 1 new" in line
                for line in controller.sink.lines)
 
 
@@ -131,17 +131,62 @@ def test_elastic_start_below_min_is_a_clear_error() -> None:
     assert groups.groups == []
 
 
-def test_elastic_loss_whose_place_is_gone_sizes_the_group_afresh() -> None:
-    cluster = FakeCluster(free=[{"CPU": 2.0}])
-    lose_node = {2: lambda: (setattr(cluster, "placed", False),
-                             setattr(cluster, "free", [{"CPU": 1.0}]))}
-    groups = FakeWorkerGroups([ScriptedAttempt(die=(1, 2), at_step=lose_node),
-                               ScriptedAttempt()])
+def _lose_node_b(cluster: FakeCluster) -> None:
+    cluster.lost.add("node-b")  # a probe does not reach it
+    cluster.unplaced.add(1)  # its bundle is not on a live node
+    cluster.free = [{"CPU": 0.0}]
+
+
+def test_elastic_loss_of_a_node_continues_with_the_kept_worker(tmp_path) -> None:
+    from ray_lit.checkpoint.manager import CheckpointManager
+
+    cluster = FakeCluster()
+    groups = FakeWorkerGroups([ScriptedAttempt(die=(1, 2), at_step={2: lambda: _lose_node_b(
+        cluster)}), ScriptedAttempt()], nodes=["node-a", "node-b"])
     trainer = _trainer(num_workers=(1, 2), max_failures=1)
-    controller_for(trainer, groups, cluster).run()
-    # the survivor could not be joined by a replacement: a group of what fits now
-    assert groups.created[1] == {"num_workers": 1, "kept": 0}
+    controller = controller_for(trainer, groups, cluster,
+                                manager=CheckpointManager(str(tmp_path / "run")))
+    controller.run()
+    # rank 0's worker is kept; rank 1's place is on the lost node: the group shrinks to 1
+    assert groups.groups[0].salvaged and not groups.groups[0].shut_down
+    assert groups.created[1] == {"num_workers": 1, "kept": 1, "fill": []}
     assert trainer.world_size_history == [2, 1]
+    assert any("continuing with the 1 kept worker(s) (1 place(s) not available now)" in line
+               for line in controller.sink.lines)
+
+
+def test_the_place_of_a_lost_node_coming_back_grows_the_group_around_the_kept_worker(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager
+
+    cluster = FakeCluster()
+
+    def node_back() -> None:  # Ray re-placed the lost bundle on a node that came back
+        cluster.lost.clear()
+        cluster.unplaced.clear()
+
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(die=(1, 2), at_step={2: lambda: _lose_node_b(cluster)}),
+        ScriptedAttempt(steps=10, at_step={3: node_back}),
+        ScriptedAttempt()], nodes=["node-a", "node-b"])
+    trainer = _trainer(num_workers=(1, 2), max_failures=1)
+    controller = controller_for(trainer, groups, cluster,
+                                manager=CheckpointManager(str(tmp_path / "run")))
+    controller.run()
+    assert trainer.world_size_history == [2, 1, 2]
+    # the shrunk group's worker stayed for the growth; only the returned place got a new one
+    assert groups.groups[1].salvaged and not groups.groups[1].shut_down
+    assert groups.created[2] == {"num_workers": 2, "kept": 1, "fill": [1]}
+    assert trainer.num_restarts == 1  # the growth is planned, not a failure
+
+
+def test_a_fixed_size_group_that_lost_a_node_starts_afresh() -> None:
+    cluster = FakeCluster()
+    groups = FakeWorkerGroups([ScriptedAttempt(die=(1, 2), at_step={2: lambda: _lose_node_b(
+        cluster)}), ScriptedAttempt()], nodes=["node-a", "node-b"])
+    cluster.free = [{"CPU": 8.0}]
+    controller_for(_trainer(max_failures=1), groups, cluster).run()
+    assert groups.groups[0].shut_down and not groups.groups[0].salvaged
+    assert groups.created[1] == {"num_workers": 2, "kept": 0}
 
 
 def test_when_re_forming_around_survivors_fails_a_new_group_starts() -> None:
@@ -220,5 +265,49 @@ def test_a_surviving_worker_hands_over_the_part_it_finished_while_leaving() -> N
     signal.signal(signal.SIGTERM, previous)
     worker._trainer = Trainer()
     left = worker.abort(timeout_s=1.0)
-    assert left == [("checkpoint", "step-6", 0, 2, {"global_step": 6})]
+    assert left == {"outbox": [("checkpoint", "step-6", 0, 2, {"global_step": 6})],
+                    "snapshots": []}
     assert worker._state == "idle" and worker._trainer is None and worker.outbox == []
+
+
+def _snapshot_part(step: int, rank: int, world_size: int = 2, attempt: int = 0) -> tuple:
+    return ("snapshot", (attempt, step), rank, world_size, f"part-{step}-{rank}".encode())
+
+
+def test_a_survivors_memory_snapshot_newer_than_the_checkpoint_is_restored(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager, checkpoint_name
+
+    name = checkpoint_name(6, 0, "")
+    parts = [_part(tmp_path, name, r) for r in (0, 1)]
+    # storage checkpoint at step 6 (both parts); in-memory snapshot of step 8 (both ranks'
+    # own parts reached the driver); rank 1 dies at step 9; rank 0 holds snapshots 7 and 8
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=12, die=(1, 9), confirmations={
+            7: parts, 8: [_snapshot_part(8, 0), _snapshot_part(8, 1)]},
+            held_snapshots=[(0, 7), (0, 8)]),
+        ScriptedAttempt()])
+    manager = CheckpointManager(str(tmp_path / "run"))
+    controller = controller_for(_trainer(max_failures=1), groups, manager=manager)
+    controller.run()
+    restore = groups.groups[1].job["restore"]
+    assert set(restore) == {"memory"}
+    assert restore["memory"]["ref"] == "snapshot-ref-(0, 8)"
+    assert restore["memory"]["parts"] == {0: b"part-8-0", 1: b"part-8-1"}
+    assert groups.groups[1].job["attempt"] == 1
+    assert any("restoring from step 8 from a surviving worker's memory, 2 step(s) newer"
+               in line for line in controller.sink.lines)
+
+
+def test_a_snapshot_whose_lost_rank_part_never_arrived_is_not_used(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager, checkpoint_name
+
+    name = checkpoint_name(6, 0, "")
+    parts = [_part(tmp_path, name, r) for r in (0, 1)]
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=12, die=(1, 9), confirmations={
+            7: parts, 8: [_snapshot_part(8, 0)]}, held_snapshots=[(0, 7), (0, 8)]),
+        ScriptedAttempt()])
+    manager = CheckpointManager(str(tmp_path / "run"))
+    controller_for(_trainer(max_failures=1), groups, manager=manager).run()
+    restore = groups.groups[1].job["restore"]
+    assert "memory" not in restore and restore["rank0"].endswith(f"{name}/rank_0.pt")

@@ -162,3 +162,61 @@ def test_sigterm_to_a_worker_on_the_driver_node_does_not_stop_the_run() -> None:
     decision = decide_departure(["a", "a"], "a", {}, [1, 7], now_ms=0)
     assert decision.ranks == (1,) and not decision.stop_run  # rank 7 does not exist
     assert "SIGTERM" in decision.reason
+
+
+# --- restore from peers' memory (peer_snapshot.decide_restore) --------------------------------
+def test_restore_picks_the_newest_complete_held_snapshot_newer_than_the_commit():
+    from ray_lit.distributed.peer_snapshot import decide_restore
+
+    decision = decide_restore(4, [(0, 6), (0, 8)], {0: [(0, 6), (0, 8)], 2: [(0, 8)]})
+    assert (decision.key, decision.holder) == ((0, 8), 0)
+    assert "4 step(s) newer" in decision.reason
+
+
+def test_restore_uses_storage_when_the_snapshot_is_not_newer_or_not_held():
+    from ray_lit.distributed.peer_snapshot import decide_restore
+
+    assert decide_restore(8, [(0, 8)], {0: [(0, 8)]}).key is None  # the commit is as new
+    assert decide_restore(2, [(0, 8)], {0: [(0, 6)]}).key is None  # complete != held
+    assert decide_restore(2, [], {0: [(0, 8)]}).key is None  # a lost rank's part is missing
+    assert decide_restore(None, [(1, 3)], {1: [(1, 3)], 0: []}).holder == 1
+    # the lost rank's part of the latest snapshot never arrived: the one before is used
+    assert decide_restore(2, [(0, 7)], {0: [(0, 7), (0, 8)]}).key == (0, 7)
+
+
+def test_the_ledger_keeps_parts_until_a_newer_snapshot_is_complete():
+    from ray_lit.distributed.peer_snapshot import SnapshotLedger
+
+    ledger = SnapshotLedger()
+    ledger.add((0, 4), 0, 2, b"a")
+    ledger.add((0, 4), 1, 2, b"b")
+    ledger.add((0, 8), 0, 2, b"c")
+    assert ledger.complete() == [(0, 4)]  # 8 waits for rank 1's part
+    ledger.add((0, 8), 1, 2, b"d")
+    assert ledger.complete() == [(0, 8)] and ledger.parts((0, 8)) == {0: b"c", 1: b"d"}
+
+
+# --- regrouping around kept workers ------------------------------------------------------------
+def test_regroup_refills_lost_places_that_are_available():
+    from ray_lit.distributed.policies import decide_regroup
+
+    decision = decide_regroup(kept=3, free_slots=[1], want=4, min_workers=4)
+    assert decision.fill == (1,) and decision.num_workers == 4
+
+
+def test_regroup_shrinks_to_the_kept_workers_when_allowed():
+    from ray_lit.distributed.policies import decide_regroup
+
+    decision = decide_regroup(kept=2, free_slots=[], want=4, min_workers=2)
+    assert decision.fill == () and decision.num_workers == 2
+    assert "2 place(s) not available now" in decision.reason
+    assert decide_regroup(kept=1, free_slots=[], want=4, min_workers=2) is None  # below min
+    assert decide_regroup(kept=3, free_slots=[], want=4, min_workers=4) is None  # fixed size
+    assert decide_regroup(kept=0, free_slots=[0, 1], want=2, min_workers=1) is None
+
+
+def test_regroup_takes_no_more_places_than_wanted():
+    from ray_lit.distributed.policies import decide_regroup
+
+    decision = decide_regroup(kept=1, free_slots=[1, 2, 3], want=3, min_workers=1)
+    assert decision.fill == (1, 2) and decision.num_workers == 3

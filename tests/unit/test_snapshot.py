@@ -142,3 +142,90 @@ def test_prepare_allocates_the_buffers_a_capture_then_reuses() -> None:
     assert host["state_dict"]["0.weight"] is prepared[(("state_dict", "0.weight"), (8, 4),
                                                        torch.float32)]
     assert torch.equal(host["state_dict"]["0.weight"], model[0].weight)
+
+
+# --- peer snapshots: the replicated part in each worker's memory, own parts at the driver -----
+def test_a_peer_snapshot_rebuilds_each_ranks_checkpoint_of_the_boundary() -> None:
+    from ray_lit.distributed.peer_snapshot import (
+        PeerSnapshot,
+        own_part_bytes,
+        restore_checkpoint,
+        split_rank_state,
+    )
+
+    model, opt = _model_and_adam()
+    rank0 = _state(model, opt)
+    rank1 = {"loops": {"step": 3, "rng": torch.arange(5, dtype=torch.uint8)}}
+    expected = _clone(rank0)
+    replicated, own = split_rank_state(rank0, model, [opt])
+    # parameters and optimizer state are the replicated part; buffers stay rank 0's own
+    assert set(replicated["params"]) == {"0.weight", "0.bias", "1.weight", "1.bias",
+                                         "2.weight", "2.bias"}
+    assert "1.running_mean" in own["state_dict"] and "optimizer_states" not in own
+    peer = PeerSnapshot()
+    peer.take(replicated, [opt], key=(0, 3))
+    parts = {0: own_part_bytes(own), 1: own_part_bytes(rank1)}  # at the boundary, as sent
+    _train_step(model, opt)  # the step waits for the copy: the snapshot is of the boundary
+    assert peer.keys == [(0, 3)]
+    memory = {"ref": peer.export((0, 3)), "parts": parts}
+    _assert_equal(restore_checkpoint(memory, 0), expected)
+    on_rank1 = restore_checkpoint(memory, 1)
+    assert torch.equal(on_rank1["loops"]["rng"], rank1["loops"]["rng"])  # its own RNG
+    _assert_equal(on_rank1["state_dict"], expected["state_dict"])
+    # a rank that the snapshot's world did not have takes rank 0's loop state
+    assert torch.equal(restore_checkpoint(memory, 2)["loops"]["rng"], expected["loops"]["rng"])
+
+
+def test_another_ranks_replicated_part_is_read_from_its_module() -> None:
+    from ray_lit.distributed.peer_snapshot import split_rank_state
+
+    model, opt = _model_and_adam()
+    replicated, own = split_rank_state({"loops": {"step": 3}}, model, [opt])
+    assert own == {"loops": {"step": 3}}
+    assert torch.equal(replicated["params"]["2.weight"], model[2].weight)
+    assert replicated["optimizer_states"][0]["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def test_a_torn_peer_snapshot_is_not_held() -> None:
+    import pytest
+
+    from ray_lit.distributed.peer_snapshot import PeerSnapshot, split_rank_state
+
+    model, opt = _model_and_adam()
+    replicated, _ = split_rank_state(_state(model, opt), model, [opt])
+    peer = PeerSnapshot()
+    gate = threading.Event()
+    original = peer._slots[0].copy_deferred
+
+    def slow_copy() -> bool:
+        gate.wait(5)
+        return original()
+
+    peer._slots[0].copy_deferred = slow_copy
+    peer.take(replicated, [opt], key=(0, 3))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # outside optimizer.step, while the copy is pending
+    gate.set()
+    peer.wait()
+    assert peer.keys == []
+    with pytest.raises(RuntimeError, match="not held"):
+        peer.export((0, 3))
+
+
+def test_a_peer_keeps_its_two_latest_snapshots() -> None:
+    from ray_lit.distributed.peer_snapshot import PeerSnapshot, split_rank_state
+
+    model, opt = _model_and_adam()
+    peer = PeerSnapshot()
+    weights = {}
+    for step in (1, 2, 3):
+        replicated, _ = split_rank_state(_state(model, opt), model, [opt])
+        weights[step] = model[2].weight.detach().clone()
+        peer.take(replicated, [opt], key=(0, step))
+        _train_step(model, opt)
+    assert sorted(peer.keys) == [(0, 2), (0, 3)]  # step 1's buffers took step 3
+    from ray_lit.checkpoint.io import checkpoint_from_bytes
+
+    for step in (2, 3):
+        exported = checkpoint_from_bytes(peer.export((0, step)))
+        assert torch.equal(exported["params"]["2.weight"], weights[step])
