@@ -17,6 +17,7 @@ printed next to it, which splits the time into detection and restart.
     python benchmarks/recovery.py --kill-step 130 --every 50 --rank 0 --json rec.json
     python benchmarks/recovery.py --fresh-workers      # without keeping the surviving workers
     python benchmarks/recovery.py --node-loss          # elastic (1, 2): a node removed
+    python benchmarks/recovery.py --grow               # elastic (1, 2): a node added
 """
 
 from __future__ import annotations
@@ -166,9 +167,26 @@ def _remove_node_at_step(cluster: Any, node: Any, out_dir: str) -> None:
     os.replace(marker + ".tmp", marker)
 
 
+def _add_node_at_step(cluster: Any, out_dir: str) -> None:
+    """Main thread of ``--grow`` (``Cluster.add_node`` wants it): when rank 0 reports the step,
+    add a node with room for one more worker."""
+    at_step = os.path.join(out_dir, "at_step.json")
+    while not os.path.exists(at_step):
+        time.sleep(0.02)
+    with open(at_step) as f:
+        step = json.load(f)["global_step"]
+    ts = time.time()
+    cluster.add_node(num_cpus=1)
+    marker = os.path.join(out_dir, "killed.json")
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"ts": ts, "global_step": step, "rank": None, "pid": None,
+                   "removal_s": time.time() - ts}, f)
+    os.replace(marker + ".tmp", marker)
+
+
 def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
             out_dir: str, warm: bool = False, fresh: bool = False,
-            node_loss: bool = False) -> dict[str, Any]:
+            node_loss: bool = False, grow: bool = False) -> dict[str, Any]:
     import threading
 
     import cloudpickle
@@ -181,7 +199,12 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
     runtime_env = {"worker_process_setup_hook": "benchmarks.workloads.warm_imports"} \
         if warm else None
     cluster = remover = None
-    if node_loss:
+    if grow:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
+    elif node_loss:
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -202,14 +225,23 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
     phases: list[tuple[str, float, float]] = []
     _instrument(phases)
     w = workload("mlp")
-    module = KillOnce(out_dir, kill_step, kill_rank, node_loss)
+    module = KillOnce(out_dir, kill_step, kill_rank, node_loss or grow)
     start = time.time()
-    trainer = ray_lit.fit(module, train_loader(w),
-                          num_workers=(1, w.num_workers) if node_loss else w.num_workers,
-                          max_epochs=max_epochs, checkpoint_every_n_steps=every,
-                          storage_path=os.path.join(out_dir, "runs"), run_name="recovery",
-                          enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                          enable_model_summary=False, max_failures=1)
+    options = dict(num_workers=(1, w.num_workers) if node_loss or grow else w.num_workers,
+                   max_epochs=max_epochs, checkpoint_every_n_steps=every,
+                   storage_path=os.path.join(out_dir, "runs"), run_name="recovery",
+                   enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                   enable_model_summary=False, max_failures=1)
+    if grow:  # fit in a thread: the node is added from the main thread
+        box: dict[str, Any] = {}
+        runner = threading.Thread(target=lambda: box.update(trainer=ray_lit.fit(
+            module, train_loader(w), **options)), daemon=True)
+        runner.start()
+        _add_node_at_step(cluster, out_dir)
+        runner.join()
+        trainer = box["trainer"]
+    else:
+        trainer = ray_lit.fit(module, train_loader(w), **options)
     done = time.time()
     with open(os.path.join(out_dir, "killed.json")) as f:
         killed = json.load(f)
@@ -220,17 +252,20 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
                 resumed.append(json.load(f))
     first = min(resumed, key=lambda r: r["ts"])
     sys.stdout = sys.stdout.stream
-    noticed = next((t for t, m in times.records if "failed" in m and "attempt" in m), None)
+    noticed = next((t for t, m in times.records if ("failed" in m and "attempt" in m)
+                    or "resize" in m), None)
     restoring = [t for t, m in times.records if "restoring from" in m]
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
     t0 = killed["ts"]
     after = [(label, a - t0, b - t0) for label, a, b in phases if b >= t0]
-    timeline = [("node removed (raylet and its workers killed)" if node_loss else
-                 "kill (os._exit in training_step)", 0.0, killed.get("removal_s", 0.0))]
+    what = ("node added" if grow else "node removed (raylet and its workers killed)"
+            if node_loss else "kill (os._exit in training_step)")
+    timeline = [(what, 0.0, killed.get("removal_s", 0.0))]
     if noticed is not None:
-        timeline.append(("driver logs the failure", noticed - t0, noticed - t0))
+        timeline.append(("driver logs the resize" if grow else "driver logs the failure",
+                         noticed - t0, noticed - t0))
     timeline += after
     timeline += [(f"rank {r['rank']} new process started", r["process_start_ts"] - t0,
                   r["process_start_ts"] - t0) for r in resumed]
@@ -274,6 +309,10 @@ def main() -> None:
     parser.add_argument("--node-loss", action="store_true",
                         help="elastic (1, 2) on a two-node ray.cluster_utils.Cluster; the "
                              "node of rank 1 is removed at --kill-step")
+    parser.add_argument("--grow", action="store_true",
+                        help="elastic (1, 2) on a one-CPU ray.cluster_utils.Cluster; a node is "
+                             "added at --kill-step: node added -> first step of the 2-worker "
+                             "group")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -288,7 +327,7 @@ def main() -> None:
             os.remove(os.path.join(out_dir, name))
     shutil.rmtree(os.path.join(out_dir, "runs"), ignore_errors=True)  # no resume of a past run
     result = measure(args.kill_step, args.every, args.rank, args.epochs, out_dir,
-                     args.warm_workers, args.fresh_workers, args.node_loss)
+                     args.warm_workers, args.fresh_workers, args.node_loss, args.grow)
     print(json.dumps({k: v for k, v in result.items() if k != "timeline_s"}, indent=1))
     print("timeline (s after the kill):")
     for e in result["timeline_s"]:
@@ -296,9 +335,10 @@ def main() -> None:
         print(f"  {span:20s} {e['what']}")
     redone = (f"{result['steps_redone']} steps redone (killed at {result['kill_step']}, "
               f"resumed at {result['resumed_step']}, checkpoint every {args.every})")
-    if args.node_loss:  # the node goes a little after rank 0 reported --kill-step
+    if args.node_loss or args.grow:  # the node changes a little after --kill-step
         redone = f"resumed at step {result['resumed_step']}"
-    print(f"recovery: {result['recovery_s']:.2f} s from the kill to the new group's first "
+    print(f"{'growth' if args.grow else 'recovery'}: {result['recovery_s']:.2f} s from the "
+          f"event to the new group's first "
           f"training step (target < 10 s); {redone}")
     if args.json:
         with open(args.json, "w") as f:

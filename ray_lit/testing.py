@@ -48,6 +48,7 @@ class ScriptedAttempt:
         leftover_confirmations: parts the survivors finish writing while they leave a failed
             group (``salvage`` hands them over).
         held_snapshots: the in-memory snapshot keys ``(attempt, step)`` every survivor holds.
+        stuck: ranks whose loop does not end when the group is salvaged (alive, replaced).
     """
 
     steps: int = 4
@@ -61,6 +62,7 @@ class ScriptedAttempt:
     confirmations: dict[int, list[tuple]] = field(default_factory=dict)
     leftover_confirmations: list[tuple] = field(default_factory=list)
     held_snapshots: list[tuple[int, int]] = field(default_factory=list)
+    stuck: tuple[int, ...] = ()
 
 
 @dataclass
@@ -82,18 +84,26 @@ class _FakeSurvivors:
     snapshots: dict[int, Any] = field(default_factory=dict)
     capacity: int = 0
     fill: list[int] = field(default_factory=list)
+    stuck: dict[int, Any] = field(default_factory=dict)
     released: bool = False
     exported: list[tuple] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+
+    def drop_stuck(self) -> None:
+        self.dropped.extend(self.stuck)
+        self.stuck = {}
 
     @property
     def num_workers(self) -> int:
         return len(self.slots)
 
     def export_snapshot(self, bundle: int, key: Any) -> Any:
+        assert bundle in self.actors or bundle in self.stuck, bundle
         self.exported.append((bundle, key))
         return f"snapshot-ref-{key}"
 
     def release(self) -> None:
+        self.drop_stuck()
         self.released = True
         self.actors = {}
 
@@ -174,16 +184,18 @@ class FakeWorkerGroup:
         self.salvaged = True
         dead = {self.script.die[0]} if self.script.die and self.step >= self.script.die[1] \
             else set()
-        alive = {self.slots[r]: object() for r in range(self.world_size)
-                 if r not in dead and self.workers[r].node_id not in lost_nodes}
+        live = {self.slots[r] for r in range(self.world_size)
+                if r not in dead and self.workers[r].node_id not in lost_nodes}
+        stuck = {self.slots[r]: object() for r in self.script.stuck if self.slots[r] in live}
+        alive = {s: object() for s in live if s not in stuck}
         dead_nodes = [w.node_id for r, w in enumerate(self.workers)
-                      if self.slots[r] not in alive]
-        if not alive:
+                      if self.slots[r] not in live]
+        if not live:
             return None
         return _FakeSurvivors("fake-pg", True, 0, list(self.slots), alive, dead_nodes,
                               confirmations=list(self.script.leftover_confirmations),
-                              snapshots={s: list(self.script.held_snapshots) for s in alive},
-                              capacity=self.capacity)
+                              snapshots={s: list(self.script.held_snapshots) for s in live},
+                              capacity=self.capacity, stuck=stuck)
 
 
 class FakeWorkerGroups:
@@ -232,6 +244,7 @@ class FakeCluster:
         self.placed = True  # False: no bundle of a placement group sits on a live node
         self.unplaced: set[int] = set()  # bundle indices not on a live node
         self.lost: set[str] = set()  # nodes a probe does not reach
+        self.placements: dict[int, str] = {}  # where bundles sit (default: the driver's node)
 
     def driver_node(self) -> str | None:
         return self.driver
@@ -245,10 +258,14 @@ class FakeCluster:
     def bundle_nodes(self, placement_group: Any) -> dict[int, str]:
         if not self.placed:
             return {}
-        return {i: self.driver for i in range(64) if i not in self.unplaced}
+        return {i: self.placements.get(i, self.driver) for i in range(64)
+                if i not in self.unplaced}
+
+    def unreachable(self, node_ids: list[str], timeout_s: float = 3.0) -> set[str]:
+        return set(node_ids) if not self.placed else {n for n in node_ids if n in self.lost}
 
     def reachable(self, node_ids: list[str], timeout_s: float = 3.0) -> bool:
-        return self.placed and not any(n in self.lost for n in node_ids)
+        return not self.unreachable(node_ids, timeout_s)
 
 
 class PrintLog:

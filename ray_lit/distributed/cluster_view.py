@@ -55,24 +55,37 @@ class ClusterView:
         return {int(i): node for i, node in table.get("bundles_to_node_id", {}).items()
                 if node in alive and node not in draining}
 
-    def reachable(self, node_ids: list[str], timeout_s: float = 2.0) -> bool:
-        """Whether a tiny task runs on each of ``node_ids`` within ``timeout_s``: after a
-        worker died, tells a live node (the process died) from a lost one, which Ray's node
-        table still lists as alive until it has missed enough heartbeats."""
-        if not node_ids:
-            return True
+    def unreachable(self, node_ids: list[str], timeout_s: float = 2.0) -> set[str]:
+        """The nodes of ``node_ids`` on which a tiny task did not run within ``timeout_s``
+        (probed together): after a worker died, tells a live node (the process died) from a
+        lost one, which Ray's node table still lists as alive until it has missed enough
+        heartbeats."""
+        nodes = sorted(set(node_ids))
+        if not nodes:
+            return set()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        refs = [_node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node, soft=False)).remote() for node in set(node_ids)]
+        refs = {_node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote(): node for node in nodes}
         # a probe left pending on a lost node fails by itself (no retries); it is never
         # cancelled: cancelling a task whose reply is in flight crashes Ray 2.60's driver
         # ("Tried to complete task that was not pending")
+        answered: set[str] = set()
         try:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-            return len(ready) == len(refs) and all(isinstance(n, str) for n in ray.get(ready))
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         except Exception:
-            return False
+            return set(nodes)
+        for ref in ready:
+            try:
+                if isinstance(ray.get(ref), str):
+                    answered.add(refs[ref])
+            except Exception:  # the probe failed there: the node is gone
+                pass
+        return set(nodes) - answered
+
+    def reachable(self, node_ids: list[str], timeout_s: float = 2.0) -> bool:
+        """Whether every node of ``node_ids`` answers a probe (``unreachable`` is empty)."""
+        return not self.unreachable(node_ids, timeout_s)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -90,6 +90,8 @@ class Controller:
         # every node found lost: Ray lists one as alive (and its bundles as placed there) for
         # a while after it went
         self._lost_nodes: set[str] = set()
+        self.lost_recheck_s = 10.0
+        self._last_lost_check = 0.0
         self.ledger = SnapshotLedger()  # every rank's own part of the in-memory snapshots
         # where each later attempt started: ("storage" | "memory" | "start", global step)
         self.restored_from: list[tuple[str, int]] = []
@@ -156,6 +158,8 @@ class Controller:
             if step is not None:
                 note = f"ray_lit: restoring from {job['restore']['memory']['reason']}"
                 origin = ("memory", step)
+        if survivors is not None:
+            survivors.drop_stuck()  # kept only for the snapshot they held
         if note is not None:
             self.sink.print(note)
         if self._attempts > 1:
@@ -193,7 +197,7 @@ class Controller:
             outcome = self._supervise(group)
             return outcome
         finally:
-            if self._worth_salvaging(outcome):
+            if self._worth_salvaging(outcome, group):
                 # a survivor stuck in a collective with a lost node's worker is not waited for
                 # long: a fresh worker starts in less time
                 self._survivors = group.salvage(
@@ -204,13 +208,14 @@ class Controller:
                 # after a failure nobody needs a clean goodbye (a peer may hang in it)
                 group.shutdown(graceful=outcome.error is None)
 
-    def _worth_salvaging(self, outcome: AttemptOutcome) -> bool:
+    def _worth_salvaging(self, outcome: AttemptOutcome, group: WorkerGroup) -> bool:
         """After a lost worker (not a bug in user code) and before an elastic resize, the
         live workers are kept for the next attempt instead of being torn down with the group."""
         if not self.keep_survivors or self.job.get("stage") != "fit":
             return False
-        if outcome.resize_to is not None:  # growing: the running workers stay
-            return self.elastic
+        if outcome.resize_to is not None:  # growing inside the placement group: they stay
+            self._answered, self._unreachable = set(), set()
+            return self.elastic and outcome.resize_to <= group.capacity
         error = outcome.error
         if not (error is not None and self.policy.max_failures != 0
                 and error.kind in ("actor_died", "node_died", "hang", "preempted")):
@@ -220,11 +225,12 @@ class Controller:
             self._answered, self._unreachable = set(nodes), set()
             return True
         # a lost node: nothing can be placed on it. An elastic group continues with the
-        # workers elsewhere; a fixed-size one is torn down at once (its places are refilled
-        # only once Ray has noticed the death, which takes longer than a fresh start)
+        # workers elsewhere. A fixed-size one starts afresh (its places are refilled only once
+        # Ray has noticed the death, which takes longer than a fresh start), after the
+        # survivors handed over a peer snapshot, when there are any
         self._answered, self._unreachable = set(), set(nodes)
         self._lost_nodes |= self._unreachable
-        return self.elastic
+        return self.elastic or bool(self.trainer.config.snapshot_every_n_steps)
 
     def _regroup(self, survivors: Survivors) -> Any:
         """Which free places of the kept workers' placement group get a new worker (slots on
@@ -233,10 +239,9 @@ class Controller:
         nodes = self.cluster.bundle_nodes(survivors.placement_group)
         unasked = {n for n in survivors.dead_nodes
                    if n not in self._answered and n not in self._unreachable}
+        gone = self.cluster.unreachable(sorted(unasked)) if unasked else set()
+        self._lost_nodes |= gone  # Ray's node table lags behind a lost node
         lost = set(self._lost_nodes)
-        if unasked and not self.cluster.reachable(sorted(unasked)):
-            lost |= unasked  # Ray's node table lags behind a lost node
-            self._lost_nodes |= unasked
         free = [i for i in range(survivors.capacity) if i not in survivors.actors
                 and nodes.get(i + survivors.offset) not in (None, *lost)]
         free.sort(key=lambda i: (i not in survivors.slots, i))
@@ -285,11 +290,17 @@ class Controller:
                                   self.ledger.complete(), survivors.snapshots)
         if decision.key is None:
             return None
-        ref = survivors.export_snapshot(decision.holder, decision.key)
+        ref = None
+        for holder in decision.holders:  # the first export that works
+            ref = survivors.export_snapshot(holder, decision.key)
+            if ref is not None:
+                break
         if ref is None:
-            return None  # the holder went too: the storage checkpoint stands
-        job["restore"] = {"memory": {"ref": ref, "parts": self.ledger.parts(decision.key),
-                                     "reason": decision.reason}}
+            return None  # the holders went too: the storage checkpoint stands
+        # the storage restore stays beside it: a rank that cannot fetch the snapshot fails
+        # the attempt as a lost peer (``PeerSnapshotLost``), and the next one decides again
+        job.setdefault("restore", {})["memory"] = {
+            "ref": ref, "parts": self.ledger.parts(decision.key), "reason": decision.reason}
         job.pop("checkpoint", None)
         return decision.key[1]
 
@@ -481,6 +492,7 @@ class Controller:
         places that are empty and on a live node (a lost node's bundle that Ray re-placed
         when the node, or another, came back)."""
         nodes = self.cluster.bundle_nodes(group.placement_group)
+        self._recheck_lost_nodes(set(nodes.values()))
         empty = [i for i in range(group.capacity) if i not in set(group.slots)]
         spare = sum(1 for i in empty
                     if nodes.get(i + group.offset) not in (None, *self._lost_nodes))
@@ -489,6 +501,17 @@ class Controller:
             # those once they are placed, not into resources they are about to take
             return spare
         return self._placeable(self._free_per_node()) + spare
+
+    def _recheck_lost_nodes(self, listed: set[str]) -> None:
+        """A node a probe once missed but that Ray still lists (and places bundles on) is
+        probed again every ``lost_recheck_s``: a probe can also miss a node that was only
+        slow, and a node counted lost for good would keep the group from growing back."""
+        suspects = sorted(self._lost_nodes & listed)
+        now = time.monotonic()
+        if not suspects or now - self._last_lost_check < self.lost_recheck_s:
+            return
+        self._last_lost_check = now
+        self._lost_nodes -= set(suspects) - self.cluster.unreachable(suspects)
 
     def _plan_accumulation(self, job: dict[str, Any], size: int) -> None:
         """Keep the global batch per optimizer step through accumulation (the documented
@@ -550,8 +573,10 @@ def _is_raise(decision: Any) -> bool:
 
 def _is_peer_loss(exception: BaseException | None, text: str) -> bool:
     markers = ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
-               "NCCL communicator was aborted", "Broken pipe", "Socket Timeout")
-    if exception is not None and type(exception).__name__ == "DistBackendError":
+               "NCCL communicator was aborted", "Broken pipe", "Socket Timeout",
+               "PeerSnapshotLost")
+    if exception is not None and type(exception).__name__ in ("DistBackendError",
+                                                              "PeerSnapshotLost"):
         return True
     return any(m in text for m in markers)
 

@@ -183,7 +183,13 @@ class CheckpointWriter:
         replicated, own = split_rank_state(self._rank_state(trainer), trainer.lightning_module,
                                            trainer.optimizers)
         key = (self._attempt, step)
-        self._peer().take(replicated, trainer.optimizers, key)
+        peer = self._peer()
+        if peer.torn and self.overlap_copy:
+            self.overlap_copy = False
+            log.warning("ray_lit: a parameter or optimizer state tensor changed outside "
+                        "optimizer.step while a peer snapshot was copied; it was dropped, and "
+                        "later snapshots and checkpoints copy synchronously")
+        peer.take(replicated, trainer.optimizers, key, deferred=self.overlap_copy)
         blob = own_part_bytes(own)
         self.stall_s.append(time.perf_counter() - start)
         if self._worker is not None:

@@ -28,8 +28,14 @@ from typing import Any
 
 from ray_lit.distributed.snapshot import HostSnapshot
 
-__all__ = ["PeerSnapshot", "RestoreDecision", "SnapshotLedger", "decide_restore",
-           "restore_checkpoint", "split_rank_state"]
+__all__ = ["PeerSnapshot", "PeerSnapshotLost", "RestoreDecision", "SnapshotLedger",
+           "decide_restore", "restore_checkpoint", "split_rank_state"]
+
+
+class PeerSnapshotLost(RuntimeError):
+    """A rank of the new attempt could not fetch the peer snapshot it was to restore from
+    (its holder's node went meanwhile). The controller treats it as a lost peer: the next
+    attempt decides again, from storage if no survivor holds a snapshot any more."""
 
 
 # --- worker side -------------------------------------------------------------------------------
@@ -65,6 +71,7 @@ class PeerSnapshot:
         self._keys: list[tuple[int, int] | None] = [None, None]  # (attempt, global step)
         self._next = 0
         self._thread: threading.Thread | None = None
+        self.torn = False  # a copy was torn by a change outside optimizer.step
 
     @property
     def fence_wait_s(self) -> list[float]:
@@ -90,21 +97,24 @@ class PeerSnapshot:
                                         name="ray_lit-peer-snapshot-prepare")
         self._thread.start()
 
-    def take(self, replicated: dict[str, Any], optimizers: list[Any], key: tuple[int, int]
-             ) -> None:
+    def take(self, replicated: dict[str, Any], optimizers: list[Any], key: tuple[int, int],
+             deferred: bool = True) -> None:
         """At a step boundary (loop thread): replace the older snapshot with ``replicated``;
-        the tensors are copied while the next step runs (its ``optimizer.step`` waits)."""
+        the tensors are copied while the next step runs (its ``optimizer.step`` waits), or
+        now when not ``deferred``."""
         self.wait()
         slot, self._next = self._next, 1 - self._next
         self._keys[slot] = None  # its buffers are being overwritten
-        host = self._slots[slot].capture(replicated, optimizers, deferred=True)
+        host = self._slots[slot].capture(replicated, optimizers, deferred=deferred)
         self._thread = threading.Thread(target=self._finish, args=(slot, host, key),
                                         daemon=True, name="ray_lit-peer-snapshot")
         self._thread.start()
 
     def _finish(self, slot: int, host: dict[str, Any], key: tuple[int, int]) -> None:
-        if self._slots[slot].copy_deferred():  # torn (changed outside step): not a snapshot
+        if self._slots[slot].copy_deferred():
             self._states[slot], self._keys[slot] = host, key
+        else:  # torn (a tensor changed outside optimizer.step): not a snapshot
+            self.torn = True
 
     def wait(self) -> None:
         """Until the copy in flight is done (before taking another or exporting)."""
@@ -164,7 +174,10 @@ def restore_checkpoint(memory: dict[str, Any], world_rank: int) -> dict[str, Any
     checkpoint = checkpoint_from_bytes(parts[0], map_location="cpu")
     data = memory["ref"]  # an ObjectRef to the exported bytes (or the bytes themselves)
     if not isinstance(data, bytes | bytearray):
-        data = ray.get(data)
+        try:
+            data = ray.get(data, timeout=300)
+        except Exception as err:  # every rank fails alike: no rank continues from elsewhere
+            raise PeerSnapshotLost(f"fetching the peer snapshot failed: {err}") from err
     replicated = checkpoint_from_bytes(data, map_location="cpu")
     checkpoint["state_dict"] = {**checkpoint.get("state_dict", {}), **replicated["params"]}
     checkpoint["optimizer_states"] = replicated["optimizer_states"]
@@ -205,12 +218,17 @@ class SnapshotLedger:
 
 @dataclass(frozen=True)
 class RestoreDecision:
-    """Where the next attempt starts: ``snapshot`` (``key`` from the survivor in bundle
-    ``holder``) or ``None`` for the latest committed storage checkpoint."""
+    """Where the next attempt starts: snapshot ``key`` (exported by the first of ``holders``,
+    the survivors' bundle slots, that can) or, with ``key`` None, the latest committed storage
+    checkpoint."""
 
     key: tuple[int, int] | None
-    holder: int | None
+    holders: tuple[int, ...]
     reason: str
+
+    @property
+    def holder(self) -> int | None:
+        return self.holders[0] if self.holders else None
 
 
 def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],
@@ -224,17 +242,17 @@ def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],
         held: the snapshots each surviving worker holds, by bundle index.
     """
     floor = -1 if committed_step is None else committed_step
-    holders: dict[tuple[int, int], int] = {}
+    holders: dict[tuple[int, int], list[int]] = {}
     for bundle, keys in sorted(held.items()):
         for key in keys or []:
-            holders.setdefault(tuple(key), bundle)
+            holders.setdefault(tuple(key), []).append(bundle)
     usable = [k for k in complete if k in holders and k[1] > floor]
     if not usable:
         why = "no survivor holds a complete snapshot" if not any(
             k in holders for k in complete) else "the latest checkpoint is as new"
-        return RestoreDecision(None, None, why)
+        return RestoreDecision(None, (), why)
     key = max(usable, key=lambda k: k[1])
-    gained = key[1] - max(floor, 0)
-    return RestoreDecision(key, holders[key],
-                           f"step {key[1]} from a surviving worker's memory, {gained} step(s) "
-                           "newer than the latest checkpoint")
+    than = (f"{key[1] - floor} step(s) newer than the latest checkpoint"
+            if committed_step is not None else "no checkpoint committed yet")
+    return RestoreDecision(key, tuple(holders[key]),
+                           f"step {key[1]} from a surviving worker's memory, {than}")

@@ -224,23 +224,28 @@ class Worker:
         Returns:
             ``outbox``: what the driver was not yet handed (the confirmation of the part
             written just now among it, and snapshot parts); ``snapshots``: the keys of the
-            in-memory snapshots this worker holds. None when the loop did not end
-            within ``timeout_s`` (stuck in a collective or in user code): the controller then
-            replaces this actor too.
+            in-memory snapshots this worker holds; ``stuck`` when the loop did not end within
+            ``timeout_s`` (stuck in a collective or in user code): the controller exports a
+            snapshot from it if needed, then replaces it. None when stuck and holding none.
         """
         self.aborting = True
         thread = self._thread
+        peer = self.peer_snapshot
         if thread is not None:
             thread.join(timeout_s)
             if thread.is_alive():
-                return None
+                # stuck (a collective waiting on a lost peer): this actor is replaced, but
+                # its snapshots were copied at step boundaries and are still good to export
+                if peer is None:
+                    return None
+                peer.wait()
+                return {"outbox": list(self.outbox), "snapshots": peer.keys, "stuck": True}
         checkpointer = getattr(getattr(self._trainer, "_host", None), "checkpointer", None)
         if checkpointer is not None:
             try:
                 checkpointer.wait()
             except BaseException:  # a failed write confirms nothing
                 pass
-        peer = self.peer_snapshot
         if peer is not None:
             peer.wait()  # the copy in flight is of a step boundary: finish it
         left = {"outbox": list(self.outbox), "snapshots": peer.keys if peer is not None else []}

@@ -67,6 +67,9 @@ class Survivors:
     # the in-memory snapshots each survivor holds, by bundle index (``peer_snapshot``)
     snapshots: dict[int, Any] = field(default_factory=dict)
     capacity: int = 0  # worker bundles in the placement group (the most workers it can host)
+    # workers whose loop did not end in time (stuck in a collective): not kept, but they may
+    # hold the newest peer snapshot, so they go only after the export (``drop_stuck``)
+    stuck: dict[int, Any] = field(default_factory=dict)
     fill: list[int] = field(default_factory=list)  # slots the next group starts actors in
 
     @property
@@ -74,11 +77,18 @@ class Survivors:
         """The size of the group these workers survived."""
         return len(self.slots)
 
+    def drop_stuck(self) -> None:
+        """Kill the stuck workers (after the next attempt's snapshot was exported)."""
+        for actor in self.stuck.values():
+            _kill(actor)
+        self.stuck = {}
+
     def export_snapshot(self, bundle: int, key: Any, timeout_s: float = 120.0) -> Any:
         """An ObjectRef to the replicated part of snapshot ``key``, exported by the survivor
         in ``bundle`` (the next attempt's ranks fetch it; the driver never does), or None when
         the export failed. Returns once the export is done, so the survivor may go after."""
-        size, data = self.actors[bundle].export_snapshot.options(num_returns=2).remote(key)
+        actor = self.actors.get(bundle) or self.stuck[bundle]
+        size, data = actor.export_snapshot.options(num_returns=2).remote(key)
         try:
             ray.get(size, timeout=timeout_s)
         except Exception as err:  # the holder died, or no longer has it
@@ -87,6 +97,7 @@ class Survivors:
         return data
 
     def release(self) -> None:
+        self.drop_stuck()
         for actor in self.actors.values():
             _kill(actor)
         if self.owned:
@@ -128,9 +139,6 @@ class WorkerGroup:
             kept = dict(survivors.actors)
             survivors.actors = {}
             indices = sorted(kept) + [i for i in survivors.fill if i not in kept]
-            if len(indices) != num_workers:
-                raise ValueError(f"{num_workers} workers asked, {len(kept)} kept + "
-                                 f"{len(survivors.fill)} to fill")
         else:
             # Inside a Tune trial the trial's own placement group already holds a bundle per
             # worker after the trial driver's bundle 0: use those, never reserve more.
@@ -144,6 +152,9 @@ class WorkerGroup:
             indices = list(range(num_workers))
         actors: dict[int, Any] = {}
         try:
+            if len(indices) != num_workers:
+                raise ValueError(f"{num_workers} workers asked, {len(kept)} kept + "
+                                 f"{len(indices) - len(kept)} to fill")
             custom = {k: v for k, v in per_worker.items() if k not in ("CPU", "GPU")}
             for index in indices:
                 actors[index] = kept.pop(index, None) or _RemoteWorker.options(
@@ -190,6 +201,7 @@ class WorkerGroup:
         nodes = {w.bundle_index: w.node_id for w in self.workers}
         confirmations: list[tuple] = []
         snapshots: dict[int, Any] = {}
+        stuck: dict[int, Any] = {}
         deadline = time.monotonic() + abort_timeout_s + 5  # one deadline for all of them
         for index, (actor, ref) in pending.items():
             try:
@@ -197,16 +209,20 @@ class WorkerGroup:
             except Exception:  # dead (RayActorError) or not answering
                 left = None
             if left is not None:
-                alive[index] = actor
                 confirmations.extend(left["outbox"])
                 snapshots[index] = left["snapshots"]
+                if left.get("stuck"):  # alive, loop stuck: replaced once its snapshot is out
+                    stuck[index] = actor
+                    continue
+                alive[index] = actor
                 continue
             dead_nodes.append(nodes[index])
             _kill(actor)
         survivors = Survivors(self.placement_group, self.owned, self.offset, self.slots,
-                              alive, dead_nodes, confirmations, snapshots, self.capacity)
+                              alive, dead_nodes, confirmations, snapshots, self.capacity,
+                              stuck=stuck)
         self.workers = []
-        if not alive:
+        if not alive and not any(snapshots.get(i) for i in stuck):
             survivors.release()
             return None
         return survivors

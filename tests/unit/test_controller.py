@@ -290,7 +290,8 @@ def test_a_survivors_memory_snapshot_newer_than_the_checkpoint_is_restored(tmp_p
     controller = controller_for(_trainer(max_failures=1), groups, manager=manager)
     controller.run()
     restore = groups.groups[1].job["restore"]
-    assert set(restore) == {"memory"}
+    # the storage checkpoint stays beside it; the ranks load the snapshot (load_restore)
+    assert restore["rank0"].endswith(f"{name}/rank_0.pt")
     assert restore["memory"]["ref"] == "snapshot-ref-(0, 8)"
     assert restore["memory"]["parts"] == {0: b"part-8-0", 1: b"part-8-1"}
     assert groups.groups[1].job["attempt"] == 1
@@ -311,3 +312,63 @@ def test_a_snapshot_whose_lost_rank_part_never_arrived_is_not_used(tmp_path):
     controller_for(_trainer(max_failures=1), groups, manager=manager).run()
     restore = groups.groups[1].job["restore"]
     assert "memory" not in restore and restore["rank0"].endswith(f"{name}/rank_0.pt")
+
+
+def test_a_stuck_survivor_hands_over_its_snapshot_before_it_is_replaced(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager
+
+    # rank 1 dies; rank 0's loop stays stuck in its collective (a lost peer without a reset):
+    # rank 0 is replaced too, but only after the snapshot of step 8 was exported from it
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=12, die=(1, 9), stuck=(0,), confirmations={
+            8: [_snapshot_part(8, 0), _snapshot_part(8, 1)]}, held_snapshots=[(0, 8)]),
+        ScriptedAttempt()])
+    manager = CheckpointManager(str(tmp_path / "run"))
+    controller = controller_for(_trainer(max_failures=1), groups, manager=manager)
+    controller.run()
+    assert groups.created[1] == {"num_workers": 2, "kept": 0}  # nobody kept
+    assert groups.groups[1].job["restore"]["memory"]["ref"] == "snapshot-ref-(0, 8)"
+    assert controller.restored_from == [("memory", 8)]
+    assert any("no checkpoint committed yet" in line for line in controller.sink.lines)
+
+
+def test_a_fixed_group_that_lost_a_node_still_restores_from_a_survivors_snapshot(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager
+
+    cluster = FakeCluster()
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=12, die=(1, 9), at_step={9: lambda: _lose_node_b(cluster)},
+                        confirmations={8: [_snapshot_part(8, 0), _snapshot_part(8, 1)]},
+                        held_snapshots=[(0, 8)]),
+        ScriptedAttempt()], nodes=["node-a", "node-b"])
+    cluster.free = [{"CPU": 8.0}]
+    trainer = _trainer(max_failures=1, snapshot_every_n_steps=4)
+    controller = controller_for(trainer, groups, cluster,
+                                manager=CheckpointManager(str(tmp_path / "run")))
+    controller.run()
+    # the lost place cannot be refilled: a fresh group, restored from rank 0's memory
+    assert groups.created[1] == {"num_workers": 2, "kept": 0}
+    assert controller.restored_from == [("memory", 8)]
+
+
+def test_a_node_a_probe_missed_once_is_asked_again_and_the_group_grows_back(tmp_path):
+    from ray_lit.checkpoint.manager import CheckpointManager
+
+    cluster = FakeCluster()
+    cluster.placements = {0: "node-a", 1: "node-b"}  # Ray still lists node-b, bundle 1 there
+
+    def probe_misses_node_b() -> None:  # slow, not gone
+        cluster.lost.add("node-b")
+        cluster.free = [{"CPU": 0.0}]
+
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(die=(1, 2), at_step={2: probe_misses_node_b}),
+        ScriptedAttempt(steps=10, at_step={3: cluster.lost.clear}),
+        ScriptedAttempt()], nodes=["node-a", "node-b"])
+    trainer = _trainer(num_workers=(1, 2), max_failures=1)
+    controller = controller_for(trainer, groups, cluster,
+                                manager=CheckpointManager(str(tmp_path / "run")))
+    controller.lost_recheck_s = 0.0
+    controller.run()
+    assert trainer.world_size_history == [2, 1, 2]
+    assert groups.created[2] == {"num_workers": 2, "kept": 1, "fill": [1]}
