@@ -3,6 +3,7 @@ shrinks the group and the unseen rest of the epoch is re-sharded; a new node gro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -65,35 +66,34 @@ def _seen(out_dir) -> list[tuple[int, int, int, list[int]]]:
     return rows
 
 
-@pytest.fixture
-def cluster():
+@contextlib.contextmanager
+def _local_cluster(**head_args):
+    """A one-CPU head node on loopback, torn down afterwards."""
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **head_args})
     ray.init(address=cluster.address)
     try:
         yield cluster
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def cluster():
+    with _local_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture
 def quick_cluster():
     """A cluster whose GCS declares a lost node dead within ~2 s (Ray's default takes ~15 s
     here), so that its placement-group bundles are re-placed while the test still trains."""
-    if ray.is_initialized():
-        ray.shutdown()
     checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
               "health_check_timeout_ms": 500}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "_system_config": checks})
-    ray.init(address=cluster.address)
-    try:
+    with _local_cluster(_system_config=checks) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _fit(tmp_path, out_dir, **extra):
