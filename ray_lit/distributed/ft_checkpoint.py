@@ -59,6 +59,7 @@ class CheckpointWriter:
         state = self.__dict__.copy()
         state["_worker"] = state["_thread"] = None
         state["_snapshot"] = None
+        state.pop("peer_snapshot", None)  # host memory stays where it was taken
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -69,7 +70,7 @@ class CheckpointWriter:
     def fence_wait_s(self) -> list[float]:
         """Time optimizer steps waited for a deferred copy, per checkpoint or in-memory
         snapshot that made one wait."""
-        peer = getattr(self._worker, "peer_snapshot", None)
+        peer = self._peer(create=False)
         return self._snapshot.fence_wait_s + (peer.fence_wait_s if peer is not None else [])
 
     def attach(self, worker: Any, ranks: Any, attempt: int = 0) -> None:
@@ -105,7 +106,7 @@ class CheckpointWriter:
             self.take(trainer)
         self.wait()
         self._snapshot.release()
-        peer = getattr(self._worker, "peer_snapshot", None)
+        peer = self._peer(create=False)
         if peer is not None:  # the run is over: nobody will restore from it
             peer.release()
 
@@ -195,15 +196,15 @@ class CheckpointWriter:
         if self._worker is not None:
             self._worker.outbox.append(("snapshot", key, self._rank, self._world_size, blob))
 
-    def _peer(self) -> Any:
+    def _peer(self, create: bool = True) -> Any:
+        """This worker's ``PeerSnapshot`` (it lives on the ``Worker``, across attempts; on
+        the writer itself outside a Ray worker)."""
         from ray_lit.distributed.peer_snapshot import PeerSnapshot
 
-        worker = self._worker
-        if worker is None:  # not on a Ray worker (unit tests): keep it here
-            worker = self
-        if getattr(worker, "peer_snapshot", None) is None:
-            worker.peer_snapshot = PeerSnapshot()
-        return worker.peer_snapshot
+        holder = self._worker if self._worker is not None else self
+        if getattr(holder, "peer_snapshot", None) is None and create:
+            holder.peer_snapshot = PeerSnapshot()
+        return getattr(holder, "peer_snapshot", None)
 
     def _write(self, state: dict[str, Any], uri: str, name: str, meta: dict[str, Any]) -> None:
         from ray_lit.checkpoint.io import save_checkpoint

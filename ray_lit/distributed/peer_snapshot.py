@@ -141,25 +141,11 @@ class PeerSnapshot:
 
 
 def own_part_bytes(own: dict[str, Any]) -> bytes:
-    """A rank's own part for the driver: checkpoint bytes, tensors on the CPU."""
+    """A rank's own part for the driver, as checkpoint bytes, serialised at the boundary
+    (``torch.save`` copies device tensors to the host; the ranks load it onto the CPU)."""
     from ray_lit.checkpoint.io import checkpoint_to_bytes
 
-    return checkpoint_to_bytes(_to_cpu(own))
-
-
-def _to_cpu(obj: Any) -> Any:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        items = ((k, _to_cpu(v)) for k, v in obj.items())
-        return dict(items) if type(obj) is dict else type(obj)(items)
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
+    return checkpoint_to_bytes(own)
 
 
 def restore_checkpoint(memory: dict[str, Any], world_rank: int) -> dict[str, Any]:

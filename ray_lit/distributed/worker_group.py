@@ -191,13 +191,15 @@ class WorkerGroup:
         nobody survived."""
         import time
 
-        pending = {w.bundle_index: (w.actor, w.actor.abort.remote(abort_timeout_s))
-                   for w in self.workers if w.node_id not in lost_nodes}
-        alive: dict[int, Any] = {}
-        dead_nodes: list[str] = [w.node_id for w in self.workers if w.node_id in lost_nodes]
+        pending: dict[int, tuple[Any, Any]] = {}
+        dead_nodes: list[str] = []
         for w in self.workers:
             if w.node_id in lost_nodes:
                 _kill(w.actor)
+                dead_nodes.append(w.node_id)
+            else:
+                pending[w.bundle_index] = (w.actor, w.actor.abort.remote(abort_timeout_s))
+        alive: dict[int, Any] = {}
         nodes = {w.bundle_index: w.node_id for w in self.workers}
         confirmations: list[tuple] = []
         snapshots: dict[int, Any] = {}
