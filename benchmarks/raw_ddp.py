@@ -72,6 +72,34 @@ def run(w: Workload, out_dir: str) -> dict:
     return {"fit_start_ts": start, "done_ts": time.time()}
 
 
+def run_in_ray_actors(w: Workload, out_dir: str) -> dict:
+    """The same ranks, each in a plain Ray actor instead of a spawned process: what any
+    Ray-based trainer pays before doing anything of its own (the Ray core worker, Ray's imports,
+    its serialization context). Ray must already be initialised."""
+    import cloudpickle
+    import ray
+
+    import benchmarks.workloads as wl
+
+    for module in (sys.modules[__name__], wl):  # the actors cannot import benchmarks/
+        cloudpickle.register_pickle_by_value(module)
+
+    @ray.remote(num_cpus=1)
+    class Rank:
+        def run(self, rank: int, w: Workload, port: int, out_dir: str) -> None:
+            _rank_main(rank, w, port, out_dir)
+
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.time()
+    ranks = [Rank.remote() for _ in range(w.num_workers)]
+    port = _free_port()
+    ray.get([r.run.remote(i, w, port, out_dir) for i, r in enumerate(ranks)])
+    done = time.time()
+    for r in ranks:
+        ray.kill(r)
+    return {"fit_start_ts": start, "done_ts": done}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", default="mlp", choices=["mlp", "conv"])

@@ -11,7 +11,9 @@ table per workload.
     python benchmarks/run.py --workloads mlp --frameworks raw_ddp,ray_lit
     python benchmarks/run.py --json results.json
 
-Frameworks: ``raw_ddp`` (baseline), ``ray_lit`` (progress bar, logger, checkpointing and model
+Frameworks: ``raw_ddp`` (baseline), ``raw_ddp_in_ray`` (the same loop, each rank in a plain Ray
+actor: the floor of any trainer built on Ray actors, e.g. the memory of the Ray core worker),
+``ray_lit`` (progress bar, logger, checkpointing and model
 summary off), ``ray_lit_defaults`` (the same with the Trainer's defaults: what they cost),
 ``lightning`` (Lightning's own DDP, if ``lightning`` is installed), ``ray_train`` (Ray Train's
 ``TorchTrainer`` + ``ray.train.lightning``, if ``lightning`` is installed).
@@ -37,7 +39,8 @@ if ROOT not in sys.path:
 
 from benchmarks.workloads import Workload, time_calls, workload  # noqa: E402
 
-ALL_FRAMEWORKS = ["raw_ddp", "ray_lit", "ray_lit_defaults", "lightning", "ray_train"]
+ALL_FRAMEWORKS = ["raw_ddp", "raw_ddp_in_ray", "ray_lit", "ray_lit_defaults", "lightning",
+                  "ray_train"]
 QUIET_OPTIONS = {"enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
                  "enable_model_summary": False}
 
@@ -71,6 +74,13 @@ def child_raw_ddp(w: Workload, out: str) -> dict[str, Any]:
     from benchmarks.raw_ddp import run
 
     return run(w, out)
+
+
+def child_raw_ddp_in_ray(w: Workload, out: str) -> dict[str, Any]:
+    from benchmarks.raw_ddp import run_in_ray_actors
+
+    _init_local_ray()
+    return run_in_ray_actors(w, out)
 
 
 def _time_driver_phases(phases: list[tuple[str, float, float]]) -> None:
@@ -172,7 +182,8 @@ def child_ray_train(w: Workload, out: str) -> dict[str, Any]:
 def child_main(args: argparse.Namespace) -> None:
     w = Workload(**json.loads(args.workload_json))
     out = args.out
-    fn = {"raw_ddp": child_raw_ddp, "ray_lit": child_ray_lit,
+    fn = {"raw_ddp": child_raw_ddp, "raw_ddp_in_ray": child_raw_ddp_in_ray,
+          "ray_lit": child_ray_lit,
           "ray_lit_defaults": lambda w, o: child_ray_lit(w, o, defaults=True),
           "lightning": child_lightning, "ray_train": child_ray_train}[args.child]
     info = fn(w, out)

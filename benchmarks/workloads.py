@@ -209,6 +209,13 @@ class Recorder:
                   "torch_threads": torch.get_num_threads(),
                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
         record.update(extra or {})
+        if os.environ.get("BENCH_SMAPS"):  # where the memory goes: see benchmarks/memory.py
+            import shutil
+            import sys
+
+            shutil.copy("/proc/self/smaps", os.path.join(self.out_dir, f"smaps{rank}.txt"))
+            with open(os.path.join(self.out_dir, f"modules{rank}.txt"), "w") as f:
+                f.write("\n".join(sorted(sys.modules)))
         with open(os.path.join(self.out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
 

@@ -277,23 +277,15 @@ class ModelCheckpoint(Callback):
 
     @staticmethod
     def _exists(path: str) -> bool:
-        if "://" not in path:
-            return os.path.exists(path)
-        import pyarrow.fs as pafs
+        from ray_lit.checkpoint.storage import Storage, split
 
-        from ray_lit.checkpoint.storage import resolve
-
-        fs, p = resolve(path)
-        return fs.get_file_info(p).type != pafs.FileType.NotFound
+        parent, name = split(path)
+        return Storage(parent).exists(name)
 
     def _remove(self, trainer: Any, path: str) -> None:
         if not trainer.is_global_zero or path == self.last_model_path:
             return
-        if "://" not in path:
-            if os.path.exists(path):
-                os.remove(path)
-            return
-        from ray_lit.checkpoint.storage import resolve
+        from ray_lit.checkpoint.storage import Storage, split
 
-        fs, p = resolve(path)
-        fs.delete_file(p)
+        parent, name = split(path)
+        Storage(parent).delete(name)

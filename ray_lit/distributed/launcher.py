@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import torch
 
 from ray_lit.errors import MisconfigurationException
@@ -93,7 +94,10 @@ def _ship(payload: dict[str, Any]) -> Any:
                     "__init__, or keep them out of the module.") from err
         raise MisconfigurationException(
             f"Cannot ship the run to the Ray workers: {err}") from err
-    return ray.put(blob)
+    # As a NumPy array the bytes travel out of band: each worker unpickles straight from the
+    # object store's shared memory instead of first copying them into its heap, which saves one
+    # copy of the payload (data sets built on the driver included) at every worker's peak.
+    return ray.put(np.frombuffer(blob, dtype=np.uint8))
 
 
 def _group_options(trainer: Any) -> dict[str, Any]:

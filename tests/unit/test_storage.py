@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -50,10 +52,14 @@ def s3_root(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{bucket}"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "file", "s3"])
 def storage(request: pytest.FixtureRequest, tmp_path) -> Storage:
+    """A local directory (served by ``os``), the same through ``pyarrow`` (a ``file://`` URI),
+    and S3."""
     if request.param == "local":
         return Storage(str(tmp_path / "run"))
+    if request.param == "file":
+        return Storage(f"file://{tmp_path}/run")
     return Storage(request.getfixturevalue("s3_root") + "/run")
 
 
@@ -147,6 +153,26 @@ def test_checkpoint_round_trip(storage: Storage):
 
 
 # --- local specifics ---------------------------------------------------------------------------
+def test_a_local_directory_never_imports_pyarrow(tmp_path):
+    """pyarrow's libraries cost every worker ~27 MiB resident: local runs must not load them."""
+    code = f"""
+import sys, torch
+from ray_lit.checkpoint.io import load_checkpoint, save_checkpoint
+from ray_lit.checkpoint.storage import Storage, read_file, write_file
+import ray_lit.core.saving, ray_lit.distributed.ft_checkpoint, ray_lit.checkpoint.manager
+s = Storage({str(tmp_path / "run")!r})
+s.check_writable()
+s.write_bytes("a/b", b"1"); assert s.read_bytes("a/b") == b"1" and s.listdir("a") == ["b"]
+assert s.exists("a") and s.isdir("a") and not s.isdir("a/b")
+s.delete("a")
+save_checkpoint({{"w": torch.ones(2)}}, s.uri("x.ckpt")); assert load_checkpoint(s.uri("x.ckpt"))
+write_file(s.uri("y"), b"2"); assert read_file(s.uri("y")) == b"2"
+loaded = [m for m in sys.modules if m.startswith("pyarrow")]
+assert not loaded, loaded
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_relative_root_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage = Storage("runs/r1")
