@@ -78,12 +78,14 @@ def _serialization_context_without_arrow() -> None:
     before any argument has made Ray build the context; a Ray without this private entry point
     just keeps its default (and the memory).
     """
-    if "pyarrow" in sys.modules:
-        return
+    import ray
+    import ray._private.worker as ray_worker
+
+    in_worker = getattr(ray_worker.global_worker, "mode", None) == ray.WORKER_MODE
+    if "pyarrow" in sys.modules or not in_worker:
+        return  # already loaded, or not a Ray worker process (a driver keeps Ray's defaults)
     sys.modules["pyarrow"] = None  # type: ignore[assignment]  # "import pyarrow" now fails
     try:
-        import ray._private.worker as ray_worker
-
         ray_worker.global_worker.get_serialization_context()
     except Exception:
         pass
