@@ -1,15 +1,17 @@
 """Where run state and checkpoints live: a local directory or a ``pyarrow.fs`` URI.
 
-``resolve`` turns a path or URI into a ``(filesystem, path)`` pair; ``Storage`` is a root
-directory with relative-path methods on top of it. Every other module reads and writes run files
-through these two, so local disks, ``file://``, ``s3://``, ``gs://`` and ``hdfs://`` behave alike.
+``Storage`` is a root directory with relative-path file methods; for a URI it works through the
+``(filesystem, path)`` pair that ``resolve`` returns. Other modules read and write run files
+through it (``checkpoint/io.py`` streams local checkpoint files itself, with the same
+temp-file-and-rename write), so local disks, ``file://``, ``s3://``, ``gs://`` and ``hdfs://``
+behave alike.
 
 Writes are atomic for readers: on a local disk (and HDFS) a temporary file in the same directory
 is renamed over the target; on object stores (S3, GCS) one PUT (or a completed multipart upload)
 makes the object appear whole.
 
 A local directory is served by ``os`` alone, and ``pyarrow`` is imported only for a URI: loading
-its libraries costs every process ~27 MiB of resident memory and a fifth of a second, and most
+its libraries costs every process ~25 MiB of resident memory and a fifth of a second, and most
 runs never leave the local disk.
 """
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import sys
 import tempfile
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -210,7 +214,7 @@ class Storage:
             try:
                 with open(path, "rb") as src:
                     return src.read()
-            except FileNotFoundError as err:
+            except (FileNotFoundError, NotADirectoryError) as err:
                 raise FileNotFoundError(f"No such file: {path}") from err
         import pyarrow.fs as pafs
 
@@ -227,7 +231,11 @@ class Storage:
         """``"file"``, ``"dir"`` or ``"missing"``."""
         path = self._path(rel)
         if self.local:
-            return "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else "missing"
+            try:  # os.stat, not os.path.exists: a path we may not read is an error, not "missing"
+                mode = os.stat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return "missing"
+            return "dir" if stat.S_ISDIR(mode) and not os.path.islink(path) else "file"
         import pyarrow.fs as pafs
 
         kind = self.fs.get_file_info(path).type
@@ -262,17 +270,17 @@ class Storage:
         """Remove the file or directory tree ``rel``; a missing path is not an error, because
         retention and cleanup may race with each other after a restart."""
         path, kind = self._path(rel), self._kind(rel)
-        try:
-            if kind == "dir" and self.local:
-                shutil.rmtree(path)
-            elif kind == "dir":
-                self.fs.delete_dir(path)
-            elif kind == "file" and self.local:
+        if kind == "dir" and self.local:
+            _rmtree(path)
+        elif kind == "dir":
+            self.fs.delete_dir(path)
+        elif kind == "file" and self.local:
+            try:  # a file, or a symbolic link (only the link goes)
                 os.remove(path)
-            elif kind == "file":
-                self.fs.delete_file(path)
-        except FileNotFoundError:  # removed by someone else meanwhile
-            pass
+            except FileNotFoundError:  # removed by someone else meanwhile
+                pass
+        elif kind == "file":
+            self.fs.delete_file(path)
 
     def makedirs(self, rel: str = "") -> None:
         """Create ``rel`` and its parents (a no-op where it exists)."""
@@ -319,6 +327,20 @@ def read_file(path_or_uri: str | os.PathLike) -> bytes:
     """
     parent, name = split(path_or_uri)
     return Storage(parent).read_bytes(name)
+
+
+def _rmtree(path: str) -> None:
+    """``shutil.rmtree`` where an entry removed meanwhile is fine and anything else raises."""
+
+    def ignore_missing(function: Any, failed: str, exc: Any) -> None:
+        err = exc if isinstance(exc, BaseException) else exc[1]  # onexc / onerror
+        if not isinstance(err, FileNotFoundError):
+            raise err
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=ignore_missing)
+    else:
+        shutil.rmtree(path, onerror=ignore_missing)
 
 
 def _atomic_local_write(path: str, data: bytes) -> None:

@@ -78,19 +78,22 @@ def _serialization_context_without_arrow() -> None:
     before any argument has made Ray build the context; a Ray without this private entry point
     just keeps its default (and the memory).
     """
-    import ray
-    import ray._private.worker as ray_worker
-
-    in_worker = getattr(ray_worker.global_worker, "mode", None) == ray.WORKER_MODE
-    if "pyarrow" in sys.modules or not in_worker:
-        return  # already loaded, or not a Ray worker process (a driver keeps Ray's defaults)
-    sys.modules["pyarrow"] = None  # type: ignore[assignment]  # "import pyarrow" now fails
+    if "pyarrow" in sys.modules:
+        return
     try:
-        ray_worker.global_worker.get_serialization_context()
-    except Exception:
+        import ray
+        import ray._private.worker as ray_worker
+
+        if getattr(ray_worker.global_worker, "mode", None) != ray.WORKER_MODE:
+            return  # not a Ray worker process: a driver keeps Ray's defaults
+        sys.modules["pyarrow"] = None  # type: ignore[assignment]  # "import pyarrow" now fails
+        try:
+            ray_worker.global_worker.get_serialization_context()
+        finally:
+            if "pyarrow" in sys.modules and sys.modules["pyarrow"] is None:
+                del sys.modules["pyarrow"]
+    except Exception:  # a Ray whose internals moved: keep its default (and the memory)
         pass
-    finally:
-        del sys.modules["pyarrow"]
 
 
 def _node_info() -> dict[str, Any]:

@@ -153,6 +153,33 @@ def test_checkpoint_round_trip(storage: Storage):
 
 
 # --- local specifics ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["local", "file"])
+def test_local_edge_cases_match_pyarrow(tmp_path, kind):
+    """The os-served local root behaves like pyarrow's local filesystem (``file://``)."""
+    root = tmp_path / "run"
+    storage = Storage(str(root) if kind == "local" else f"file://{root}")
+    storage.write_bytes("a.ckpt", b"1")
+    with pytest.raises(FileNotFoundError, match="a.ckpt/part"):  # a path through a file
+        storage.read_bytes("a.ckpt/part")
+    assert not storage.exists("a.ckpt/part")
+    # a link to a directory: deleting it removes the link, never what it points to
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep").write_bytes(b"k")
+    os.symlink(tmp_path / "target", root / "link")
+    storage.delete("link")
+    assert not os.path.lexists(root / "link")
+    assert (tmp_path / "target" / "keep").read_bytes() == b"k"
+
+
+def test_a_path_that_cannot_be_examined_is_an_error_not_missing(tmp_path):
+    """Retention must not skip what it cannot see (a permission error, a name too long)."""
+    storage = Storage(str(tmp_path))
+    with pytest.raises(OSError, match="too long"):
+        storage.exists("x" * 300)
+    with pytest.raises(OSError, match="too long"):
+        storage.delete("x" * 300)
+
+
 def test_a_local_directory_never_imports_pyarrow(tmp_path):
     """pyarrow's libraries cost every worker ~27 MiB resident: local runs must not load them."""
     code = f"""
