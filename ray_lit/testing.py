@@ -135,7 +135,8 @@ class FakeWorkerGroup:
     def request_stop_at(self, step: int) -> None:
         self.stop_at = step
 
-    def statuses(self, timeout_s: float = 30.0) -> list[dict[str, Any] | WorkerGone]:
+    def statuses(self, timeout_s: float = 30.0,
+                 wait_s: float = 0.0) -> list[dict[str, Any] | WorkerGone]:
         script = self.script
         stopped = self.stop_at is not None and self.step >= self.stop_at
         if self.step < script.steps and not stopped:
@@ -297,6 +298,7 @@ def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster 
     controller = Controller(trainer=trainer, payload_ref=None, job={"stage": stage},
                             group_options=options, sink=PrintLog(), manager=manager,
                             hang_timeout_s=hang_timeout_s, poll_interval_s=0.0,
+                            poll_wait_s=0.0,
                             create_group=groups, cluster=cluster or FakeCluster())
     controller.grow_check_interval_s = 0.0
     controller.root_cause_grace_s = 0.2

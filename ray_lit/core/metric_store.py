@@ -65,7 +65,8 @@ def to_scalar_tensor(name: str, value: Any) -> torch.Tensor:
                 f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}; log a "
                 "scalar (reduce it first, e.g. value.mean())."
             )
-        value = value.reshape(())
+        if value.dim():
+            value = value.reshape(())
         return value if value.is_floating_point() else value.float()
     if isinstance(value, Mapping):
         raise MisconfigurationException(
@@ -200,15 +201,15 @@ class MetricStore:
                 f"Metric name {name!r} contains '/dataloader_idx_', which ray_lit adds itself."
             )
         tensor = to_scalar_tensor(name, value)
-        if not enable_graph:
+        if not enable_graph and tensor.requires_grad:
             tensor = tensor.detach()
+        reduce = _reduce_name(reduce_fx)
         if sync_dist and on_step:
-            tensor = collectives.sync_value(tensor, _reduce_name(reduce_fx), sync_dist_group)
+            tensor = collectives.sync_value(tensor, reduce, sync_dist_group)
         key = name
         if add_dataloader_idx and self.num_dataloaders > 1:
             key = f"{name}/dataloader_idx_{self.dataloader_idx}"
         metric = self.metrics.get(key)
-        reduce = _reduce_name(reduce_fx)
         if metric is None:
             metric = _Metric(key, fx, on_step, on_epoch, prog_bar, True if logger is None else
                              logger, reduce, sync_dist, sync_dist_group)

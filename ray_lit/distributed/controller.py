@@ -2,13 +2,14 @@
 stop. It is the only code that acts on actors; the failure policy decides.
 
 One attempt: create the worker group (from the latest committed checkpoint when there is one),
-start the stage, then supervise: poll every worker a few times a second (never per step),
-replay rank 0's events into the driver's loggers and progress bar, commit checkpoints whose
-parts every rank confirmed, and notice a dead actor (Ray's own error on the poll), a failed
-rank, or a rank that stopped making progress. On failure the group is torn down and the policy
-decides between a new attempt and raising. Announced departures (a Ray node drain notice, a
-SIGTERM to a worker or to the driver) and elastic growth are planned: every rank checkpoints
-at the same step, then the next attempt starts from that checkpoint.
+start the stage, then supervise: long-poll every worker (a poll returns at once when a rank
+has news, else after ``poll_wait_s``; never per step), replay rank 0's events into the
+driver's loggers and progress bar, commit checkpoints whose parts every rank confirmed, and
+notice a dead actor (Ray's own error on the poll), a failed rank, or a rank that stopped making
+progress. On failure the group is torn down and the policy decides between a new attempt and
+raising. Announced departures (a Ray node drain notice, a SIGTERM to a worker or to the driver)
+and elastic growth are planned: every rank checkpoints at the same step, then the next attempt
+starts from that checkpoint.
 """
 
 from __future__ import annotations
@@ -59,10 +60,16 @@ class Controller:
 
     def __init__(self, *, trainer: Any, payload_ref: Any, job: dict[str, Any],
                  group_options: dict[str, Any], sink: Any, manager: Any = None,
-                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.1,
+                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.05,
+                 poll_wait_s: float = 0.5,
                  create_group: Any = None, cluster: Any = None) -> None:
         """``create_group`` (``WorkerGroup.create``) and ``cluster`` (``ClusterView()``) are
-        where the controller meets Ray; ``ray_lit.testing`` passes fakes."""
+        where the controller meets Ray; ``ray_lit.testing`` passes fakes.
+
+        ``poll_wait_s`` is the longest a supervision poll waits for news from the workers (a
+        finished or failed loop, a written checkpoint part, a SIGTERM end it at once; a dead
+        actor's error too); ``poll_interval_s`` the least time between two polls.
+        """
         self.create_group = create_group or WorkerGroup.create
         self.cluster = cluster or ClusterView()
         self.trainer = trainer
@@ -74,6 +81,7 @@ class Controller:
         self.policy = FailurePolicy(trainer.config.max_failures)
         self.hang_timeout_s = hang_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.poll_wait_s = poll_wait_s
         self.failures = 0
         self.recovery_times: list[float] = []
         self._preempt = threading.Event()
@@ -315,7 +323,8 @@ class Controller:
         while True:
             failures: list[AttemptOutcome] = []
             sigterm_ranks: list[int] = []
-            for rank, status in enumerate(self._poll_all(group)):
+            polled_at = time.monotonic()
+            for rank, status in enumerate(self._poll_all(group, wait_s=self.poll_wait_s)):
                 if isinstance(status, AttemptOutcome):
                     failures.append(status)
                     continue
@@ -332,7 +341,8 @@ class Controller:
                         group, rank, "hang", f"no training progress for {status['idle_s']:.0f}"
                         f" s (worker_hang_timeout_s={self.hang_timeout_s})")))
                 if rank == 0 and self._failed_at is not None and state == "running" and \
-                        status["idle_s"] < self.poll_interval_s * 5 and status["steps"] > 0:
+                        status["idle_s"] < max(self.poll_wait_s, self.poll_interval_s * 5) and \
+                        status["steps"] > 0:
                     # recovery: from the failure to the new group's first training steps
                     self.recovery_times.append(time.monotonic() - self._failed_at)
                     self._failed_at = None
@@ -371,12 +381,15 @@ class Controller:
                     step = self._stop_at_next_step(group)
                     self.sink.print(f"ray_lit: resize {group.world_size} -> {resize_to} at "
                                     f"the checkpoint of step {step}: {decision.reason}")
-            time.sleep(self.poll_interval_s)
+            # a poll that returned early with news is followed by the next one at once, but
+            # never more often than every poll_interval_s
+            time.sleep(max(0.0, self.poll_interval_s - (time.monotonic() - polled_at)))
 
-    def _poll_all(self, group: WorkerGroup) -> list[Any]:
-        """Every worker's status, or an AttemptOutcome for a worker that is gone."""
+    def _poll_all(self, group: WorkerGroup, wait_s: float = 0.0) -> list[Any]:
+        """Every worker's status, or an AttemptOutcome for a worker that is gone (waiting up to
+        ``wait_s`` for news, see ``WorkerGroup.statuses``)."""
         out: list[Any] = []
-        for rank, status in enumerate(group.statuses()):
+        for rank, status in enumerate(group.statuses(wait_s=wait_s)):
             if isinstance(status, WorkerGone):
                 out.append(AttemptOutcome(error=self._error(group, rank, status.kind,
                                                             status.text)))

@@ -194,7 +194,7 @@ class CheckpointWriter:
         blob = own_part_bytes(own)
         self.stall_s.append(time.perf_counter() - start)
         if self._worker is not None:
-            self._worker.outbox.append(("snapshot", key, self._rank, self._world_size, blob))
+            self._worker.post(("snapshot", key, self._rank, self._world_size, blob))
 
     def _peer(self, create: bool = True) -> Any:
         """This worker's ``PeerSnapshot`` (it lives on the ``Worker``, across attempts; on
@@ -223,7 +223,7 @@ class CheckpointWriter:
             self._error = err
             return
         if self._worker is not None:
-            self._worker.outbox.append(("checkpoint", name, self._rank, self._world_size, meta))
+            self._worker.post(("checkpoint", name, self._rank, self._world_size, meta))
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error here."""

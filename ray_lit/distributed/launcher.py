@@ -30,17 +30,19 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address)
         return
-    try:
-        ray.init(address="auto")
-        return
-    except ConnectionError:
-        pass
-    # a local single-node Ray started by us: nothing listens beyond loopback
+    if not address:
+        try:
+            ray.init(address="auto")
+            return
+        except ConnectionError:
+            pass
+    # a local single-node Ray started by us (also for RAY_ADDRESS=local): nothing listens
+    # beyond loopback, and no dashboard to start
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(include_dashboard=False)
+    ray.init(address="local", include_dashboard=False)
 
 
 def _device_type(config: Any) -> str:

@@ -120,6 +120,9 @@ class Worker:
         self._last_progress = time.monotonic()
         self._steps = -1
         self.outbox: list[tuple] = []
+        # set when the driver should hear at once (a state change, a checkpoint part, a
+        # SIGTERM): it ends a waiting ``poll`` early
+        self._news = threading.Event()
         self.peer_snapshot: Any = None  # the latest in-memory snapshot; outlives an attempt
         self.stop_at_step: int | None = None
         self._first_steps: int | None = None
@@ -141,6 +144,7 @@ class Worker:
         polled = time.monotonic() - self._last_poll < 2.0
         if self._state == "running" and polled and not self._sigterm:
             self._sigterm = True
+            self._news.set()
             return
         previous = self._previous_sigterm
         if callable(previous):
@@ -185,6 +189,12 @@ class Worker:
 
     def _main(self, box: list[Any], job: dict[str, Any]) -> None:
         try:
+            self._run_loop(box, job)
+        finally:
+            self._news.set()  # the loop ended: the driver hears it now, not a poll later
+
+    def _run_loop(self, box: list[Any], job: dict[str, Any]) -> None:
+        try:
             unpacked = cloudpickle.loads(box.pop())
             self._result = run_job(self, unpacked, job)
             self._state = "done"
@@ -204,9 +214,27 @@ class Worker:
                 self._exception = None
             self._state = "failed"
 
-    def poll(self) -> dict[str, Any]:
-        """Status for the controller; rank 0 also hands over its recorded events."""
+    def post(self, item: tuple) -> None:
+        """Hand ``item`` (a written checkpoint part, a snapshot part) to the driver with the
+        next poll, and end a poll that is waiting (loop and writer threads call this)."""
+        self.outbox.append(item)
+        self._news.set()
+
+    def wake(self) -> None:
+        """End a waiting ``poll`` now (the driver heard news from another rank)."""
+        self._news.set()
+
+    def poll(self, wait_s: float = 0.0) -> dict[str, Any]:
+        """Status for the controller; rank 0 also hands over its recorded events.
+
+        With ``wait_s`` the call is a long poll: it returns when there is news (see ``post``)
+        or after ``wait_s``, so the driver makes a few calls a second while training is quiet
+        and still hears of a finished loop, a failure or a checkpoint at once.
+        """
         self._last_poll = time.monotonic()
+        if wait_s > 0:
+            self._news.wait(wait_s)
+        self._news.clear()  # before reading: news from now on ends the next poll
         events = self._sink.drain() if self._sink is not None and hasattr(
             self._sink, "drain") else []
         trainer = self._trainer

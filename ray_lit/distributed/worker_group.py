@@ -13,6 +13,7 @@ CUDA contexts for the workers that survived.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,17 +245,31 @@ class WorkerGroup:
     def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
         ray.get([w.actor.run.remote(payload_ref, job) for w in self.workers])
 
-    def poll(self) -> list[Any]:
+    def poll(self, wait_s: float = 0.0) -> list[Any]:
         """One poll per worker (ObjectRefs; a dead actor's ref raises on get)."""
-        return [w.actor.poll.remote() for w in self.workers]
+        return [w.actor.poll.remote(wait_s) for w in self.workers]
 
-    def statuses(self, timeout_s: float = 30.0) -> list[dict[str, Any] | WorkerGone]:
+    def statuses(self, timeout_s: float = 30.0,
+                 wait_s: float = 0.0) -> list[dict[str, Any] | WorkerGone]:
         """Every worker's status dict (see ``Worker.poll``), or ``WorkerGone`` for one that
-        is dead or did not answer within ``timeout_s``."""
+        is dead or did not answer within ``timeout_s``.
+
+        With ``wait_s`` each worker's poll waits up to that long for news. The first poll
+        back early (news, or a dead actor's error) wakes the others, so the driver sees the
+        whole group's status as soon as one rank has something to say.
+        """
+        refs = self.poll(wait_s)
+        if wait_s > 0 and len(refs) > 1:
+            start = time.monotonic()
+            ready, pending = ray.wait(refs, num_returns=1, timeout=wait_s + timeout_s)
+            if ready and pending and time.monotonic() - start < 0.8 * wait_s:
+                for ref, worker in zip(refs, self.workers):
+                    if ref in pending:
+                        worker.actor.wake.remote()
         out: list[dict[str, Any] | WorkerGone] = []
-        for ref in self.poll():
+        for ref in refs:
             try:
-                out.append(ray.get(ref, timeout=timeout_s))
+                out.append(ray.get(ref, timeout=timeout_s + wait_s))
             except RayActorError as err:
                 out.append(WorkerGone("actor_died", str(err)))
             except GetTimeoutError:

@@ -4,16 +4,46 @@ Hooks whose signature differs between Lightning generations go through
 ``ray_lit.core.hooks.call_adapted``, so a 0.9 override and a 2.x override both get the arguments
 they name. ``_current_fx_name`` is set around each call so ``self.log`` (and
 ``pl_module.log`` from a callback) knows which hook it is in.
+
+Most hooks of a run are the base classes' empty bodies, and the loop calls about twenty per
+batch. The dispatcher resolves each event once into the callables that do something (an
+override, or a base implementation with a body) and skips the rest, so an unused hook costs a
+dict lookup per batch instead of a call, a ``getattr`` per callback and two attribute writes.
+The resolution is kept while ``trainer.callbacks`` and ``trainer.lightning_module`` stay the same
+objects (a callback added or removed, or another module, resolves again); a new dispatcher is
+made for each stage (``fit``, ``validate``, ``test``).
 """
 
 from __future__ import annotations
 
+import dis
+from functools import cache
+from types import CodeType
 from typing import Any
 
-from ray_lit.core.hooks import call_adapted
+from ray_lit.core.hooks import _signature_of, call_adapted, is_overridden
 
-# 2.x argument lists (after trainer, pl_module for callbacks) and their 0.9 forms.
-_BATCH_END = {"on_train_batch_end", "on_validation_batch_end", "on_test_batch_end"}
+_SKIPPED_OPS = {"RESUME", "NOP", "CACHE", "EXTENDED_ARG"}
+
+
+@cache
+def _is_empty_code(code: CodeType) -> bool:
+    """Whether a function body does nothing but return None (``...``, ``pass``, a docstring)."""
+    ops = [(i.opname, i.argval) for i in dis.get_instructions(code)
+           if i.opname not in _SKIPPED_OPS]
+    return ops in ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
+
+
+def does_nothing(obj: Any, name: str) -> bool:
+    """Whether calling ``obj.<name>(...)`` can have no effect and returns None: the method is
+    missing, or its class's function has an empty body and the instance does not replace it."""
+    if name in getattr(obj, "__dict__", ()):
+        return False
+    impl = getattr(type(obj), name, None)
+    if impl is None:
+        return True
+    code = getattr(impl, "__code__", None)
+    return code is not None and _is_empty_code(code)
 
 
 class HookDispatcher:
@@ -21,7 +51,72 @@ class HookDispatcher:
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        self._callback_list: Any = None
+        self._callback_count = -1
+        self._callback_fns: dict[str, tuple[Any, ...]] = {}
+        self._module: Any = None
+        self._module_fns: dict[str, Any] = {}
+        self._overridden: dict[str, bool] = {}
+        self._signatures: dict[str, tuple[str, ...]] = {}
 
+    # --- resolution --------------------------------------------------------------------------
+    def _module_changed(self) -> Any:
+        module = self.trainer.lightning_module
+        if module is not self._module:
+            self._module = module
+            self._module_fns.clear()
+            self._overridden.clear()
+            self._signatures.clear()
+        return module
+
+    def _active_callbacks(self, name: str) -> tuple[Any, ...]:
+        """The bound ``name`` methods of the callbacks that do something for this event."""
+        callbacks = self.trainer.callbacks
+        if callbacks is not self._callback_list or len(callbacks) != self._callback_count:
+            self._callback_list, self._callback_count = callbacks, len(callbacks)
+            self._callback_fns.clear()
+        fns = self._callback_fns.get(name)
+        if fns is None:
+            fns = self._callback_fns[name] = tuple(
+                getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
+        return fns
+
+    def _module_fn(self, name: str) -> Any:
+        """The module's bound ``name`` method, or None when it does nothing."""
+        module = self.trainer.lightning_module
+        if module is not self._module:
+            self._module_changed()
+        try:
+            return self._module_fns[name]
+        except KeyError:
+            fn = None if does_nothing(module, name) else getattr(module, name, None)
+            self._module_fns[name] = fn
+            return fn
+
+    def overridden(self, name: str) -> bool:
+        """``is_overridden(name, module, LightningModule)``, resolved once per module."""
+        module = self.trainer.lightning_module
+        if module is not self._module:
+            self._module_changed()
+        try:
+            return self._overridden[name]
+        except KeyError:
+            from ray_lit.core.module import LightningModule
+
+            found = self._overridden[name] = is_overridden(name, module, LightningModule)
+            return found
+
+    def parameter_names(self, name: str) -> tuple[str, ...]:
+        """The positional parameter names of the module's ``name`` method (bound: no self)."""
+        module = self.trainer.lightning_module
+        if module is not self._module:
+            self._module_changed()
+        names = self._signatures.get(name)
+        if names is None:
+            names = self._signatures[name] = _signature_of(getattr(module, name))[0]
+        return names
+
+    # --- calling -------------------------------------------------------------------------------
     def _with_fx(self, name: str, fn: Any, *args: Any) -> Any:
         module = self.trainer.lightning_module
         previous = getattr(module, "_current_fx_name", None)
@@ -32,14 +127,17 @@ class HookDispatcher:
             module.__dict__["_current_fx_name"] = previous
 
     def callbacks(self, name: str, *args: Any, callbacks: Any = None) -> None:
-        trainer, module = self.trainer, self.trainer.lightning_module
-        for cb in self.trainer.callbacks if callbacks is None else callbacks:
-            fn = getattr(cb, name, None)
-            if fn is not None:
-                self._with_fx(name, fn, trainer, module, *args)
+        if callbacks is None:
+            fns = self._active_callbacks(name)
+        else:
+            fns = tuple(getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
+        if fns:
+            trainer = self.trainer
+            for fn in fns:
+                self._with_fx(name, fn, trainer, trainer.lightning_module, *args)
 
     def module(self, name: str, *args: Any) -> Any:
-        fn = getattr(self.trainer.lightning_module, name, None)
+        fn = self._module_fn(name)
         return None if fn is None else self._with_fx(name, fn, *args)
 
     def both(self, name: str, *args: Any) -> Any:
@@ -49,19 +147,29 @@ class HookDispatcher:
 
     def batch_start(self, name: str, batch: Any, batch_idx: int, dataloader_idx: int) -> Any:
         """``on_*_batch_start``: (batch, batch_idx[, dataloader_idx]) in both generations."""
+        fns, module_fn = self._active_callbacks(name), self._module_fn(name)
+        if not fns and module_fn is None:
+            return None
         args = [("batch", batch), ("batch_idx", batch_idx), ("dataloader_idx", dataloader_idx)]
-        trainer, module = self.trainer, self.trainer.lightning_module
-        for cb in trainer.callbacks:
-            self._with_fx(name, call_adapted, getattr(cb, name), (trainer, module), args)
-        return self._with_fx(name, call_adapted, getattr(module, name), (), args)
+        trainer = self.trainer
+        for fn in fns:
+            self._with_fx(name, call_adapted, fn, (trainer, trainer.lightning_module), args)
+        if module_fn is None:
+            return None
+        return self._with_fx(name, call_adapted, module_fn, (), args)
 
     def batch_end(self, name: str, outputs: Any, batch: Any, batch_idx: int,
                   dataloader_idx: int) -> None:
         """``on_*_batch_end``: 2.x (outputs, batch, batch_idx[, dl]) or 0.9 (batch, idx, dl)."""
+        fns, module_fn = self._active_callbacks(name), self._module_fn(name)
+        if not fns and module_fn is None:
+            return
         modern = [("outputs", outputs), ("batch", batch), ("batch_idx", batch_idx),
                   ("dataloader_idx", dataloader_idx)]
         legacy = [("batch", batch), ("batch_idx", batch_idx), ("dataloader_idx", dataloader_idx)]
-        trainer, module = self.trainer, self.trainer.lightning_module
-        for cb in trainer.callbacks:
-            self._with_fx(name, call_adapted, getattr(cb, name), (trainer, module), modern, legacy)
-        self._with_fx(name, call_adapted, getattr(module, name), (), modern, legacy)
+        trainer = self.trainer
+        for fn in fns:
+            self._with_fx(name, call_adapted, fn, (trainer, trainer.lightning_module), modern,
+                          legacy)
+        if module_fn is not None:
+            self._with_fx(name, call_adapted, module_fn, (), modern, legacy)

@@ -79,8 +79,7 @@ class EvalLoop:
     # --- one batch ----------------------------------------------------------------------------
     def _step(self, batch: Any, batch_idx: int, dl_idx: int, num_loaders: int,
               store: MetricStore, sanity: bool) -> StepOutput | None:
-        trainer, module, hooks, p = self.trainer, self.trainer.lightning_module, \
-            self.trainer._hooks, self.prefix
+        trainer, hooks, p = self.trainer, self.trainer._hooks, self.prefix
         batch = trainer._transfer_batch(batch, dl_idx)
         store.set_batch(batch, dl_idx)
         hooks.batch_start(f"on_{p}_batch_start", batch, batch_idx, dl_idx)
@@ -90,7 +89,7 @@ class EvalLoop:
             raw = trainer._call_step(step_name, *args)
         if isinstance(raw, EvalResult):
             raw.track_batch_size(store._current_batch_size())
-        if is_overridden(f"{step_name}_end", module, LightningModule):
+        if hooks.overridden(f"{step_name}_end"):
             raw = hooks.module(f"{step_name}_end", raw)
         out = eval_output(raw, step_name)
         hooks.batch_end(f"on_{p}_batch_end", raw, batch, batch_idx, dl_idx)
@@ -111,8 +110,7 @@ class EvalLoop:
     def _keep_outputs(self, out: StepOutput) -> bool:
         """Outputs are kept for the epoch end only when something there needs them."""
         hook = "test_epoch_end" if self.stage == "test" else "validation_epoch_end"
-        return out.is_result or is_overridden(hook, self.trainer.lightning_module,
-                                              LightningModule)
+        return out.is_result or self.trainer._hooks.overridden(hook)
 
     def _report_dict_output(self, out: StepOutput, result: dict, sanity: bool) -> None:
         """0.9 without an epoch-end hook: each dict output is reported as it comes."""

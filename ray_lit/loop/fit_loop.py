@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from ray_lit.core.hooks import is_overridden
 from ray_lit.core.metric_store import MetricStore
-from ray_lit.core.module import LightningModule
 from ray_lit.core.results import TrainResult, gather, reduce_on_epoch
 from ray_lit.loop.optimization import step_schedulers
 from ray_lit.loop.outputs import StepOutput, epoch_end_output
@@ -100,7 +98,7 @@ class FitLoop:
         del module
 
     def _keep_outputs(self) -> bool:
-        return is_overridden("training_epoch_end", self.trainer.lightning_module, LightningModule)
+        return self.trainer._hooks.overridden("training_epoch_end")
 
     def _stop_inside_epoch(self) -> bool:
         if self._max_steps_reached():
@@ -169,9 +167,8 @@ class FitLoop:
         return False
 
     def _batch_start_overridden(self) -> bool:
-        module = self.trainer.lightning_module
-        return is_overridden("on_batch_start", module, LightningModule) or is_overridden(
-            "on_train_batch_start", module, LightningModule)
+        hooks = self.trainer._hooks
+        return hooks.overridden("on_batch_start") or hooks.overridden("on_train_batch_start")
 
     def _step_metrics(self, step_outputs: list[StepOutput | None], store: MetricStore,
                       batch_idx: int, should_step: bool) -> None:
@@ -209,9 +206,9 @@ class FitLoop:
     # --- epoch end -----------------------------------------------------------------------------
     def _epoch_end(self, outputs: list[list[Any]], accumulators: dict[str, list[torch.Tensor]],
                    store: MetricStore) -> None:
-        trainer, module, hooks = self.trainer, self.trainer.lightning_module, self.trainer._hooks
+        trainer, hooks = self.trainer, self.trainer._hooks
         result_mode = any(o and isinstance(o[0], TrainResult) for o in outputs)
-        if is_overridden("training_epoch_end", module, LightningModule):
+        if hooks.overridden("training_epoch_end"):
             collected = [gather(o, for_training=True) if o and isinstance(o[0], TrainResult)
                          else o for o in outputs]
             arg = collected[0] if len(collected) == 1 else collected

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from ray_lit.core.hooks import _signature_of, is_overridden
-from ray_lit.core.module import LightningModule
 from ray_lit.core.results import TrainResult
 from ray_lit.loop.optimization import clip_gradients
 from ray_lit.loop.outputs import StepOutput, training_output
@@ -69,7 +67,7 @@ class TrainingBatch:
 
     def _forward_backward(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Any,
                           should_step: bool, several: bool) -> StepOutput:
-        trainer, module, hooks = self.trainer, self.trainer.lightning_module, self.trainer._hooks
+        trainer, hooks = self.trainer, self.trainer._hooks
         args = (batch, batch_idx, opt_idx) if several else (batch, batch_idx)
         # DDP syncs gradients only at the accumulation boundary (no_sync before it)
         sync = contextlib.nullcontext() if should_step else trainer._host.no_sync()
@@ -85,8 +83,7 @@ class TrainingBatch:
             loss = out.loss / trainer._accumulation if trainer._accumulation > 1 else out.loss
             hooks.both("on_before_backward", loss)
             scaled = trainer._precision.scale(loss)
-            fn = module.backward
-            names = _signature_of(fn)[0]
+            names = hooks.parameter_names("backward")
             if names[:1] == ("trainer",):  # 0.9: backward(trainer, loss, optimizer, optimizer_idx)
                 trainer._hooks.module("backward", trainer, scaled, optimizer, opt_idx)
             else:
@@ -135,12 +132,11 @@ class TrainingBatch:
 
     def _optimizer_step(self, batch_idx: int, optimizer: Any, opt_idx: int, closure: Any) -> None:
         trainer = self.trainer
-        module = trainer.lightning_module
         epoch = trainer.current_epoch
-        if not is_overridden("optimizer_step", module, LightningModule):
+        if not trainer._hooks.overridden("optimizer_step"):
             optimizer.step(closure=closure)
             return
-        names = _signature_of(module.optimizer_step)[0]
+        names = trainer._hooks.parameter_names("optimizer_step")
         if "optimizer_idx" in names or len(names) > 4:  # 0.9 signature
             kwargs = {"epoch": epoch, "batch_idx": batch_idx, "optimizer": optimizer,
                       "optimizer_idx": opt_idx, "optimizer_closure": closure,
@@ -154,10 +150,9 @@ class TrainingBatch:
 
     def _zero_grad(self, batch_idx: int, optimizer: Any, opt_idx: int) -> None:
         trainer = self.trainer
-        module = trainer.lightning_module
-        if not is_overridden("optimizer_zero_grad", module, LightningModule):
+        if not trainer._hooks.overridden("optimizer_zero_grad"):
             optimizer.zero_grad()
             return
-        names = _signature_of(module.optimizer_zero_grad)[0]
+        names = trainer._hooks.parameter_names("optimizer_zero_grad")
         args = [trainer.current_epoch, batch_idx, optimizer, opt_idx][: len(names)]
         trainer._hooks.module("optimizer_zero_grad", *args)

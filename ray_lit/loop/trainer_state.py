@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from ray_lit.config import accumulation_for_epoch
-from ray_lit.core.hooks import _signature_of, is_overridden
+from ray_lit.core.hooks import _signature_of
 from ray_lit.core.metric_store import MetricStore
-from ray_lit.core.module import LightningModule
 from ray_lit.loop.outputs import floats, to_float, training_output
 from ray_lit.loop.progress import Progress
 
@@ -82,10 +81,10 @@ class LoopState:
         if dm is not None and type(dm).transfer_batch_to_device is not \
                 _dm_base().transfer_batch_to_device:
             owner = dm
-        before = is_overridden("on_before_batch_transfer", module, LightningModule)
-        after = is_overridden("on_after_batch_transfer", module, LightningModule)
-        custom = owner is dm or is_overridden("transfer_batch_to_device", module,
-                                              LightningModule)
+        hooks = self._hooks
+        before = hooks.overridden("on_before_batch_transfer")
+        after = hooks.overridden("on_after_batch_transfer")
+        custom = owner is dm or hooks.overridden("transfer_batch_to_device")
         if before:
             batch = module.on_before_batch_transfer(batch, dataloader_idx)
         if custom:
@@ -113,8 +112,7 @@ class LoopState:
         """``training_step_end``: each rank's own output, or (``gather_step_outputs=True``,
         the seed's dp/ddp2 use case) the outputs of all ranks gathered with a differentiable
         all-gather. COLLECTIVE when gathering."""
-        module = self.lightning_module
-        if not is_overridden("training_step_end", module, LightningModule):
+        if not self._hooks.overridden("training_step_end"):
             return raw
         if self.config.gather_step_outputs:
             raw = _gather_tree(raw, self._host.all_gather)

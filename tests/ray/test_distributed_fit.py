@@ -320,3 +320,31 @@ def test_the_payload_is_read_from_shared_memory_without_a_heap_copy(ray_cluster)
     shipped = ray.get(_ship({"data": data}))
     assert isinstance(shipped, np.ndarray) and not shipped.flags.writeable  # a view, not a copy
     assert torch.equal(cloudpickle.loads(shipped)["data"], data)
+
+
+def test_one_ranks_news_ends_every_ranks_long_poll(ray_cluster):
+    """The driver long-polls the group; the first rank with news (here a checkpoint part)
+    wakes the others, so the status of the whole group comes back at once."""
+    import threading
+
+    import ray
+
+    from ray_lit.distributed.ranks import WorkerRanks
+    from ray_lit.distributed.worker_group import WorkerGroup, WorkerInfo, _RemoteWorker
+
+    actors = [_RemoteWorker.options(num_cpus=0, max_concurrency=2).remote() for _ in range(3)]
+    try:
+        ray.get([a.poll.remote() for a in actors], timeout=60)  # started
+        group = WorkerGroup([WorkerInfo(actor=a, ranks=WorkerRanks(i, i, 0, 3, 3),
+                                        node_id="n", node_ip="127.0.0.1", gpu_ids=[], pid=0)
+                             for i, a in enumerate(actors)], placement_group=None, owned=False)
+        part = ("checkpoint", "step-2", 1, 3, {"global_step": 2})
+        timer = threading.Timer(0.5, lambda: actors[1].post.remote(part))
+        timer.start()
+        start = time.monotonic()
+        statuses = group.statuses(wait_s=60)
+        assert time.monotonic() - start < 30  # not the 60 s every quiet poll would wait
+        assert [s["checkpoints"] for s in statuses] == [[], [part], []]
+    finally:
+        for a in actors:
+            ray.kill(a)
