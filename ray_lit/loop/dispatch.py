@@ -17,6 +17,7 @@ made for each stage (``fit``, ``validate``, ``test``).
 from __future__ import annotations
 
 import dis
+from collections.abc import Callable
 from functools import cache
 from types import CodeType
 from typing import Any
@@ -36,14 +37,25 @@ def _is_empty_code(code: CodeType) -> bool:
 
 def does_nothing(obj: Any, name: str) -> bool:
     """Whether calling ``obj.<name>(...)`` can have no effect and returns None: the method is
-    missing, or its class's function has an empty body and the instance does not replace it."""
+    missing, or its class's function has an empty body and the instance does not replace it
+    (a method served by ``__getattr__``, as a delegating wrapper does, is always called)."""
     if name in getattr(obj, "__dict__", ()):
         return False
     impl = getattr(type(obj), name, None)
     if impl is None:
-        return True
+        return getattr(obj, name, None) is None
     code = getattr(impl, "__code__", None)
     return code is not None and _is_empty_code(code)
+
+
+def _bound_unless_empty(obj: Any, name: str) -> Any:
+    return None if does_nothing(obj, name) else getattr(obj, name, None)
+
+
+def _overrides_base(module: Any, name: str) -> bool:
+    from ray_lit.core.module import LightningModule
+
+    return is_overridden(name, module, LightningModule)
 
 
 class HookDispatcher:
@@ -60,14 +72,11 @@ class HookDispatcher:
         self._signatures: dict[str, tuple[str, ...]] = {}
 
     # --- resolution --------------------------------------------------------------------------
-    def _module_changed(self) -> Any:
-        module = self.trainer.lightning_module
-        if module is not self._module:
-            self._module = module
-            self._module_fns.clear()
-            self._overridden.clear()
-            self._signatures.clear()
-        return module
+    def _module_changed(self) -> None:
+        self._module = self.trainer.lightning_module
+        self._module_fns.clear()
+        self._overridden.clear()
+        self._signatures.clear()
 
     def _active_callbacks(self, name: str) -> tuple[Any, ...]:
         """The bound ``name`` methods of the callbacks that do something for this event."""
@@ -81,40 +90,30 @@ class HookDispatcher:
                 getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
         return fns
 
-    def _module_fn(self, name: str) -> Any:
-        """The module's bound ``name`` method, or None when it does nothing."""
+    def _per_module(self, table: dict[str, Any], name: str,
+                    resolve: Callable[[Any, str], Any]) -> Any:
+        """``table[name]``, resolved with ``resolve(module, name)`` once per module."""
         module = self.trainer.lightning_module
         if module is not self._module:
             self._module_changed()
         try:
-            return self._module_fns[name]
+            return table[name]
         except KeyError:
-            fn = None if does_nothing(module, name) else getattr(module, name, None)
-            self._module_fns[name] = fn
-            return fn
+            value = table[name] = resolve(module, name)
+            return value
+
+    def _module_fn(self, name: str) -> Any:
+        """The module's bound ``name`` method, or None when it does nothing."""
+        return self._per_module(self._module_fns, name, _bound_unless_empty)
 
     def overridden(self, name: str) -> bool:
         """``is_overridden(name, module, LightningModule)``, resolved once per module."""
-        module = self.trainer.lightning_module
-        if module is not self._module:
-            self._module_changed()
-        try:
-            return self._overridden[name]
-        except KeyError:
-            from ray_lit.core.module import LightningModule
-
-            found = self._overridden[name] = is_overridden(name, module, LightningModule)
-            return found
+        return self._per_module(self._overridden, name, _overrides_base)
 
     def parameter_names(self, name: str) -> tuple[str, ...]:
         """The positional parameter names of the module's ``name`` method (bound: no self)."""
-        module = self.trainer.lightning_module
-        if module is not self._module:
-            self._module_changed()
-        names = self._signatures.get(name)
-        if names is None:
-            names = self._signatures[name] = _signature_of(getattr(module, name))[0]
-        return names
+        return self._per_module(self._signatures, name,
+                                lambda module, n: _signature_of(getattr(module, n))[0])
 
     # --- calling -------------------------------------------------------------------------------
     def _with_fx(self, name: str, fn: Any, *args: Any) -> Any:

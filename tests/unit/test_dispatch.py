@@ -52,6 +52,22 @@ def test_an_override_or_an_instance_attribute_does_something() -> None:
     assert not does_nothing(patched, "empty")
 
 
+def test_a_hook_served_by_getattr_is_called() -> None:
+    class Delegating:  # a wrapper that forwards every hook to another callback
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    class Inner(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            print("started")
+
+    assert not does_nothing(Delegating(Inner()), "on_train_start")
+    assert does_nothing(Delegating(object()), "on_train_start")
+
+
 def test_the_base_hooks_of_callbacks_and_modules_do_nothing() -> None:
     assert does_nothing(pl.Callback(), "on_train_batch_start")
     assert does_nothing(pl.Callback(), "on_before_zero_grad")
