@@ -544,6 +544,7 @@ class Controller:
         for status in statuses:
             if status["events"]:
                 replay(status["events"], self.sink)
+            self._receive(status["checkpoints"])  # a part handed over now is not lost
         return [s.get("global_step", 0) for s in statuses]
 
     # --- outcome --------------------------------------------------------------------------------

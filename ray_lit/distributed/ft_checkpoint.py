@@ -52,6 +52,7 @@ class CheckpointWriter:
         self._last_name: str | None = None
         self._snapshot = HostSnapshot()
         self._prepared = False
+        self._announced = False  # the attempt's first step was reported to the driver
         self.overlap_copy = True  # off after a torn copy (a parameter changed outside step)
         self.stall_s: list[float] = []
 
@@ -84,6 +85,9 @@ class CheckpointWriter:
         step = trainer.global_step
         if getattr(self._worker, "aborting", False):
             raise AttemptAborted("the driver is re-forming the worker group")
+        if not self._announced and self._worker is not None:
+            self._announced = True
+            self._worker.wake()  # an attempt's first step is news: a recovery is over
         if not self._prepared and step >= 1:
             self._prepare(trainer)
         stop_at = getattr(self._worker, "stop_at_step", None)

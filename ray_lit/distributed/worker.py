@@ -217,7 +217,8 @@ class Worker:
     def post(self, item: tuple) -> None:
         """Hand ``item`` (a written checkpoint part, a snapshot part) to the driver with the
         next poll, and end a poll that is waiting (loop and writer threads call this)."""
-        self.outbox.append(item)
+        with self._lock:  # never onto a list a poll already handed over
+            self.outbox.append(item)
         self._news.set()
 
     def wake(self) -> None:
@@ -241,7 +242,8 @@ class Worker:
         steps = trainer._progress.total_batch_idx if trainer is not None else -1
         if steps != self._steps:
             self._steps, self._last_progress = steps, time.monotonic()
-        outbox, self.outbox = self.outbox, []
+        with self._lock:
+            outbox, self.outbox = self.outbox, []
         out = {"state": self._state, "events": events, "checkpoints": outbox,
                "idle_s": time.monotonic() - self._last_progress,
                "global_step": trainer.global_step if trainer is not None else 0,
@@ -325,6 +327,7 @@ class Worker:
         self.outbox, self.stop_at_step, self._first_steps = [], None, None
         self._sigterm = False
         self.aborting = False
+        self._news.clear()  # the ended loop's news was for the attempt that is over
 
 
 def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any:

@@ -259,8 +259,9 @@ class WorkerGroup:
         whole group's status as soon as one rank has something to say.
         """
         refs = self.poll(wait_s)
+        start = time.monotonic()
+        deadline = start + wait_s + timeout_s  # one deadline for the whole group
         if wait_s > 0 and len(refs) > 1:
-            start = time.monotonic()
             ready, pending = ray.wait(refs, num_returns=1, timeout=wait_s + timeout_s)
             if ready and pending and time.monotonic() - start < 0.8 * wait_s:
                 for ref, worker in zip(refs, self.workers):
@@ -269,7 +270,7 @@ class WorkerGroup:
         out: list[dict[str, Any] | WorkerGone] = []
         for ref in refs:
             try:
-                out.append(ray.get(ref, timeout=timeout_s + wait_s))
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except RayActorError as err:
                 out.append(WorkerGone("actor_died", str(err)))
             except GetTimeoutError:

@@ -9,9 +9,10 @@ Most hooks of a run are the base classes' empty bodies, and the loop calls about
 batch. The dispatcher resolves each event once into the callables that do something (an
 override, or a base implementation with a body) and skips the rest, so an unused hook costs a
 dict lookup per batch instead of a call, a ``getattr`` per callback and two attribute writes.
-The resolution is kept while ``trainer.callbacks`` and ``trainer.lightning_module`` stay the same
-objects (a callback added or removed, or another module, resolves again); a new dispatcher is
-made for each stage (``fit``, ``validate``, ``test``).
+The resolution is kept while ``trainer.callbacks`` holds the same callbacks in the same order and
+``trainer.lightning_module`` is the same module (a callback added, removed or replaced, or another
+module, resolves again); a new dispatcher is made for each stage (``fit``, ``validate``,
+``test``), so a hook assigned on an instance in the middle of a stage counts from the next one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dis
 from collections.abc import Callable
 from functools import cache
-from types import CodeType
+from types import CodeType, FunctionType
 from typing import Any
 
 from ray_lit.core.hooks import _signature_of, call_adapted, is_overridden
@@ -39,13 +40,16 @@ def does_nothing(obj: Any, name: str) -> bool:
     """Whether calling ``obj.<name>(...)`` can have no effect and returns None: the method is
     missing, or its class's function has an empty body and the instance does not replace it
     (a method served by ``__getattr__``, as a delegating wrapper does, is always called)."""
-    if name in getattr(obj, "__dict__", ()):
-        return False
+    own = getattr(obj, "__dict__", {})
+    if name in own:
+        return own[name] is None  # assigned on the instance: called unless it is None
     impl = getattr(type(obj), name, None)
     if impl is None:
         return getattr(obj, name, None) is None
-    code = getattr(impl, "__code__", None)
-    return code is not None and _is_empty_code(code)
+    fn = getattr(impl, "__func__", impl)  # a classmethod's function
+    # only plain Python functions are judged by their code; anything else (a compiled
+    # function, a partial, a callable object) is called
+    return isinstance(fn, FunctionType) and _is_empty_code(fn.__code__)
 
 
 def _bound_unless_empty(obj: Any, name: str) -> Any:
@@ -63,8 +67,7 @@ class HookDispatcher:
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
-        self._callback_list: Any = None
-        self._callback_count = -1
+        self._callbacks: tuple[Any, ...] = ()
         self._callback_fns: dict[str, tuple[Any, ...]] = {}
         self._module: Any = None
         self._module_fns: dict[str, Any] = {}
@@ -80,9 +83,9 @@ class HookDispatcher:
 
     def _active_callbacks(self, name: str) -> tuple[Any, ...]:
         """The bound ``name`` methods of the callbacks that do something for this event."""
-        callbacks = self.trainer.callbacks
-        if callbacks is not self._callback_list or len(callbacks) != self._callback_count:
-            self._callback_list, self._callback_count = callbacks, len(callbacks)
+        callbacks = tuple(self.trainer.callbacks)
+        if callbacks != self._callbacks:  # added, removed, replaced or reordered
+            self._callbacks = callbacks
             self._callback_fns.clear()
         fns = self._callback_fns.get(name)
         if fns is None:

@@ -372,3 +372,20 @@ def test_a_node_a_probe_missed_once_is_asked_again_and_the_group_grows_back(tmp_
     controller.run()
     assert trainer.world_size_history == [2, 1, 2]
     assert groups.created[2] == {"num_workers": 2, "kept": 1, "fill": [1]}
+
+
+def test_a_part_confirmed_while_the_stop_step_is_chosen_is_committed(tmp_path) -> None:
+    """The poll that reads the ranks' steps for a planned stop also hands over checkpoint
+    parts: they are confirmed like any other poll's, not dropped."""
+    from ray_lit.checkpoint.manager import CheckpointManager, checkpoint_name
+
+    name = checkpoint_name(6, 0, "")
+    groups = FakeWorkerGroups([
+        ScriptedAttempt(steps=10, sigterm=(1, 3),
+                        confirmations={4: [_part(tmp_path, name, 0), _part(tmp_path, name, 1)]}),
+        ScriptedAttempt()])
+    manager = CheckpointManager(str(tmp_path / "run"))
+    controller_for(_trainer(max_failures=0), groups, manager=manager).run()
+    assert groups.groups[0].stop_at == 6  # chosen from the poll at step 4
+    assert [c.global_step for c in manager.committed()] == [6]
+    assert groups.groups[1].job["restore"]["rank0"].endswith(f"{name}/rank_0.pt")

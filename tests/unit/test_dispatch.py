@@ -50,6 +50,33 @@ def test_an_override_or_an_instance_attribute_does_something() -> None:
     patched = _Base()
     patched.empty = lambda: None  # assigned on the instance: always called
     assert not does_nothing(patched, "empty")
+    patched.works = None  # ... unless it is None
+    assert does_nothing(patched, "works")
+
+
+def test_static_and_class_methods_are_judged_by_their_function() -> None:
+    class Methods:
+        @staticmethod
+        def static_empty() -> None: ...
+
+        @classmethod
+        def class_empty(cls) -> None: ...
+
+        @classmethod
+        def class_works(cls) -> int:
+            return 1
+
+    assert does_nothing(Methods(), "static_empty") and does_nothing(Methods(), "class_empty")
+    assert not does_nothing(Methods(), "class_works")
+
+
+def test_a_callable_that_is_no_plain_function_is_always_called() -> None:
+    import functools
+
+    class Partial:
+        hook = functools.partialmethod(lambda self, x: None, 1)
+
+    assert not does_nothing(Partial(), "hook")
 
 
 def test_a_hook_served_by_getattr_is_called() -> None:
@@ -133,6 +160,25 @@ def test_a_callback_added_during_the_fit_is_called_from_then_on() -> None:
 
     trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[Adder()], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(DeterministicModel())
+    assert batches == [2, 3]
+
+
+def test_a_callback_replaced_during_the_fit_is_called_from_then_on() -> None:
+    batches: list[int] = []
+
+    class Late(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            batches.append(batch_idx)
+
+    class Replaced(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                trainer.callbacks[0] = Late()  # same list, same length
+
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[Replaced()],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(DeterministicModel())
     assert batches == [2, 3]
