@@ -60,7 +60,7 @@ class Controller:
 
     def __init__(self, *, trainer: Any, payload_ref: Any, job: dict[str, Any],
                  group_options: dict[str, Any], sink: Any, manager: Any = None,
-                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.05,
+                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.1,
                  poll_wait_s: float = 0.5,
                  create_group: Any = None, cluster: Any = None) -> None:
         """``create_group`` (``WorkerGroup.create``) and ``cluster`` (``ClusterView()``) are
@@ -68,7 +68,8 @@ class Controller:
 
         ``poll_wait_s`` is the longest a supervision poll waits for news from the workers (a
         finished or failed loop, a written checkpoint part, a SIGTERM end it at once; a dead
-        actor's error too); ``poll_interval_s`` the least time between two polls.
+        actor's error too); ``poll_interval_s`` the least time between two polls (news as
+        often as every step, snapshot parts say, still makes no more than 10 polls a second).
         """
         self.create_group = create_group or WorkerGroup.create
         self.cluster = cluster or ClusterView()
