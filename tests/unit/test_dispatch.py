@@ -105,6 +105,13 @@ def test_the_base_hooks_of_callbacks_and_modules_do_nothing() -> None:
     assert not does_nothing(module, "training_step")
 
 
+def _quiet_trainer(callbacks: list[Any]) -> pl.Trainer:
+    """One epoch of 4 batches, no validation, nothing but the given callbacks."""
+    return pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+
+
 def _fit_recording_dispatch(monkeypatch: pytest.MonkeyPatch, module: Any,
                             callbacks: list[Any]) -> list[str]:
     called: list[str] = []
@@ -115,10 +122,7 @@ def _fit_recording_dispatch(monkeypatch: pytest.MonkeyPatch, module: Any,
         return original(self, name, fn, *args)
 
     monkeypatch.setattr(HookDispatcher, "_with_fx", spy)
-    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=callbacks, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(module)
+    _quiet_trainer(callbacks).fit(module)
     return called
 
 
@@ -146,39 +150,20 @@ def test_overrides_are_called_with_their_hook_name(monkeypatch: pytest.MonkeyPat
     assert seen[:2] == [("callback", "on_train_batch_start"), ("module", "on_after_backward")]
 
 
-def test_a_callback_added_during_the_fit_is_called_from_then_on() -> None:
+@pytest.mark.parametrize("change", ["append", "replace"])
+def test_a_callback_added_or_replaced_during_the_fit_is_called_from_then_on(change: str) -> None:
     batches: list[int] = []
 
     class Late(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             batches.append(batch_idx)
 
-    class Adder(pl.Callback):
+    class Changer(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 1:
+            if batch_idx == 1 and change == "append":
                 trainer.callbacks.append(Late())
-
-    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[Adder()], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(DeterministicModel())
-    assert batches == [2, 3]
-
-
-def test_a_callback_replaced_during_the_fit_is_called_from_then_on() -> None:
-    batches: list[int] = []
-
-    class Late(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            batches.append(batch_idx)
-
-    class Replaced(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 1:
+            elif batch_idx == 1:
                 trainer.callbacks[0] = Late()  # same list, same length
 
-    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, callbacks=[Replaced()],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    trainer.fit(DeterministicModel())
+    _quiet_trainer([Changer()]).fit(DeterministicModel())
     assert batches == [2, 3]
