@@ -86,6 +86,7 @@ class Controller:
         self.failures = 0
         self.recovery_times: list[float] = []
         self._preempt = threading.Event()
+        self._interrupted = threading.Event()  # a Ctrl-C arrived: raised again if swallowed
         self._failed_at: float | None = None
         self.scaling = scaling_policy(trainer.config.num_workers)
         self.elastic = isinstance(self.scaling, ElasticScaling)
@@ -324,6 +325,8 @@ class Controller:
         while True:
             failures: list[AttemptOutcome] = []
             sigterm_ranks: list[int] = []
+            if self._interrupted.is_set():
+                raise KeyboardInterrupt  # the first one was swallowed on its way up
             polled_at = time.monotonic()
             for rank, status in enumerate(self._poll_all(group, wait_s=self.poll_wait_s)):
                 if isinstance(status, AttemptOutcome):
@@ -563,22 +566,33 @@ class Controller:
             f"Training failed: {decision.reason}", rank=error.world_rank,
             node=f"{error.node_ip} ({error.node_id})", original_traceback=error.traceback)
 
-    # --- preemption -----------------------------------------------------------------------------
+    # --- signals --------------------------------------------------------------------------------
     def _sigterm_requests_checkpoint(self) -> Any:
+        """While attempts run on the main thread: a SIGTERM asks for a checkpoint-and-stop,
+        and a Ctrl-C (SIGINT with Python's default handler) is remembered as well as raised,
+        so the supervision loop raises it again should the first ``KeyboardInterrupt`` land
+        in code that swallows it (a Ctrl-C never leaves the group training)."""
         controller = self
 
-        class _Handler:
+        def on_sigint(signum: int, frame: Any) -> None:
+            controller._interrupted.set()
+            raise KeyboardInterrupt
+
+        class _Handlers:
             def __enter__(self) -> None:
-                self.previous = None
-                if threading.current_thread() is threading.main_thread():
-                    self.previous = signal.signal(signal.SIGTERM,
-                                                  lambda *_: controller._preempt.set())
+                self.previous: dict[int, Any] = {}
+                if threading.current_thread() is not threading.main_thread():
+                    return
+                self.previous[signal.SIGTERM] = signal.signal(
+                    signal.SIGTERM, lambda *_: controller._preempt.set())
+                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                    self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
 
             def __exit__(self, *exc: Any) -> None:
-                if self.previous is not None:
-                    signal.signal(signal.SIGTERM, self.previous)
+                for signum, previous in self.previous.items():
+                    signal.signal(signum, previous)
 
-        return _Handler()
+        return _Handlers()
 
 
 def _is_raise(decision: Any) -> bool:

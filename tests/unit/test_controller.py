@@ -389,3 +389,21 @@ def test_a_part_confirmed_while_the_stop_step_is_chosen_is_committed(tmp_path) -
     assert groups.groups[0].stop_at == 6  # chosen from the poll at step 4
     assert [c.global_step for c in manager.committed()] == [6]
     assert groups.groups[1].job["restore"]["rank0"].endswith(f"{name}/rank_0.pt")
+
+
+def test_a_ctrl_c_swallowed_on_its_way_up_is_raised_again() -> None:
+    """A Ctrl-C whose KeyboardInterrupt lands in code that swallows it still ends the run:
+    the controller remembers it and raises it from its supervision loop."""
+    import signal
+
+    def swallowed_ctrl_c() -> None:
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass  # e.g. caught by a library's broad handler
+
+    groups = FakeWorkerGroups([ScriptedAttempt(steps=10, at_step={3: swallowed_ctrl_c})])
+    with pytest.raises(KeyboardInterrupt):
+        controller_for(_trainer(), groups).run()
+    assert groups.groups[0].step == 3  # not one more step after the Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
