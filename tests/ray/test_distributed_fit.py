@@ -270,7 +270,7 @@ class Slow(Linear):
         return super().training_step(batch, batch_idx)
 
 
-def test_ctrl_c_on_the_driver_releases_the_group(ray_cluster, tmp_path):
+def test_ctrl_c_on_the_driver_releases_the_group(ray_cluster, tmp_path, default_sigint):
     import _thread
     import threading
 

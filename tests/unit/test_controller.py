@@ -391,7 +391,7 @@ def test_a_part_confirmed_while_the_stop_step_is_chosen_is_committed(tmp_path) -
     assert groups.groups[1].job["restore"]["rank0"].endswith(f"{name}/rank_0.pt")
 
 
-def test_a_ctrl_c_swallowed_on_its_way_up_is_raised_again() -> None:
+def test_a_ctrl_c_swallowed_on_its_way_up_is_raised_again(default_sigint) -> None:
     """A Ctrl-C whose KeyboardInterrupt lands in code that swallows it still ends the run:
     the controller remembers it and raises it from its supervision loop."""
     import signal
