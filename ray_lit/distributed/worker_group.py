@@ -262,7 +262,7 @@ class WorkerGroup:
         start = time.monotonic()
         deadline = start + wait_s + timeout_s  # one deadline for the whole group
         if wait_s > 0 and len(refs) > 1:
-            ready, pending = ray.wait(refs, num_returns=1, timeout=wait_s + timeout_s)
+            ready, pending = ray.wait(refs, num_returns=1, timeout=deadline - start)
             if ready and pending and time.monotonic() - start < 0.8 * wait_s:
                 for ref, worker in zip(refs, self.workers):
                     if ref in pending:

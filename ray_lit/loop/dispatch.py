@@ -52,6 +52,11 @@ def does_nothing(obj: Any, name: str) -> bool:
     return isinstance(fn, FunctionType) and _is_empty_code(fn.__code__)
 
 
+def _doing(callbacks: Any, name: str) -> tuple[Any, ...]:
+    """The bound ``name`` methods of the ``callbacks`` that do something for this event."""
+    return tuple(getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
+
+
 def _bound_unless_empty(obj: Any, name: str) -> Any:
     return None if does_nothing(obj, name) else getattr(obj, name, None)
 
@@ -82,15 +87,14 @@ class HookDispatcher:
         self._signatures.clear()
 
     def _active_callbacks(self, name: str) -> tuple[Any, ...]:
-        """The bound ``name`` methods of the callbacks that do something for this event."""
+        """``_doing(trainer.callbacks, name)``, resolved once while the callbacks stay."""
         callbacks = tuple(self.trainer.callbacks)
         if callbacks != self._callbacks:  # added, removed, replaced or reordered
             self._callbacks = callbacks
             self._callback_fns.clear()
         fns = self._callback_fns.get(name)
         if fns is None:
-            fns = self._callback_fns[name] = tuple(
-                getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
+            fns = self._callback_fns[name] = _doing(callbacks, name)
         return fns
 
     def _per_module(self, table: dict[str, Any], name: str,
@@ -129,10 +133,7 @@ class HookDispatcher:
             module.__dict__["_current_fx_name"] = previous
 
     def callbacks(self, name: str, *args: Any, callbacks: Any = None) -> None:
-        if callbacks is None:
-            fns = self._active_callbacks(name)
-        else:
-            fns = tuple(getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
+        fns = self._active_callbacks(name) if callbacks is None else _doing(callbacks, name)
         if fns:
             trainer = self.trainer
             for fn in fns:
