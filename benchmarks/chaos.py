@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ray_lit
 import ray_lit as pl
-from ray_lit.checkpoint.io import load_checkpoint
+from ray_lit.storage.checkpoint_io import load_checkpoint
 from ray_lit.checkpoint.manager import CheckpointManager
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -94,7 +94,7 @@ class BigModule(ray_lit.LightningModule):
 
     def _sync_baseline(self) -> dict[str, Any]:
         """The same state saved synchronously, as a loop without a writer thread would."""
-        from ray_lit.checkpoint.io import save_checkpoint
+        from ray_lit.storage.checkpoint_io import save_checkpoint
         from ray_lit.loop.checkpoint_state import dump_checkpoint
 
         plain, ray_lit_save, sizes = [], [], []

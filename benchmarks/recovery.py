@@ -137,8 +137,8 @@ class _Tee:
 
 def _instrument(phases: list[tuple[str, float, float]]) -> None:
     """Time the driver-side steps of an attempt (wrappers in this process only)."""
-    from ray_lit.distributed.controller import Controller
-    from ray_lit.distributed.worker_group import WorkerGroup
+    from ray_lit.driver.controller import Controller
+    from ray_lit.driver.worker_group import WorkerGroup
 
     time_calls(phases, Controller, "_root_cause", "root_cause (decide which rank failed)")
     time_calls(phases, WorkerGroup, "shutdown", "old group shutdown")
@@ -192,7 +192,7 @@ def measure(kill_step: int, every: int, kill_rank: int, max_epochs: int,
     import cloudpickle
     import ray
 
-    from ray_lit.distributed.controller import Controller
+    from ray_lit.driver.controller import Controller
 
     Controller.keep_survivors = not fresh
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

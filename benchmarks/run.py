@@ -85,8 +85,8 @@ def child_raw_ddp_in_ray(w: Workload, out: str) -> dict[str, Any]:
 
 def _time_driver_phases(phases: list[tuple[str, float, float]]) -> None:
     """Wrap ray_lit's driver-side start-up steps with timers (in this process only)."""
-    from ray_lit.distributed import launcher
-    from ray_lit.distributed.worker_group import WorkerGroup
+    from ray_lit.driver import launch as launcher
+    from ray_lit.driver.worker_group import WorkerGroup
 
     wrap = functools.partial(time_calls, phases)
     wrap(launcher, "_ship", "ship (pickle + ray.put)")

@@ -112,8 +112,8 @@ def warm_imports() -> None:
     import torch._dynamo  # noqa: F401
     import torch.nn.parallel  # noqa: F401
 
-    import ray_lit.distributed.worker  # noqa: F401
-    import ray_lit.distributed.worker_host  # noqa: F401
+    import ray_lit.worker.actor  # noqa: F401
+    import ray_lit.worker.host  # noqa: F401
     import ray_lit.loop.stages  # noqa: F401
 
 

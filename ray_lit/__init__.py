@@ -2,11 +2,11 @@
 
 The one path every run takes::
 
-    Trainer.fit / ray_lit.fit                       (driver, the user's process)
+    Trainer.fit / ray_lit.fit                       (ray_lit/driver/: the user's process)
       │ validate module + options (fail fast, before any worker starts)
       │ ship module + dataloaders once (cloudpickle -> object store)
       ▼
-    controller ── placement group ──▶ worker actor x N (rank r of N: one DDP replica)
+    controller ── placement group ──▶ worker actor x N (ray_lit/worker/: one DDP replica each)
       │  ◀── metric / progress events (batched) ──  the loop: module hooks in order,
       │  loggers + progress bar + history            per-rank sampler, DDP, accumulation
       │  ◀── "checkpoint written" ─────────────────  rank 0 writes model parts
@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ray_lit._version import __version__ as __version__
 
 _PUBLIC = {
     "LightningModule": "ray_lit.core.module",
@@ -39,8 +39,8 @@ _PUBLIC = {
     "TrainingFailedError": "ray_lit.errors",
     "Callback": "ray_lit.callbacks.base",
 }
-_SUBMODULES = {"callbacks", "loggers", "metrics", "tune", "core", "loop", "distributed",
-               "checkpoint", "testing", "errors", "trainer"}
+_SUBMODULES = {"callbacks", "loggers", "metrics", "tune", "core", "loop", "driver", "worker",
+               "storage", "checkpoint", "testing", "errors", "trainer"}
 
 __all__ = sorted([*_PUBLIC, "callbacks", "loggers", "metrics", "__version__"])
 

@@ -274,14 +274,3 @@ def _check_accumulation(value: Any) -> None:
         raise TypeError(f"accumulate_grad_batches={value!r} must be an int or {{epoch: k}}.")
     if value < 1:
         raise MisconfigurationException(f"accumulate_grad_batches={value} must be >= 1.")
-
-
-def accumulation_for_epoch(value: int | dict, epoch: int) -> int:
-    """The accumulation factor in force at ``epoch`` (0.9 schedule: from that epoch on)."""
-    if isinstance(value, int):
-        return value
-    current = 1
-    for start in sorted(value):
-        if epoch >= start:
-            current = value[start]
-    return current

@@ -1,7 +1,7 @@
 """Test doubles: a fake worker group with scripted failures and a fake cluster, so the
 controller (attempts, failure handling, departures, elastic sizing) is unit-tested without Ray.
 
-    from ray_lit.distributed.controller import Controller
+    from ray_lit.driver.controller import Controller
     from ray_lit.testing import FakeCluster, FakeWorkerGroups, ScriptedAttempt, controller_for
 
     groups = FakeWorkerGroups([ScriptedAttempt(die=(1, 2)), ScriptedAttempt()])
@@ -22,7 +22,7 @@ from typing import Any
 
 import cloudpickle
 
-from ray_lit.distributed.worker_group import WorkerGone
+from ray_lit.driver.worker_group import WorkerGone
 
 __all__ = ["FakeCluster", "FakeWorkerGroup", "FakeWorkerGroups", "PrintLog", "ScriptedAttempt",
            "controller_for"]
@@ -286,8 +286,8 @@ def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster 
                    stage: str = "fit", hang_timeout_s: float | None = None,
                    manager: Any = None) -> Any:
     """A ``Controller`` for ``trainer`` that runs on fakes, polling without sleeping."""
-    from ray_lit.distributed.controller import Controller
-    from ray_lit.distributed.placement import resolve_worker_resources
+    from ray_lit.driver.controller import Controller
+    from ray_lit.driver.placement import resolve_worker_resources
 
     config = trainer.config
     workers = config.num_workers

@@ -2,7 +2,7 @@
 
 ``Trainer(**options)`` validates its options once. ``fit`` / ``validate`` / ``test`` run the loop
 in this process for ``num_workers=0`` and on a Ray worker group otherwise
-(``ray_lit.distributed.launcher``); either way the Trainer afterwards holds the run's state as a
+(``ray_lit.driver.launch``); either way the Trainer afterwards holds the run's state as a
 single-process Lightning user expects (metrics, epoch, step, checkpoint paths).
 """
 
@@ -19,9 +19,10 @@ from ray_lit.config import TrainerConfig
 from ray_lit.core.datamodule import LightningDataModule
 from ray_lit.core.hooks import is_overridden
 from ray_lit.core.module import LightningModule
+from ray_lit.driver.reporting import DriverSink
 from ray_lit.errors import MisconfigurationException
 from ray_lit.loop.host import LocalHost
-from ray_lit.loop.reporting import DriverSink, NullSink
+from ray_lit.loop.reporting import NullSink
 from ray_lit.loop.trainer_state import LoopState
 
 
@@ -253,7 +254,7 @@ class Trainer(LoopState):
         ckpt_path = ckpt_path or self.config.resume_from_checkpoint
         self.should_stop = False
         if self.config.distributed:
-            from ray_lit.distributed.launcher import launch_fit
+            from ray_lit.driver.launch import launch_fit
 
             launch_fit(self, model, train_dataloader, val_dataloaders, datamodule, ckpt_path)
             return 1
@@ -272,7 +273,7 @@ class Trainer(LoopState):
         path = self._resolve_ckpt_path(ckpt_path)
         if path is None:
             return None
-        from ray_lit.checkpoint.io import load_checkpoint
+        from ray_lit.storage.checkpoint_io import load_checkpoint
 
         return load_checkpoint(path, map_location="cpu")
 
@@ -326,19 +327,19 @@ class Trainer(LoopState):
             if ckpt_path is not None:
                 path = self._resolve_ckpt_path(ckpt_path)
                 if path is not None:
-                    from ray_lit.checkpoint.io import load_checkpoint
+                    from ray_lit.storage.checkpoint_io import load_checkpoint
 
                     weights = load_checkpoint(path, map_location="cpu")
                     self.tested_ckpt_path = path
         elif ckpt_path not in (None, "best"):
-            from ray_lit.checkpoint.io import load_checkpoint
+            from ray_lit.storage.checkpoint_io import load_checkpoint
 
             weights = load_checkpoint(self._resolve_ckpt_path(ckpt_path), map_location="cpu")
             self.tested_ckpt_path = ckpt_path
         self._check_module(model, stage)
         datamodule = datamodule if datamodule is not None else self.datamodule
         if self.config.distributed:
-            from ray_lit.distributed.launcher import launch_evaluation
+            from ray_lit.driver.launch import launch_evaluation
 
             results = launch_evaluation(self, stage, model, loaders, datamodule, weights)
         else:
@@ -359,7 +360,7 @@ class Trainer(LoopState):
 
         checkpoint = dump_checkpoint(self, weights_only)
         if self.is_global_zero:
-            from ray_lit.checkpoint.io import save_checkpoint
+            from ray_lit.storage.checkpoint_io import save_checkpoint
 
             save_checkpoint(checkpoint, os.fspath(filepath))
 

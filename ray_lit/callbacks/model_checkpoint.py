@@ -277,7 +277,7 @@ class ModelCheckpoint(Callback):
 
     @staticmethod
     def _exists(path: str) -> bool:
-        from ray_lit.checkpoint.storage import Storage, split
+        from ray_lit.storage.filesystem import Storage, split
 
         parent, name = split(path)
         return Storage(parent).exists(name)
@@ -285,7 +285,7 @@ class ModelCheckpoint(Callback):
     def _remove(self, trainer: Any, path: str) -> None:
         if not trainer.is_global_zero or path == self.last_model_path:
             return
-        from ray_lit.checkpoint.storage import Storage, split
+        from ray_lit.storage.filesystem import Storage, split
 
         parent, name = split(path)
         Storage(parent).delete(name)

@@ -1,7 +1,7 @@
 """``ProgressBar``: the one progress display of a run, driven by the trainer on the driver.
 
 Unlike other callbacks it does not run inside the loop: the loop reports progress to an event
-sink, and the driver's ``DriverSink`` (``ray_lit.loop.reporting``) calls ``on_run_start``,
+sink, and the driver's ``DriverSink`` (``ray_lit.driver.reporting``) calls ``on_run_start``,
 ``start_stage``, ``update``, ``end_stage`` and ``on_run_end`` here, also for a distributed fit
 (rank 0's events are replayed on the driver). So there is exactly one bar, in the user's
 terminal.

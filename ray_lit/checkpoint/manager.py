@@ -1,14 +1,9 @@
-"""Fault-tolerance checkpoints of a run: layout, the commit protocol, "latest", retention.
+"""Fault-tolerance checkpoints of a run: the commit protocol, "latest", retention.
 
-Layout under ``storage_path/run_name/``::
-
-    checkpoints/step-0000000120/rank_0.pt      rank 0: model, optimizers, schedulers, loop state
-    checkpoints/step-0000000120/rank_1.pt      other ranks: their RNG, sampler and loop state
-    checkpoints/step-0000000120/manifest.json  written LAST, in one atomic write, by the driver
-
-A checkpoint exists only once its manifest does: the driver writes the manifest after every rank
-confirmed its part, so "latest" means latest committed, and a directory without a manifest is
-an interrupted write that is never read and is removed by ``clean``.
+A checkpoint exists only once its manifest does (names in ``checkpoint.layout``): the driver
+writes the manifest after every rank confirmed its part, so "latest" means latest committed,
+and a directory without a manifest is an interrupted write that is never read and is removed by
+``clean``.
 """
 
 from __future__ import annotations
@@ -18,20 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray_lit.checkpoint.storage import Storage
+from ray_lit.checkpoint import layout
+from ray_lit.checkpoint.layout import MANIFEST, checkpoint_name, part_name
+from ray_lit.storage.filesystem import Storage
 
-MANIFEST = "manifest.json"
-_PREFIX = "step-"
-
-
-def checkpoint_name(global_step: int, epoch: int, tag: str = "") -> str:
-    """Directory name of a checkpoint; sortable by step, then epoch."""
-    suffix = f"-{tag}" if tag else ""
-    return f"{_PREFIX}{global_step:010d}-e{epoch:05d}{suffix}"
-
-
-def part_name(world_rank: int) -> str:
-    return f"rank_{world_rank}.pt"
+__all__ = ["MANIFEST", "CheckpointManager", "CommittedCheckpoint", "checkpoint_name",
+           "part_name"]
 
 
 @dataclass(frozen=True)
@@ -67,10 +54,10 @@ class CheckpointManager:
         self.commits = 0
 
     def checkpoints_uri(self) -> str:
-        return f"{self.run_uri}/checkpoints"
+        return layout.checkpoints_uri(self.run_uri)
 
     def part_uri(self, name: str, world_rank: int) -> str:
-        return f"{self.checkpoints_uri()}/{name}/{part_name(world_rank)}"
+        return layout.part_uri(self.run_uri, name, world_rank)
 
     # --- commit ---------------------------------------------------------------------------------
     def confirm(self, name: str, world_rank: int, world_size: int, meta: dict[str, Any]) -> bool:
@@ -114,7 +101,7 @@ class CheckpointManager:
         """Every committed checkpoint, oldest first; unreadable manifests are skipped."""
         out = []
         for name in self.storage.listdir("checkpoints"):
-            if not name.startswith(_PREFIX):
+            if not name.startswith(layout.PREFIX):
                 continue
             rel = f"checkpoints/{name}/{MANIFEST}"
             if not self.storage.exists(rel):
@@ -146,7 +133,7 @@ class CheckpointManager:
         newest = committed[-1].name
         committed_names = {c.name for c in committed}
         for name in self.storage.listdir("checkpoints"):
-            if name.startswith(_PREFIX) and name not in committed_names and name < newest \
+            if name.startswith(layout.PREFIX) and name not in committed_names and name < newest \
                     and name not in self._pending:
                 self.storage.delete(f"checkpoints/{name}")
 
@@ -154,5 +141,5 @@ class CheckpointManager:
         """Remove every directory without a manifest (before a new attempt starts)."""
         committed_names = {c.name for c in self.committed()}
         for name in self.storage.listdir("checkpoints"):
-            if name.startswith(_PREFIX) and name not in committed_names:
+            if name.startswith(layout.PREFIX) and name not in committed_names:
                 self.storage.delete(f"checkpoints/{name}")

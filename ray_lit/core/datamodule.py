@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray_lit.loop.data import move_to_device
+from ray_lit.core.batch import move_to_device
 
 
 class LightningDataModule:

@@ -144,6 +144,6 @@ def _without_trainer(module: nn.Module) -> Iterator[None]:
 
 
 def _write(path: str, data: bytes) -> None:
-    from ray_lit.checkpoint.storage import write_file
+    from ray_lit.storage.filesystem import write_file
 
     write_file(path, data)

@@ -241,3 +241,14 @@ def _frame_args(frame: types.FrameType) -> dict[str, Any]:
     if info.keywords and isinstance(info.locals.get(info.keywords), dict):
         values.update(info.locals[info.keywords])
     return values
+
+
+def _allow_in_checkpoints() -> None:
+    """``m.hparams`` is an ``AttributeDict``: checkpoints that hold it load weights-only."""
+    from ray_lit.storage.checkpoint_io import CHECKPOINT_ALLOWLIST
+
+    if AttributeDict not in CHECKPOINT_ALLOWLIST:
+        CHECKPOINT_ALLOWLIST.append(AttributeDict)
+
+
+_allow_in_checkpoints()

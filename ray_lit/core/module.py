@@ -248,7 +248,7 @@ class LightningModule(nn.Module):
                                  dataloader_idx: int = 0) -> Any:
         """Move every tensor in ``batch`` (nested lists, tuples, dicts, namedtuples) to
         ``device``; objects with a ``.to`` method are moved too."""
-        from ray_lit.loop.data import move_to_device
+        from ray_lit.core.batch import move_to_device
 
         return move_to_device(batch, device)
 

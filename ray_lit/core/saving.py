@@ -3,7 +3,7 @@
 The constructor is called the way the hyperparameters reached it when the module was saved
 (``hparams_name``): one keyword argument each (``"kwargs"``), all of them through one named
 argument (``hparams=...``), or as the first positional argument (no name recorded). Then the
-weights are loaded. Nothing in the file is executed (``ray_lit.checkpoint.io``).
+weights are loaded. Nothing in the file is executed (``ray_lit.storage.checkpoint_io``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ray_lit.checkpoint.io import load_checkpoint
 from ray_lit.core.hparams import AttributeDict
 from ray_lit.errors import MisconfigurationException
+from ray_lit.storage.checkpoint_io import load_checkpoint
 
 # read in this order so the current key wins over the 0.7/0.8 ones
 HPARAMS_KEYS = ("module_arguments", "hparams", "hyper_parameters")
@@ -97,7 +97,7 @@ def load_hparams_from_yaml(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         MisconfigurationException: another extension, PyYAML missing, or not a mapping.
     """
-    from ray_lit.checkpoint.storage import read_file
+    from ray_lit.storage.filesystem import read_file
 
     name = os.fspath(path)
     if not name.split("?", 1)[0].lower().endswith((".yaml", ".yml")):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ray_lit import __version__
+from ray_lit._version import __version__
 from ray_lit.core.seed import rng_state, set_rng_state
 from ray_lit.errors import MisconfigurationException
 from ray_lit.loop.outputs import floats

@@ -4,36 +4,14 @@ batch reaches the module's device."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from ray_lit.core.batch import move_to_device  # noqa: F401  (loop code imports it from here)
 from ray_lit.errors import MisconfigurationException
-
-
-def move_to_device(batch: Any, device: torch.device | str) -> Any:
-    """Move every tensor in a nested batch (lists, tuples, namedtuples, dicts) to ``device``.
-
-    Objects with a ``.to(device)`` method (custom batch classes) are moved through it. CPU to
-    CUDA copies are non-blocking (pinned memory makes them asynchronous).
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()}) \
-            if type(batch) is not dict else {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    to = getattr(batch, "to", None)
-    if callable(to):
-        moved = to(device)
-        return batch if moved is None else moved
-    return batch
 
 
 def as_loader_list(loaders: Any) -> list[Any]:

@@ -3,7 +3,7 @@
 The loop calls the host wherever ranks must cooperate (model wrapping, gradient sync, stop
 decisions, sampler epochs, fault-tolerance checkpoints). ``LocalHost`` is the in-process host of
 ``num_workers=0``: world size 1, every collective a no-op. The Ray worker's host
-(``ray_lit.distributed.worker_host.WorkerHost``) implements the same methods with
+(``ray_lit.worker.host.WorkerHost``) implements the same methods with
 torch.distributed.
 """
 

@@ -261,3 +261,14 @@ def validate_precision(precision: Any, device_type: str) -> None:
     if precision in (16, "16", "16-mixed") and device_type == "cpu":
         warnings.warn("precision=16 on CPU autocasts to float16 without a GradScaler; "
                       "bf16 is usually the better choice on CPU.", stacklevel=3)
+
+
+def accumulation_for_epoch(value: int | dict, epoch: int) -> int:
+    """The accumulation factor in force at ``epoch`` (0.9 schedule: from that epoch on)."""
+    if isinstance(value, int):
+        return value
+    current = 1
+    for start in sorted(value):
+        if epoch >= start:
+            current = value[start]
+    return current

@@ -37,9 +37,16 @@ def attach(trainer: Any, module: LightningModule, datamodule: Any) -> None:
         datamodule.trainer = trainer
     trainer._hooks = HookDispatcher(trainer)
     trainer.callback_metrics.clear()  # each fit/validate/test starts without old metrics
+    trainer.callbacks = merge_configured_callbacks(trainer.callbacks, module)
+
+
+def merge_configured_callbacks(callbacks: list[Any], module: LightningModule) -> list[Any]:
+    """``callbacks`` with the module's ``configure_callbacks()`` applied: each one replaces
+    the callbacks of its type and goes last (Lightning's rule). Workers and the driver both
+    call this, so the driver's list names the same callbacks the workers ran."""
     for cb in module.configure_callbacks() or []:
-        # a callback from configure_callbacks replaces one of the same type
-        trainer.callbacks = [c for c in trainer.callbacks if type(c) is not type(cb)] + [cb]
+        callbacks = [c for c in callbacks if type(c) is not type(cb)] + [cb]
+    return list(callbacks)
 
 
 def prepare_and_setup(trainer: Any, stage: str) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ray_lit.config import accumulation_for_epoch
 from ray_lit.core.hooks import _signature_of
 from ray_lit.core.metric_store import MetricStore
+from ray_lit.loop.optimization import accumulation_for_epoch
 from ray_lit.loop.outputs import floats, to_float, training_output
 from ray_lit.loop.progress import Progress
 

@@ -64,7 +64,7 @@ def _report_to_tune(metrics: dict[str, float], uri: str) -> None:
     """Driver side (the trial's function): hand the checkpoint to Tune as a directory."""
     from ray import tune
 
-    from ray_lit.checkpoint.storage import Storage
+    from ray_lit.storage.filesystem import Storage
 
     head, name = uri.rsplit("/", 1)
     data = Storage(head).read_bytes(name)
@@ -80,7 +80,7 @@ def trial_resources(num_workers: Any, resources_per_worker: dict | None = None,
     """The placement group factory of one trial: the trial's driver plus its workers."""
     from ray.tune import PlacementGroupFactory
 
-    from ray_lit.distributed.placement import resolve_worker_resources
+    from ray_lit.driver.placement import resolve_worker_resources
 
     count = num_workers[1] if isinstance(num_workers, (tuple, list)) else int(num_workers or 0)
     if count == 0:
@@ -180,7 +180,7 @@ def sweep(build: Callable[[dict], Any], param_space: dict[str, Any], *, metric: 
     """``tune.Tuner(trainable(...), ...).fit()`` in one call; returns the ``ResultGrid``."""
     from ray import tune
 
-    from ray_lit.distributed.launcher import ensure_ray
+    from ray_lit.driver.launch import ensure_ray
 
     ensure_ray()
     tuner = tune.Tuner(

@@ -129,7 +129,7 @@ def test_ddp_equals_one_process_on_the_union_of_batches(ray_cluster, tmp_path):
     reference = Linear()
     ray_lit.fit(model, DataLoader(dataset, batch_size=8), **_options(tmp_path, max_epochs=2))
     # one process stepping on the union of both ranks' batches (same sampler order)
-    from ray_lit.distributed.sampler import ResumableDistributedSampler
+    from ray_lit.loop.sampler import ResumableDistributedSampler
 
     opt = torch.optim.SGD(reference.parameters(), lr=0.05)
     for epoch in range(2):
@@ -292,7 +292,7 @@ def test_a_worker_builds_its_serialization_context_without_pyarrow(ray_cluster):
     import pyarrow
     import ray
 
-    from ray_lit.distributed.worker_group import _RemoteWorker
+    from ray_lit.driver.worker_group import _RemoteWorker
 
     worker = _RemoteWorker.options(num_cpus=0).remote()
     try:
@@ -314,7 +314,7 @@ def test_the_payload_is_read_from_shared_memory_without_a_heap_copy(ray_cluster)
     import numpy as np
     import ray
 
-    from ray_lit.distributed.launcher import _ship
+    from ray_lit.driver.launch import _ship
 
     data = torch.arange(1000.0)
     shipped = ray.get(_ship({"data": data}))
@@ -329,8 +329,8 @@ def test_one_ranks_news_ends_every_ranks_long_poll(ray_cluster):
 
     import ray
 
-    from ray_lit.distributed.ranks import WorkerRanks
-    from ray_lit.distributed.worker_group import WorkerGroup, WorkerInfo, _RemoteWorker
+    from ray_lit.driver.worker_group import WorkerGroup, WorkerInfo, _RemoteWorker
+    from ray_lit.worker.ranks import WorkerRanks
 
     actors = [_RemoteWorker.options(num_cpus=0, max_concurrency=2).remote() for _ in range(3)]
     try:

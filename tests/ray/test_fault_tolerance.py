@@ -101,7 +101,7 @@ def test_killed_rank_resumes_exactly(ray_cluster, tmp_path):
     assert committed and len(committed) <= 2
     for ckpt in committed:
         for rank in range(ckpt.world_size):
-            from ray_lit.checkpoint.io import load_checkpoint
+            from ray_lit.storage.checkpoint_io import load_checkpoint
 
             assert "loops" in load_checkpoint(ckpt.part_uri(rank))
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ray_lit.distributed.placement import (
+from ray_lit.driver.placement import (
     check_feasible,
     create_placement_group,
     remove_placement_group_quietly,

@@ -7,13 +7,13 @@ import sys
 import pytest
 from ray import cloudpickle  # Ray's own copy: the one that pickles remote classes
 
-from ray_lit.distributed.placement import (
+from ray_lit.driver.placement import (
     check_feasible,
     create_placement_group,
     remove_placement_group_quietly,
 )
-from ray_lit.distributed.ranks import assign_ranks
 from ray_lit.errors import MisconfigurationException
+from ray_lit.worker.ranks import assign_ranks
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

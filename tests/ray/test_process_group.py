@@ -8,8 +8,8 @@ import time
 import pytest
 from ray import cloudpickle  # Ray's own copy: the one that pickles remote classes
 
-from ray_lit.distributed.process_group import choose_backend, find_free_port, get_node_ip
 from ray_lit.errors import MisconfigurationException
+from ray_lit.worker.process_group import choose_backend, find_free_port, get_node_ip
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -28,7 +28,7 @@ class Member:
         import torch
         import torch.distributed as dist
 
-        from ray_lit.distributed.process_group import destroy_process_group, init_process_group
+        from ray_lit.worker.process_group import destroy_process_group, init_process_group
 
         init_process_group(backend="gloo", master_addr="127.0.0.1", master_port=port,
                            world_rank=rank, world_size=world_size, timeout_s=timeout_s,

@@ -77,7 +77,7 @@ def test_killed_rank_recovers_from_s3(s3_cluster, tmp_path):
     assert trainer.global_step == 6
     committed = CheckpointManager(f"{s3_cluster}/runs/s3run").committed()
     assert committed and committed[-1].global_step == 6
-    from ray_lit.checkpoint.io import load_checkpoint
+    from ray_lit.storage.checkpoint_io import load_checkpoint
 
     state = load_checkpoint(committed[-1].part_uri(0))
     for key, value in model.state_dict().items():

@@ -103,7 +103,7 @@ def test_format_checkpoint_name():
 
 
 def test_save_last(make_trainer, tmp_path):
-    from ray_lit.checkpoint.io import load_checkpoint
+    from ray_lit.storage.checkpoint_io import load_checkpoint
 
     trainer, ckpt, _, files = _run(make_trainer, tmp_path, save_top_k=1, save_last=True)
     assert files == sorted(["epoch=4.ckpt", "last.ckpt"])

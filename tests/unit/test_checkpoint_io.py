@@ -1,4 +1,4 @@
-"""``ray_lit.checkpoint.io``: atomic torch.save, weights-only load, and clear refusals."""
+"""``ray_lit.storage.checkpoint_io``: atomic torch.save, weights-only load, and clear refusals."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pickle
 import pytest
 import torch
 
-from ray_lit.checkpoint.io import (
+from ray_lit.core.hparams import AttributeDict
+from ray_lit.core.seed import rng_state
+from ray_lit.errors import MisconfigurationException
+from ray_lit.storage.checkpoint_io import (
     CHECKPOINT_ALLOWLIST,
     CheckpointLoadError,
     load_checkpoint,
     save_checkpoint,
 )
-from ray_lit.core.hparams import AttributeDict
-from ray_lit.core.seed import rng_state
-from ray_lit.errors import MisconfigurationException
 
 
 class _Marker:
@@ -129,7 +129,7 @@ def test_extending_the_allowlist(tmp_path, monkeypatch):
     save_checkpoint({"config": _Config(0.5)}, path)
     with pytest.raises(CheckpointLoadError, match="_Config"):
         load_checkpoint(path)
-    monkeypatch.setattr("ray_lit.checkpoint.io.CHECKPOINT_ALLOWLIST",
+    monkeypatch.setattr("ray_lit.storage.checkpoint_io.CHECKPOINT_ALLOWLIST",
                         [*CHECKPOINT_ALLOWLIST, _Config])
     assert load_checkpoint(path)["config"].lr == 0.5
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_lit.distributed.placement import check_feasible, resolve_worker_resources
+from ray_lit.driver.placement import check_feasible, resolve_worker_resources
 from ray_lit.errors import MisconfigurationException
 
 ROOT = Path(__file__).resolve().parents[2]

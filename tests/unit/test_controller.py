@@ -246,7 +246,7 @@ def test_an_incomplete_leftover_checkpoint_is_never_committed(tmp_path):
 
 
 def test_a_surviving_worker_hands_over_the_part_it_finished_while_leaving() -> None:
-    from ray_lit.distributed.worker import Worker
+    from ray_lit.worker.actor import Worker
 
     class SlowWriter:
         def wait(self) -> None:  # the write in flight completes and confirms

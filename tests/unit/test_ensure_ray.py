@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import ray
 
-from ray_lit.distributed.launcher import ensure_ray
+from ray_lit.driver.launch import ensure_ray
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import ray_lit as pl
-from ray_lit.checkpoint.io import load_checkpoint, save_checkpoint
 from ray_lit.core.hparams import AttributeDict, clean_hparams_for_fit
 from ray_lit.errors import MisconfigurationException
+from ray_lit.storage.checkpoint_io import load_checkpoint, save_checkpoint
 
 # --- AttributeDict -------------------------------------------------------------------------
 

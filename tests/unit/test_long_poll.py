@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ray_lit.distributed.worker import Worker
+from ray_lit.worker.actor import Worker
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ray_lit.distributed.pickling import ensure_picklable, find_unpicklable
+from ray_lit.driver.pickling import ensure_picklable, find_unpicklable
 from ray_lit.errors import MisconfigurationException
 
 

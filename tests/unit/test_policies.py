@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ray_lit.distributed.policies import (
+from ray_lit.driver.policies import (
     Decision,
     ElasticScaling,
     FailureDecision,
@@ -164,9 +164,9 @@ def test_sigterm_to_a_worker_on_the_driver_node_does_not_stop_the_run() -> None:
     assert "SIGTERM" in decision.reason
 
 
-# --- restore from peers' memory (peer_snapshot.decide_restore) --------------------------------
+# --- restore from peers' memory (policies.decide_restore) --------------------------------
 def test_restore_picks_the_newest_complete_held_snapshot_newer_than_the_commit():
-    from ray_lit.distributed.peer_snapshot import decide_restore
+    from ray_lit.driver.policies import decide_restore
 
     decision = decide_restore(4, [(0, 6), (0, 8)], {0: [(0, 6), (0, 8)], 2: [(0, 8)]})
     assert (decision.key, decision.holder) == ((0, 8), 0)
@@ -174,7 +174,7 @@ def test_restore_picks_the_newest_complete_held_snapshot_newer_than_the_commit()
 
 
 def test_restore_uses_storage_when_the_snapshot_is_not_newer_or_not_held():
-    from ray_lit.distributed.peer_snapshot import decide_restore
+    from ray_lit.driver.policies import decide_restore
 
     assert decide_restore(8, [(0, 8)], {0: [(0, 8)]}).key is None  # the commit is as new
     assert decide_restore(2, [(0, 8)], {0: [(0, 6)]}).key is None  # complete != held
@@ -185,7 +185,7 @@ def test_restore_uses_storage_when_the_snapshot_is_not_newer_or_not_held():
 
 
 def test_the_ledger_keeps_parts_until_a_newer_snapshot_is_complete():
-    from ray_lit.distributed.peer_snapshot import SnapshotLedger
+    from ray_lit.driver.snapshot_ledger import SnapshotLedger
 
     ledger = SnapshotLedger()
     ledger.add((0, 4), 0, 2, b"a")
@@ -198,14 +198,14 @@ def test_the_ledger_keeps_parts_until_a_newer_snapshot_is_complete():
 
 # --- regrouping around kept workers ------------------------------------------------------------
 def test_regroup_refills_lost_places_that_are_available():
-    from ray_lit.distributed.policies import decide_regroup
+    from ray_lit.driver.policies import decide_regroup
 
     decision = decide_regroup(kept=3, free_slots=[1], want=4, min_workers=4)
     assert decision.fill == (1,) and decision.num_workers == 4
 
 
 def test_regroup_shrinks_to_the_kept_workers_when_allowed():
-    from ray_lit.distributed.policies import decide_regroup
+    from ray_lit.driver.policies import decide_regroup
 
     decision = decide_regroup(kept=2, free_slots=[], want=4, min_workers=2)
     assert decision.fill == () and decision.num_workers == 2
@@ -216,7 +216,7 @@ def test_regroup_shrinks_to_the_kept_workers_when_allowed():
 
 
 def test_regroup_takes_no_more_places_than_wanted():
-    from ray_lit.distributed.policies import decide_regroup
+    from ray_lit.driver.policies import decide_regroup
 
     decision = decide_regroup(kept=1, free_slots=[1, 2, 3], want=3, min_workers=1)
     assert decision.fill == (1, 2) and decision.num_workers == 3

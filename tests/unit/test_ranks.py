@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from ray_lit.distributed.ranks import WorkerRanks, assign_ranks
 from ray_lit.errors import MisconfigurationException
+from ray_lit.worker.ranks import WorkerRanks, assign_ranks
 
 
 def test_two_nodes_interleaved_actors():

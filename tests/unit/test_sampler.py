@@ -14,14 +14,14 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from ray_lit.distributed.sampler import (
+from ray_lit.errors import MisconfigurationException
+from ray_lit.loop.sampler import (
     DistributedSamplerWrapper,
     ResumableDistributedSampler,
     loader_batch_size,
     sampler_of,
     shard_dataloader,
 )
-from ray_lit.errors import MisconfigurationException
 
 
 def shards(n, world, epoch=0, seed=0, shuffle=True, drop_last=False):

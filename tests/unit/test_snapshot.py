@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from ray_lit.distributed.snapshot import HostSnapshot
+from ray_lit.checkpoint.host_copy import HostSnapshot
 
 
 def _model_and_adam() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -146,7 +146,7 @@ def test_prepare_allocates_the_buffers_a_capture_then_reuses() -> None:
 
 # --- peer snapshots: the replicated part in each worker's memory, own parts at the driver -----
 def test_a_peer_snapshot_rebuilds_each_ranks_checkpoint_of_the_boundary() -> None:
-    from ray_lit.distributed.peer_snapshot import (
+    from ray_lit.checkpoint.peer import (
         PeerSnapshot,
         own_part_bytes,
         restore_checkpoint,
@@ -177,7 +177,7 @@ def test_a_peer_snapshot_rebuilds_each_ranks_checkpoint_of_the_boundary() -> Non
 
 
 def test_another_ranks_replicated_part_is_read_from_its_module() -> None:
-    from ray_lit.distributed.peer_snapshot import split_rank_state
+    from ray_lit.checkpoint.peer import split_rank_state
 
     model, opt = _model_and_adam()
     replicated, own = split_rank_state({"loops": {"step": 3}}, model, [opt])
@@ -189,7 +189,7 @@ def test_another_ranks_replicated_part_is_read_from_its_module() -> None:
 def test_a_torn_peer_snapshot_is_not_held() -> None:
     import pytest
 
-    from ray_lit.distributed.peer_snapshot import PeerSnapshot, split_rank_state
+    from ray_lit.checkpoint.peer import PeerSnapshot, split_rank_state
 
     model, opt = _model_and_adam()
     replicated, _ = split_rank_state(_state(model, opt), model, [opt])
@@ -213,7 +213,7 @@ def test_a_torn_peer_snapshot_is_not_held() -> None:
 
 
 def test_a_peer_keeps_its_two_latest_snapshots() -> None:
-    from ray_lit.distributed.peer_snapshot import PeerSnapshot, split_rank_state
+    from ray_lit.checkpoint.peer import PeerSnapshot, split_rank_state
 
     model, opt = _model_and_adam()
     peer = PeerSnapshot()
@@ -224,7 +224,7 @@ def test_a_peer_keeps_its_two_latest_snapshots() -> None:
         peer.take(replicated, [opt], key=(0, step))
         _train_step(model, opt)
     assert sorted(peer.keys) == [(0, 2), (0, 3)]  # step 1's buffers took step 3
-    from ray_lit.checkpoint.io import checkpoint_from_bytes
+    from ray_lit.storage.checkpoint_io import checkpoint_from_bytes
 
     for step in (2, 3):
         exported = checkpoint_from_bytes(peer.export((0, step)))
@@ -234,7 +234,7 @@ def test_a_peer_keeps_its_two_latest_snapshots() -> None:
 def test_a_torn_peer_snapshot_makes_the_writer_copy_synchronously(caplog) -> None:
     from types import SimpleNamespace
 
-    from ray_lit.distributed.ft_checkpoint import CheckpointWriter
+    from ray_lit.checkpoint.writer import CheckpointWriter
 
     model, opt = _model_and_adam()
 

@@ -1,4 +1,4 @@
-"""``ray_lit.checkpoint.storage`` on a local directory and on S3 (a moto server on 127.0.0.1)."""
+"""``ray_lit.storage.filesystem`` on a local directory and on S3 (a moto server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from ray_lit.checkpoint.io import load_checkpoint, save_checkpoint
-from ray_lit.checkpoint.storage import Storage, read_file, resolve, split, write_file
 from ray_lit.errors import MisconfigurationException
+from ray_lit.storage.checkpoint_io import load_checkpoint, save_checkpoint
+from ray_lit.storage.filesystem import Storage, read_file, resolve, split, write_file
 
 
 def _free_port() -> int:
@@ -184,9 +184,9 @@ def test_a_local_directory_never_imports_pyarrow(tmp_path):
     """pyarrow's libraries cost every worker ~27 MiB resident: local runs must not load them."""
     code = f"""
 import sys, torch
-from ray_lit.checkpoint.io import load_checkpoint, save_checkpoint
-from ray_lit.checkpoint.storage import Storage, read_file, write_file
-import ray_lit.core.saving, ray_lit.distributed.ft_checkpoint, ray_lit.checkpoint.manager
+from ray_lit.storage.checkpoint_io import load_checkpoint, save_checkpoint
+from ray_lit.storage.filesystem import Storage, read_file, write_file
+import ray_lit.core.saving, ray_lit.checkpoint.writer, ray_lit.checkpoint.manager
 s = Storage({str(tmp_path / "run")!r})
 s.check_writable()
 s.write_bytes("a/b", b"1"); assert s.read_bytes("a/b") == b"1" and s.listdir("a") == ["b"]

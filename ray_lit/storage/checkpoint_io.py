@@ -5,7 +5,7 @@ strings, containers and the few types in ``CHECKPOINT_ALLOWLIST``, never an obje
 unpickling calls a function. A file that asks for anything else is refused with
 ``CheckpointLoadError``; extend the allow-list for types you trust::
 
-    from ray_lit.checkpoint.io import CHECKPOINT_ALLOWLIST
+    from ray_lit.storage.checkpoint_io import CHECKPOINT_ALLOWLIST
     CHECKPOINT_ALLOWLIST.append(MyConfig)
 
 ``collections.defaultdict`` cannot be on the list: the weights-only unpickler cannot fill one.
@@ -27,15 +27,14 @@ from typing import Any
 
 import torch
 
-from ray_lit.checkpoint.storage import read_file, write_file
-from ray_lit.core.hparams import AttributeDict
 from ray_lit.errors import MisconfigurationException
+from ray_lit.storage.filesystem import read_file, write_file
 
 # What ray_lit (and a user saving m.hparams or a Path-valued option) puts into checkpoints
 # besides what torch's weights-only unpickler accepts by default (tensors, optimizer and
 # scheduler state dicts, containers of numbers and strings, torch.device, torch.dtype).
+# (``core.hparams`` adds its ``AttributeDict``: this module is a leaf and imports no model code)
 CHECKPOINT_ALLOWLIST: list[Any] = [
-    AttributeDict,
     argparse.Namespace,
     collections.OrderedDict,
     pathlib.PosixPath,
@@ -138,7 +137,7 @@ def checkpoint_from_bytes(data: bytes, map_location: Any = None,
                 f"Checkpoint {name} references {refused}, and ray_lit refuses to run code from "
                 "a checkpoint (it loads with weights_only=True). If you trust this file and "
                 "that type is safe to construct, append it to "
-                "ray_lit.checkpoint.io.CHECKPOINT_ALLOWLIST.") from err
+                "ray_lit.storage.checkpoint_io.CHECKPOINT_ALLOWLIST.") from err
         raise _corrupt(name, err) from err
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
         raise _corrupt(name, err) from err

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ray_lit.distributed.ranks import WorkerRanks
-from ray_lit.distributed.sampler import loader_batch_size, sampler_of, shard_dataloader
+from ray_lit.loop.sampler import loader_batch_size, sampler_of, shard_dataloader
+from ray_lit.worker.ranks import WorkerRanks
 
 
 class _StepModule(nn.Module):

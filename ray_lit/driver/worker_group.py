@@ -21,10 +21,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ray_lit.distributed.placement import create_placement_group, remove_placement_group_quietly
-from ray_lit.distributed.process_group import choose_backend
-from ray_lit.distributed.ranks import WorkerRanks, assign_ranks
-from ray_lit.distributed.worker import Worker
+from ray_lit.driver.placement import create_placement_group, remove_placement_group_quietly
+from ray_lit.worker.actor import Worker
+from ray_lit.worker.process_group import choose_backend
+from ray_lit.worker.ranks import WorkerRanks, assign_ranks
 
 log = logging.getLogger("ray_lit")
 

@@ -18,8 +18,8 @@ import logging
 import threading
 from typing import Any
 
-from ray_lit.checkpoint.manager import checkpoint_name, part_name
-from ray_lit.distributed.snapshot import HostSnapshot
+from ray_lit.checkpoint.host_copy import HostSnapshot
+from ray_lit.checkpoint.layout import checkpoint_name, part_uri
 
 log = logging.getLogger("ray_lit")
 
@@ -120,7 +120,7 @@ class CheckpointWriter:
         buffers of this rank's checkpoint in the background."""
         self._prepared = True
         if self.snapshot_every_n_steps:  # every rank keeps the replicated part in memory
-            from ray_lit.distributed.peer_snapshot import split_rank_state
+            from ray_lit.checkpoint.peer import split_rank_state
 
             replicated, _ = split_rank_state({}, trainer.lightning_module, trainer.optimizers)
             self._peer().prepare(replicated)
@@ -148,7 +148,7 @@ class CheckpointWriter:
         meta = {"global_step": progress.global_step, "epoch": progress.epoch}
         self._last_step_taken = progress.global_step
         self._last_name = name
-        uri = f"{self.run_uri}/checkpoints/{name}/{part_name(self._rank)}"
+        uri = part_uri(self.run_uri, name, self._rank)
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write, args=(state, uri, name, meta),
                                             daemon=True, name="ray_lit-ckpt-writer")
@@ -180,7 +180,7 @@ class CheckpointWriter:
         driver with the next poll."""
         import time
 
-        from ray_lit.distributed.peer_snapshot import own_part_bytes, split_rank_state
+        from ray_lit.checkpoint.peer import own_part_bytes, split_rank_state
 
         start = time.perf_counter()
         step = trainer.global_step
@@ -203,7 +203,7 @@ class CheckpointWriter:
     def _peer(self, create: bool = True) -> Any:
         """This worker's ``PeerSnapshot`` (it lives on the ``Worker``, across attempts; on
         the writer itself outside a Ray worker)."""
-        from ray_lit.distributed.peer_snapshot import PeerSnapshot
+        from ray_lit.checkpoint.peer import PeerSnapshot
 
         holder = self._worker if self._worker is not None else self
         if getattr(holder, "peer_snapshot", None) is None and create:
@@ -211,7 +211,7 @@ class CheckpointWriter:
         return getattr(holder, "peer_snapshot", None)
 
     def _write(self, state: dict[str, Any], uri: str, name: str, meta: dict[str, Any]) -> None:
-        from ray_lit.checkpoint.io import save_checkpoint
+        from ray_lit.storage.checkpoint_io import save_checkpoint
 
         try:
             if not self._snapshot.copy_deferred():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -18,82 +17,8 @@ from typing import Any
 import cloudpickle
 import torch
 
-from ray_lit.loop.reporting import EventSink
-
-
-class LoggerProxy:
-    """Stands in for a driver-side logger inside the workers: it carries the logger's name,
-    version and directories (for checkpoint paths) and forwards ``log_metrics`` to the rank's
-    event sink, so a callback that logs directly still reaches the driver's loggers."""
-
-    def __init__(self, name: Any, version: Any, save_dir: Any, log_dir: Any) -> None:
-        self.name, self.version, self.save_dir, self.log_dir = name, version, save_dir, log_dir
-        self.sink: EventSink | None = None
-
-    @classmethod
-    def of(cls, logger: Any) -> LoggerProxy:
-        return cls(getattr(logger, "name", None), getattr(logger, "version", None),
-                   getattr(logger, "save_dir", None), getattr(logger, "log_dir", None))
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.sink is not None:
-            self.sink.log_metrics(dict(metrics), step if step is not None else 0)
-
-    def log_hyperparams(self, params: Any) -> None:
-        if self.sink is not None:
-            self.sink.log_hyperparams(params)
-
-    def agg_and_log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.log_metrics(metrics, step)
-
-    def save(self) -> None: ...
-    def finalize(self, status: str) -> None: ...
-
-    @property
-    def experiment(self) -> Any:
-        raise AttributeError("logger.experiment is only available on the driver; log metrics "
-                             "with self.log, which reaches the driver's loggers.")
-
-
-def _warm_imports() -> None:
-    try:
-        import torch._dynamo  # noqa: F401
-        import torch.nn.parallel  # noqa: F401
-
-        import ray_lit.distributed.worker_host  # noqa: F401
-        import ray_lit.loop.stages  # noqa: F401
-    except Exception:  # only a head start; the real import reports any problem
-        pass
-
-
-def _serialization_context_without_arrow() -> None:
-    """Create this process's Ray serialization context while ``pyarrow`` looks uninstalled.
-
-    Ray registers Ray Data's Arrow serializers in every worker's context and imports ``pyarrow``
-    to do it: ~25 MiB of resident libraries per training worker, a third of what a Ray actor
-    costs over a plain DDP process. The serializers only make *sending* sliced Arrow tables from
-    this process cheaper (receiving needs nothing registered), and a training worker does not
-    send Arrow data; if it ever does, pyarrow's own pickling is used. The user's code may still
-    import ``pyarrow`` afterwards as usual. Called first thing in the actor's constructor,
-    before any argument has made Ray build the context; a Ray without this private entry point
-    just keeps its default (and the memory).
-    """
-    if "pyarrow" in sys.modules:
-        return
-    try:
-        import ray
-        import ray._private.worker as ray_worker
-
-        if getattr(ray_worker.global_worker, "mode", None) != ray.WORKER_MODE:
-            return  # not a Ray worker process: a driver keeps Ray's defaults
-        sys.modules["pyarrow"] = None  # type: ignore[assignment]  # "import pyarrow" now fails
-        try:
-            ray_worker.global_worker.get_serialization_context()
-        finally:
-            if "pyarrow" in sys.modules and sys.modules["pyarrow"] is None:
-                del sys.modules["pyarrow"]
-    except Exception:  # a Ray whose internals moved: keep its default (and the memory)
-        pass
+from ray_lit.worker._ray_compat import serialization_context_without_arrow, warm_imports
+from ray_lit.worker.job import run_job
 
 
 def _node_info() -> dict[str, Any]:
@@ -108,7 +33,7 @@ class Worker:
     """The actor class (made remote in ``worker_group``)."""
 
     def __init__(self) -> None:
-        _serialization_context_without_arrow()  # before anything else can build it
+        serialization_context_without_arrow()  # before anything else can build it
         self._thread: threading.Thread | None = None
         self._state = "idle"
         self._error: str | None = None
@@ -134,7 +59,7 @@ class Worker:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         # DDP's constructor imports torch._dynamo (~1.5 s): import it while the group forms
         # and the payload ships, not on the way to the first step
-        threading.Thread(target=_warm_imports, daemon=True, name="ray_lit-warm").start()
+        threading.Thread(target=warm_imports, daemon=True, name="ray_lit-warm").start()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """A SIGTERM to a training worker (its node is being reclaimed) is a notice: the next
@@ -156,7 +81,7 @@ class Worker:
         return _node_info()
 
     def free_port(self) -> int:
-        from ray_lit.distributed.process_group import find_free_port
+        from ray_lit.worker.process_group import find_free_port
 
         return find_free_port()
 
@@ -166,7 +91,7 @@ class Worker:
         os.environ.update(env)
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
-        from ray_lit.distributed.process_group import init_process_group
+        from ray_lit.worker.process_group import init_process_group
 
         init_process_group(backend=backend, master_addr=master_addr, master_port=master_port,
                            world_rank=ranks.world_rank, world_size=ranks.world_size,
@@ -199,7 +124,7 @@ class Worker:
             self._result = run_job(self, unpacked, job)
             self._state = "done"
         except BaseException as err:  # reported to the driver, which decides
-            from ray_lit.distributed.ft_checkpoint import PreemptedExit
+            from ray_lit.checkpoint.writer import PreemptedExit
 
             if isinstance(err, PreemptedExit):
                 self._state = "preempted"
@@ -263,7 +188,7 @@ class Worker:
         self.stop_at_step = step
 
     def shutdown(self) -> None:
-        from ray_lit.distributed.process_group import destroy_process_group
+        from ray_lit.worker.process_group import destroy_process_group
 
         destroy_process_group()
 
@@ -328,112 +253,3 @@ class Worker:
         self._sigterm = False
         self.aborting = False
         self._news.clear()  # the ended loop's news was for the attempt that is over
-
-
-def run_job(worker: Worker, payload: dict[str, Any], job: dict[str, Any]) -> Any:
-    """Build this rank's trainer and run the stage; returns what the driver needs (rank 0)."""
-    from ray_lit.core.seed import seed_everything
-    from ray_lit.distributed.worker_host import WorkerHost
-    from ray_lit.loop.reporting import NullSink, RecordingSink
-
-    ranks = worker._ranks
-    trainer = payload["trainer"]
-    module = payload["module"]
-    if job.get("accumulate") is not None:  # elastic: the controller's accumulation plan
-        trainer.config.accumulate_grad_batches = job["accumulate"]
-    if job.get("seed") is not None:
-        seed_everything(job["seed"])
-    device = torch.device("cpu")
-    if job.get("accelerator") == "tpu":
-        import torch_xla.core.xla_model as xm  # checked on the driver (choose_backend)
-
-        device = xm.xla_device()
-    elif job.get("use_gpu") and torch.cuda.is_available():
-        device = torch.device("cuda", 0)  # Ray exposes only this worker's GPU(s)
-        torch.cuda.set_device(device)
-    checkpointer = None
-    if job.get("checkpointer") is not None:
-        checkpointer = job["checkpointer"]
-        checkpointer.attach(worker, ranks, attempt=job.get("attempt", 0))
-    host = WorkerHost(ranks, device, seed=job.get("sampler_seed", 0), checkpointer=checkpointer)
-    sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
-    for logger in trainer.loggers:
-        logger.sink = sink
-    trainer._host, trainer._sink = host, sink
-    worker._sink, worker._trainer = sink, trainer
-    stage = job["stage"]
-    checkpoint = job.get("checkpoint")
-    if job.get("restore") is not None:
-        # popped: a snapshot fetched from a peer's memory is freed once loaded
-        checkpoint = load_restore(job.pop("restore"), ranks.world_rank)
-    from ray_lit.loop.stages import run_evaluation, run_fit
-
-    if stage == "fit":
-        run_fit(trainer, module, payload.get("train"), payload.get("val"), payload.get("dm"),
-                checkpoint)
-        if checkpointer is not None:
-            checkpointer.finish(trainer)
-        results = None
-    else:
-        results = run_evaluation(trainer, stage, module, payload.get("loaders"),
-                                 payload.get("dm"), job.get("weights"))
-    if ranks.world_rank != 0:
-        return None
-    return cloudpickle.dumps(final_state(trainer, results))
-
-
-def load_restore(restore: dict[str, Any], world_rank: int) -> dict[str, Any]:
-    """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part
-    (from storage, or from a surviving worker's memory: ``peer_snapshot``)."""
-    from ray_lit.checkpoint.io import load_checkpoint
-
-    if "memory" in restore:
-        from ray_lit.distributed.peer_snapshot import restore_checkpoint
-
-        return restore_checkpoint(restore["memory"], world_rank)
-    checkpoint = load_checkpoint(restore["rank0"], map_location="cpu")
-    own = restore["parts"].get(world_rank)
-    if world_rank != 0 and own is not None:
-        part = load_checkpoint(own, map_location="cpu")
-        checkpoint["loops"]["rng"] = part["loops"]["rng"]
-    return checkpoint
-
-
-def final_state(trainer: Any, results: Any) -> dict[str, Any]:
-    """Rank 0's view of the run, sent back to the driver's Trainer."""
-    module = trainer.lightning_module
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "hparams": module.__dict__.get("_hparams"),
-        "callback_metrics": _cpu(trainer.callback_metrics),
-        "logged_metrics": _cpu(trainer.logged_metrics),
-        "pbar": trainer.progress_bar_metrics,
-        "progress": trainer._progress.state_dict(),
-        "should_stop": trainer.should_stop,
-        "callbacks": [_picklable_state(cb) for cb in trainer.callbacks],
-        "num_training_batches": trainer.num_training_batches,
-        "num_val_batches": trainer.num_val_batches,
-        "num_test_batches": trainer.num_test_batches,
-        "results": results,
-        "interrupted": trainer.interrupted,
-    }
-
-
-def _picklable_state(obj: Any) -> dict[str, Any]:
-    """The parts of a callback's ``__dict__`` that can travel back to the driver."""
-    from ray_lit.core.module import LightningModule
-
-    out = {}
-    for key, value in obj.__dict__.items():
-        if isinstance(value, LightningModule) or type(value).__name__ == "Trainer":
-            continue
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            continue
-        out[key] = value
-    return out
-
-
-def _cpu(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}

@@ -23,13 +23,11 @@ on the ``Worker`` across attempts); the controller keeps the ledger, picks the r
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from ray_lit.distributed.snapshot import HostSnapshot
+from ray_lit.checkpoint.host_copy import HostSnapshot
 
-__all__ = ["PeerSnapshot", "PeerSnapshotLost", "RestoreDecision", "SnapshotLedger",
-           "decide_restore", "restore_checkpoint", "split_rank_state"]
+__all__ = ["PeerSnapshot", "PeerSnapshotLost", "restore_checkpoint", "split_rank_state"]
 
 
 class PeerSnapshotLost(RuntimeError):
@@ -128,7 +126,7 @@ class PeerSnapshot:
         self.wait()
         if key not in self.keys:
             raise RuntimeError(f"peer snapshot {key} is not held here (holding {self.keys})")
-        from ray_lit.checkpoint.io import checkpoint_to_bytes
+        from ray_lit.storage.checkpoint_io import checkpoint_to_bytes
 
         return checkpoint_to_bytes(self._states[self._keys.index(key)])
 
@@ -143,7 +141,7 @@ class PeerSnapshot:
 def own_part_bytes(own: dict[str, Any]) -> bytes:
     """A rank's own part for the driver, as checkpoint bytes, serialised at the boundary
     (``torch.save`` copies device tensors to the host; the ranks load it onto the CPU)."""
-    from ray_lit.checkpoint.io import checkpoint_to_bytes
+    from ray_lit.storage.checkpoint_io import checkpoint_to_bytes
 
     return checkpoint_to_bytes(own)
 
@@ -154,7 +152,7 @@ def restore_checkpoint(memory: dict[str, Any], world_rank: int) -> dict[str, Any
     RNG where it had one (as ``load_restore`` does for storage checkpoints)."""
     import ray
 
-    from ray_lit.checkpoint.io import checkpoint_from_bytes
+    from ray_lit.storage.checkpoint_io import checkpoint_from_bytes
 
     parts = memory["parts"]
     checkpoint = checkpoint_from_bytes(parts[0], map_location="cpu")
@@ -172,73 +170,3 @@ def restore_checkpoint(memory: dict[str, Any], world_rank: int) -> dict[str, Any
         checkpoint["loops"]["rng"] = checkpoint_from_bytes(own, map_location="cpu")["loops"][
             "rng"]
     return checkpoint
-
-
-# --- driver side -------------------------------------------------------------------------------
-class SnapshotLedger:
-    """The driver's record of every rank's own part, by snapshot (one attempt's)."""
-
-    def __init__(self) -> None:
-        self._parts: dict[tuple[int, int], dict[int, bytes]] = {}
-        self._world: dict[tuple[int, int], int] = {}
-
-    def add(self, key: tuple[int, int], rank: int, world_size: int, blob: bytes) -> None:
-        self._parts.setdefault(key, {})[rank] = blob
-        self._world[key] = world_size
-        complete = self.complete()
-        if complete:  # older snapshots are never needed again
-            newest = max(complete)
-            for old in [k for k in self._parts if k < newest]:
-                del self._parts[old], self._world[old]
-
-    def complete(self) -> list[tuple[int, int]]:
-        """Snapshots whose every rank's part arrived."""
-        return sorted(k for k, parts in self._parts.items() if len(parts) == self._world[k])
-
-    def parts(self, key: tuple[int, int]) -> dict[int, bytes]:
-        return dict(self._parts[key])
-
-    def clear(self) -> None:
-        self._parts, self._world = {}, {}
-
-
-@dataclass(frozen=True)
-class RestoreDecision:
-    """Where the next attempt starts: snapshot ``key`` (exported by the first of ``holders``,
-    the survivors' bundle slots, that can) or, with ``key`` None, the latest committed storage
-    checkpoint."""
-
-    key: tuple[int, int] | None
-    holders: tuple[int, ...]
-    reason: str
-
-    @property
-    def holder(self) -> int | None:
-        return self.holders[0] if self.holders else None
-
-
-def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],
-                   held: dict[int, list[tuple[int, int]]]) -> RestoreDecision:
-    """The newest peer snapshot that is complete on the driver, held by a survivor, and newer
-    than the latest committed checkpoint; else storage (pure).
-
-    Args:
-        committed_step: the global step of the latest committed checkpoint (None: none).
-        complete: the ledger's complete snapshots, ``(attempt, step)``.
-        held: the snapshots each surviving worker holds, by bundle index.
-    """
-    floor = -1 if committed_step is None else committed_step
-    holders: dict[tuple[int, int], list[int]] = {}
-    for bundle, keys in sorted(held.items()):
-        for key in keys or []:
-            holders.setdefault(tuple(key), []).append(bundle)
-    usable = [k for k in complete if k in holders and k[1] > floor]
-    if not usable:
-        why = "no survivor holds a complete snapshot" if not any(
-            k in holders for k in complete) else "the latest checkpoint is as new"
-        return RestoreDecision(None, (), why)
-    key = max(usable, key=lambda k: k[1])
-    than = (f"{key[1] - floor} step(s) newer than the latest checkpoint"
-            if committed_step is not None else "no checkpoint committed yet")
-    return RestoreDecision(key, tuple(holders[key]),
-                           f"step {key[1]} from a surviving worker's memory, {than}")

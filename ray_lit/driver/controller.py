@@ -23,9 +23,8 @@ from typing import Any
 
 import cloudpickle
 
-from ray_lit.distributed.cluster_view import ClusterView
-from ray_lit.distributed.peer_snapshot import SnapshotLedger, decide_restore
-from ray_lit.distributed.policies import (
+from ray_lit.driver.cluster_view import ClusterView
+from ray_lit.driver.policies import (
     DepartureDecision,
     ElasticScaling,
     FailurePolicy,
@@ -34,11 +33,13 @@ from ray_lit.distributed.policies import (
     decide_accumulation,
     decide_departure,
     decide_regroup,
+    decide_restore,
     scaling_policy,
 )
-from ray_lit.distributed.worker_group import Survivors, WorkerGone, WorkerGroup
+from ray_lit.driver.reporting import replay
+from ray_lit.driver.snapshot_ledger import SnapshotLedger
+from ray_lit.driver.worker_group import Survivors, WorkerGone, WorkerGroup
 from ray_lit.errors import MisconfigurationException, TrainingFailedError
-from ray_lit.loop.reporting import replay
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 ``Storage`` is a root directory with relative-path file methods; for a URI it works through the
 ``(filesystem, path)`` pair that ``resolve`` returns. Other modules read and write run files
-through it (``checkpoint/io.py`` streams local checkpoint files itself, with the same
+through it (``storage/checkpoint_io.py`` streams local checkpoint files itself, with the same
 temp-file-and-rename write), so local disks, ``file://``, ``s3://``, ``gs://`` and ``hdfs://``
 behave alike.
 

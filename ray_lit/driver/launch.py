@@ -16,8 +16,8 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
-import torch
 
+from ray_lit.driver.results import apply_final_state
 from ray_lit.errors import MisconfigurationException
 
 log = logging.getLogger("ray_lit")
@@ -60,9 +60,9 @@ def _num_workers(config: Any) -> int:
 def _worker_trainer(trainer: Any) -> Any:
     """The Trainer as the workers get it: loggers become proxies, no progress bar."""
     from ray_lit.callbacks.progress import ProgressBar
-    from ray_lit.distributed.worker import LoggerProxy
     from ray_lit.loop.host import LocalHost
     from ray_lit.loop.reporting import NullSink
+    from ray_lit.worker.logger_proxy import LoggerProxy
 
     clone = copy.copy(trainer)
     clone.loggers = [LoggerProxy.of(logger) for logger in trainer.loggers]
@@ -82,7 +82,7 @@ def _ship(payload: dict[str, Any]) -> Any:
     attribute that cannot be pickled."""
     import ray
 
-    from ray_lit.distributed.pickling import find_unpicklable
+    from ray_lit.driver.pickling import find_unpicklable
 
     try:
         blob = cloudpickle.dumps(payload)
@@ -103,7 +103,7 @@ def _ship(payload: dict[str, Any]) -> Any:
 
 
 def _group_options(trainer: Any) -> dict[str, Any]:
-    from ray_lit.distributed.placement import check_feasible, resolve_worker_resources
+    from ray_lit.driver.placement import check_feasible, resolve_worker_resources
 
     config = trainer.config
     per_worker = resolve_worker_resources(use_gpu=config.use_gpu, accelerator=config.accelerator,
@@ -139,10 +139,10 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
                ckpt_path: str | None) -> None:
     """``Trainer.fit`` on a Ray worker group (driver)."""
     from ray_lit.checkpoint.manager import CheckpointManager
-    from ray_lit.checkpoint.storage import Storage
+    from ray_lit.checkpoint.writer import CheckpointWriter
     from ray_lit.core.seed import global_seed
-    from ray_lit.distributed.controller import Controller
-    from ray_lit.distributed.ft_checkpoint import CheckpointWriter
+    from ray_lit.driver.controller import Controller
+    from ray_lit.storage.filesystem import Storage
 
     config = trainer.config
     run_uri = _run_uri(trainer)
@@ -180,13 +180,13 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
         sink.finalize("interrupted")
         log.warning("ray_lit: interrupted; the worker group was released.")
         return
-    _apply_final_state(trainer, module, datamodule, cloudpickle.loads(result))
+    apply_final_state(trainer, module, datamodule, cloudpickle.loads(result))
 
 
 def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datamodule: Any,
                       weights: dict | None) -> list[dict[str, float]]:
     """``Trainer.validate`` / ``test`` on a Ray worker group (driver)."""
-    from ray_lit.distributed.controller import Controller
+    from ray_lit.driver.controller import Controller
 
     ensure_ray()
     group_options = _group_options(trainer)
@@ -199,37 +199,5 @@ def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datam
     controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
                             group_options=group_options, sink=sink)
     state = cloudpickle.loads(controller.run())
-    _apply_final_state(trainer, module, datamodule, state, fitted=False)
+    apply_final_state(trainer, module, datamodule, state, fitted=False)
     return state["results"]
-
-
-def _apply_final_state(trainer: Any, module: Any, datamodule: Any, state: dict[str, Any],
-                       fitted: bool = True) -> None:
-    """Rank 0's weights into the user's module; the run's state onto the driver's Trainer."""
-    from ray_lit.callbacks.progress import ProgressBar
-
-    with torch.no_grad():
-        module.load_state_dict(state["state_dict"])
-    module.trainer = trainer
-    trainer.lightning_module = module
-    from ray_lit.loop.host import LocalHost
-
-    # the driver's view of the group that ran: world_size as the workers saw it
-    trainer._host = LocalHost(False)
-    trainer._host.world_size = trainer.world_size_history[-1] if \
-        trainer.world_size_history else 1
-    trainer.datamodule = datamodule
-    trainer.callback_metrics = state["callback_metrics"]
-    trainer.logged_metrics = state["logged_metrics"]
-    trainer._pbar_raw = dict(state["pbar"])
-    trainer.interrupted = state["interrupted"]
-    if fitted:
-        trainer._progress.load_state_dict(state["progress"])
-        trainer.should_stop = state["should_stop"]
-        trainer.num_training_batches = state["num_training_batches"]
-        trainer.num_val_batches = state["num_val_batches"]
-    else:
-        trainer.num_test_batches = state["num_test_batches"]
-    driver_callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
-    for callback, remote_state in zip(driver_callbacks, state["callbacks"]):
-        callback.__dict__.update(remote_state)

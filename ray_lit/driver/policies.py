@@ -390,3 +390,46 @@ def decide_regroup(kept: int, free_slots: list[int], want: int, min_workers: int
     if size < want:
         why += f" ({want - size} place(s) not available now)"
     return RegroupDecision(fill, size, why)
+
+
+# --- restore from peers' memory ----------------------------------------------------------------
+@dataclass(frozen=True)
+class RestoreDecision:
+    """Where the next attempt starts: snapshot ``key`` (exported by the first of ``holders``,
+    the survivors' bundle slots, that can) or, with ``key`` None, the latest committed storage
+    checkpoint."""
+
+    key: tuple[int, int] | None
+    holders: tuple[int, ...]
+    reason: str
+
+    @property
+    def holder(self) -> int | None:
+        return self.holders[0] if self.holders else None
+
+
+def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],
+                   held: dict[int, list[tuple[int, int]]]) -> RestoreDecision:
+    """The newest peer snapshot that is complete on the driver, held by a survivor, and newer
+    than the latest committed checkpoint; else storage (pure).
+
+    Args:
+        committed_step: the global step of the latest committed checkpoint (None: none).
+        complete: the ledger's complete snapshots, ``(attempt, step)``.
+        held: the snapshots each surviving worker holds, by bundle index.
+    """
+    floor = -1 if committed_step is None else committed_step
+    holders: dict[tuple[int, int], list[int]] = {}
+    for bundle, keys in sorted(held.items()):
+        for key in keys or []:
+            holders.setdefault(tuple(key), []).append(bundle)
+    usable = [k for k in complete if k in holders and k[1] > floor]
+    if not usable:
+        why = "no survivor holds a complete snapshot" if not any(
+            k in holders for k in complete) else "the latest checkpoint is as new"
+        return RestoreDecision(None, (), why)
+    key = max(usable, key=lambda k: k[1])
+    than = (f"{key[1] - floor} step(s) newer than the latest checkpoint"
+            if committed_step is not None else "no checkpoint committed yet")
+    return RestoreDecision(key, tuple(holders[key]),
+                           f"step {key[1]} from a surviving worker's memory, {than}")

@@ -1,1 +1,0 @@
-"""ray_lit.distributed."""

@@ -1,0 +1,121 @@
+"""One rank's run of one stage: build the trainer's host and sinks, restore, run, report.
+
+Runs on the worker's loop thread (``Worker._run_loop``); rank 0 returns the final state the
+driver applies to the user's Trainer (``driver.results``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cloudpickle
+import torch
+
+
+def run_job(worker: Any, payload: dict[str, Any], job: dict[str, Any]) -> Any:
+    """Build this rank's trainer and run the stage; returns what the driver needs (rank 0)."""
+    from ray_lit.core.seed import seed_everything
+    from ray_lit.loop.reporting import NullSink, RecordingSink
+    from ray_lit.worker.host import WorkerHost
+
+    ranks = worker._ranks
+    trainer = payload["trainer"]
+    module = payload["module"]
+    if job.get("accumulate") is not None:  # elastic: the controller's accumulation plan
+        trainer.config.accumulate_grad_batches = job["accumulate"]
+    if job.get("seed") is not None:
+        seed_everything(job["seed"])
+    device = torch.device("cpu")
+    if job.get("accelerator") == "tpu":
+        import torch_xla.core.xla_model as xm  # checked on the driver (choose_backend)
+
+        device = xm.xla_device()
+    elif job.get("use_gpu") and torch.cuda.is_available():
+        device = torch.device("cuda", 0)  # Ray exposes only this worker's GPU(s)
+        torch.cuda.set_device(device)
+    checkpointer = None
+    if job.get("checkpointer") is not None:
+        checkpointer = job["checkpointer"]
+        checkpointer.attach(worker, ranks, attempt=job.get("attempt", 0))
+    host = WorkerHost(ranks, device, seed=job.get("sampler_seed", 0), checkpointer=checkpointer)
+    sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
+    for logger in trainer.loggers:
+        logger.sink = sink
+    trainer._host, trainer._sink = host, sink
+    worker._sink, worker._trainer = sink, trainer
+    stage = job["stage"]
+    checkpoint = job.get("checkpoint")
+    if job.get("restore") is not None:
+        # popped: a snapshot fetched from a peer's memory is freed once loaded
+        checkpoint = load_restore(job.pop("restore"), ranks.world_rank)
+    from ray_lit.loop.stages import run_evaluation, run_fit
+
+    if stage == "fit":
+        run_fit(trainer, module, payload.get("train"), payload.get("val"), payload.get("dm"),
+                checkpoint)
+        if checkpointer is not None:
+            checkpointer.finish(trainer)
+        results = None
+    else:
+        results = run_evaluation(trainer, stage, module, payload.get("loaders"),
+                                 payload.get("dm"), job.get("weights"))
+    if ranks.world_rank != 0:
+        return None
+    return cloudpickle.dumps(final_state(trainer, results))
+
+
+def load_restore(restore: dict[str, Any], world_rank: int) -> dict[str, Any]:
+    """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part
+    (from storage, or from a surviving worker's memory: ``peer_snapshot``)."""
+    from ray_lit.storage.checkpoint_io import load_checkpoint
+
+    if "memory" in restore:
+        from ray_lit.checkpoint.peer import restore_checkpoint
+
+        return restore_checkpoint(restore["memory"], world_rank)
+    checkpoint = load_checkpoint(restore["rank0"], map_location="cpu")
+    own = restore["parts"].get(world_rank)
+    if world_rank != 0 and own is not None:
+        part = load_checkpoint(own, map_location="cpu")
+        checkpoint["loops"]["rng"] = part["loops"]["rng"]
+    return checkpoint
+
+
+def final_state(trainer: Any, results: Any) -> dict[str, Any]:
+    """Rank 0's view of the run, sent back to the driver's Trainer."""
+    module = trainer.lightning_module
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "hparams": module.__dict__.get("_hparams"),
+        "callback_metrics": _cpu(trainer.callback_metrics),
+        "logged_metrics": _cpu(trainer.logged_metrics),
+        "pbar": trainer.progress_bar_metrics,
+        "progress": trainer._progress.state_dict(),
+        "should_stop": trainer.should_stop,
+        "callbacks": [(cb.state_key, _picklable_state(cb)) for cb in trainer.callbacks],
+        "num_training_batches": trainer.num_training_batches,
+        "num_val_batches": trainer.num_val_batches,
+        "num_test_batches": trainer.num_test_batches,
+        "results": results,
+        "interrupted": trainer.interrupted,
+    }
+
+
+def _picklable_state(obj: Any) -> dict[str, Any]:
+    """The parts of a callback's ``__dict__`` that can travel back to the driver."""
+    from ray_lit.core.module import LightningModule
+
+    out = {}
+    for key, value in obj.__dict__.items():
+        if isinstance(value, LightningModule) or type(value).__name__ == "Trainer":
+            continue
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            continue
+        out[key] = value
+    return out
+
+
+def _cpu(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
