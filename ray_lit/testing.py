@@ -17,12 +17,13 @@ milliseconds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cloudpickle
 
 from ray_lit.driver.worker_group import WorkerGone
+from ray_lit.messages import HandedOver, Job, WorkerFailure, WorkerState, WorkerStatus
 
 __all__ = ["FakeCluster", "FakeWorkerGroup", "FakeWorkerGroups", "PrintLog", "ScriptedAttempt",
            "controller_for"]
@@ -42,9 +43,9 @@ class ScriptedAttempt:
         at_step: callbacks run when the group reaches a step (change a ``FakeCluster`` there).
         result: what rank 0 returns when done.
         nodes: the node of each rank in this attempt (default: ``FakeWorkerGroups.nodes``).
-        confirmations: ``{step: [("checkpoint", name, rank, world_size, meta), ...]}``: parts
+        confirmations: ``{step: [PartWritten(name, rank, world_size, meta), ...]}``: parts
             the ranks report written at that step (their polls carry them); also in-memory
-            snapshot parts, ``("snapshot", (attempt, step), rank, world_size, bytes)``.
+            snapshot parts, ``SnapshotPart((attempt, step), rank, world_size, data)``.
         leftover_confirmations: parts the survivors finish writing while they leave a failed
             group (``salvage`` hands them over).
         held_snapshots: the in-memory snapshot keys ``(attempt, step)`` every survivor holds.
@@ -59,8 +60,8 @@ class ScriptedAttempt:
     at_step: dict[int, Callable[[], None]] = field(default_factory=dict)
     result: Any = b"rank0-result"
     nodes: list[str] | None = None
-    confirmations: dict[int, list[tuple]] = field(default_factory=dict)
-    leftover_confirmations: list[tuple] = field(default_factory=list)
+    confirmations: dict[int, list[HandedOver]] = field(default_factory=dict)
+    leftover_confirmations: list[HandedOver] = field(default_factory=list)
     held_snapshots: list[tuple[int, int]] = field(default_factory=list)
     stuck: tuple[int, ...] = ()
 
@@ -80,7 +81,7 @@ class _FakeSurvivors:
     slots: list[int]
     actors: dict[int, Any]
     dead_nodes: list[str] = field(default_factory=list)
-    confirmations: list[tuple] = field(default_factory=list)
+    confirmations: list[HandedOver] = field(default_factory=list)
     snapshots: dict[int, Any] = field(default_factory=dict)
     capacity: int = 0
     fill: list[int] = field(default_factory=list)
@@ -120,7 +121,7 @@ class FakeWorkerGroup:
         self.placement_group, self.offset = "fake-pg", 0
         self.step = 0
         self.stop_at: int | None = None
-        self.job: dict[str, Any] | None = None
+        self.job: Job | None = None
         self.shut_down = False
         self.salvaged = False
         self._reported: dict[int, int] = {}
@@ -129,14 +130,14 @@ class FakeWorkerGroup:
     def world_size(self) -> int:
         return len(self.workers)
 
-    def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
-        self.job = dict(job)  # what the ranks received (a real run ships a copy)
+    def run(self, payload_ref: Any, job: Job) -> None:
+        self.job = job  # what the ranks received
 
     def request_stop_at(self, step: int) -> None:
         self.stop_at = step
 
     def statuses(self, timeout_s: float = 30.0,
-                 wait_s: float = 0.0) -> list[dict[str, Any] | WorkerGone]:
+                 wait_s: float = 0.0) -> list[WorkerStatus | WorkerGone]:
         script = self.script
         stopped = self.stop_at is not None and self.step >= self.stop_at
         if self.step < script.steps and not stopped:
@@ -145,28 +146,29 @@ class FakeWorkerGroup:
                 script.at_step[self.step]()
         return [self._status(rank) for rank in range(self.world_size)]
 
-    def _status(self, rank: int) -> dict[str, Any] | WorkerGone:
+    def _status(self, rank: int) -> WorkerStatus | WorkerGone:
         script, step = self.script, self.step
-        reported = [c for c in script.confirmations.get(step, []) if c[2] == rank] \
+        reported = [c for c in script.confirmations.get(step, []) if c.rank == rank] \
             if self._fresh_step(rank) else []
-        status: dict[str, Any] = {"state": "running", "events": [], "checkpoints": reported,
-                                  "idle_s": 0.0, "global_step": step, "steps": step,
-                                  "sigterm": bool(script.sigterm and script.sigterm[0] == rank
-                                                  and step >= script.sigterm[1])}
+        status = WorkerStatus(WorkerState.RUNNING, handed_over=tuple(reported),
+                              global_step=step, steps=step,
+                              sigterm=bool(script.sigterm and script.sigterm[0] == rank
+                                           and step >= script.sigterm[1]))
         if script.die and step >= script.die[1]:
             if rank == script.die[0]:
                 return WorkerGone("actor_died", f"The actor of rank {rank} died unexpectedly")
-            return dict(status, state="failed", exception=None,
-                        error="RuntimeError: [gloo] Connection closed by peer")
+            return replace(status, state=WorkerState.FAILED, failure=WorkerFailure(
+                "RuntimeError: [gloo] Connection closed by peer"))
         if script.user_error and rank == script.user_error[0] and step >= script.user_error[1]:
-            return dict(status, state="failed", exception=cloudpickle.dumps(
-                script.user_error[2]), error=f"Traceback: {script.user_error[2]!r}")
+            return replace(status, state=WorkerState.FAILED, failure=WorkerFailure(
+                f"Traceback: {script.user_error[2]!r}", cloudpickle.dumps(script.user_error[2])))
         if script.hang and rank == script.hang[0] and step >= script.hang[1]:
-            return dict(status, idle_s=1e6)
+            return replace(status, idle_s=1e6)
         if self.stop_at is not None and step >= self.stop_at:
-            return dict(status, state="preempted")
+            return replace(status, state=WorkerState.PREEMPTED)
         if step >= script.steps:
-            return dict(status, state="done", result=script.result if rank == 0 else None)
+            return replace(status, state=WorkerState.DONE,
+                           result=script.result if rank == 0 else None)
         return status
 
     def _fresh_step(self, rank: int) -> bool:
@@ -295,7 +297,7 @@ def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster 
                "per_worker": resolve_worker_resources(use_gpu=False, accelerator="cpu"),
                "strategy": "PACK", "device_type": "cpu", "placement_timeout_s": 0.0,
                "pg_timeout_s": 1.0, "env": {}}
-    controller = Controller(trainer=trainer, payload_ref=None, job={"stage": stage},
+    controller = Controller(trainer=trainer, payload_ref=None, job=Job(stage=stage),
                             group_options=options, sink=PrintLog(), manager=manager,
                             hang_timeout_s=hang_timeout_s, poll_interval_s=0.0,
                             poll_wait_s=0.0,

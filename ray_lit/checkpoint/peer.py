@@ -26,6 +26,7 @@ import threading
 from typing import Any
 
 from ray_lit.checkpoint.host_copy import HostSnapshot
+from ray_lit.messages import FromPeers
 
 __all__ = ["PeerSnapshot", "PeerSnapshotLost", "restore_checkpoint", "split_rank_state"]
 
@@ -146,17 +147,17 @@ def own_part_bytes(own: dict[str, Any]) -> bytes:
     return checkpoint_to_bytes(own)
 
 
-def restore_checkpoint(memory: dict[str, Any], world_rank: int) -> dict[str, Any]:
-    """The checkpoint of snapshot ``memory`` (``{"ref", "parts"}``) for ``world_rank`` of the
+def restore_checkpoint(memory: FromPeers, world_rank: int) -> dict[str, Any]:
+    """The checkpoint of snapshot ``memory`` for ``world_rank`` of the
     next attempt: rank 0's own part with the replicated tensors put back, and this rank's own
     RNG where it had one (as ``load_restore`` does for storage checkpoints)."""
     import ray
 
     from ray_lit.storage.checkpoint_io import checkpoint_from_bytes
 
-    parts = memory["parts"]
+    parts = memory.parts
     checkpoint = checkpoint_from_bytes(parts[0], map_location="cpu")
-    data = memory["ref"]  # an ObjectRef to the exported bytes (or the bytes themselves)
+    data = memory.ref  # an ObjectRef to the exported bytes (or the bytes themselves)
     if not isinstance(data, bytes | bytearray):
         try:
             data = ray.get(data, timeout=300)

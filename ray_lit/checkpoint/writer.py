@@ -20,6 +20,7 @@ from typing import Any
 
 from ray_lit.checkpoint.host_copy import HostSnapshot
 from ray_lit.checkpoint.layout import checkpoint_name, part_uri
+from ray_lit.messages import CheckpointSpec, PartWritten, SnapshotPart
 
 log = logging.getLogger("ray_lit")
 
@@ -55,6 +56,12 @@ class CheckpointWriter:
         self._announced = False  # the attempt's first step was reported to the driver
         self.overlap_copy = True  # off after a torn copy (a parameter changed outside step)
         self.stall_s: list[float] = []
+
+    @classmethod
+    def from_spec(cls, spec: CheckpointSpec) -> CheckpointWriter:
+        """The writer a worker builds from the job's ``CheckpointSpec``."""
+        return cls(spec.run_uri, spec.every_n_steps,
+                   snapshot_every_n_steps=spec.snapshot_every_n_steps)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -198,7 +205,7 @@ class CheckpointWriter:
         blob = own_part_bytes(own)
         self.stall_s.append(time.perf_counter() - start)
         if self._worker is not None:
-            self._worker.post(("snapshot", key, self._rank, self._world_size, blob))
+            self._worker.post(SnapshotPart(key, self._rank, self._world_size, blob))
 
     def _peer(self, create: bool = True) -> Any:
         """This worker's ``PeerSnapshot`` (it lives on the ``Worker``, across attempts; on
@@ -227,7 +234,7 @@ class CheckpointWriter:
             self._error = err
             return
         if self._worker is not None:
-            self._worker.post(("checkpoint", name, self._rank, self._world_size, meta))
+            self._worker.post(PartWritten(name, self._rank, self._world_size, meta))
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error here."""

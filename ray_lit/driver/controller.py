@@ -18,6 +18,7 @@ import dataclasses
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,16 @@ from ray_lit.driver.reporting import replay
 from ray_lit.driver.snapshot_ledger import SnapshotLedger
 from ray_lit.driver.worker_group import Survivors, WorkerGone, WorkerGroup
 from ray_lit.errors import MisconfigurationException, TrainingFailedError
+from ray_lit.messages import (
+    FromPeers,
+    FromStorage,
+    HandedOver,
+    Job,
+    SnapshotPart,
+    WorkerFailure,
+    WorkerState,
+    WorkerStatus,
+)
 
 
 @dataclass
@@ -59,7 +70,7 @@ class Controller:
     keep_survivors = True  # reuse the live workers after a loss (benchmarks turn it off)
     root_cause_grace_s = 5.0  # how long Ray may take to report the death behind a failure
 
-    def __init__(self, *, trainer: Any, payload_ref: Any, job: dict[str, Any],
+    def __init__(self, *, trainer: Any, payload_ref: Any, job: Job,
                  group_options: dict[str, Any], sink: Any, manager: Any = None,
                  hang_timeout_s: float | None = None, poll_interval_s: float = 0.1,
                  poll_wait_s: float = 0.5,
@@ -144,7 +155,7 @@ class Controller:
                 self.sink.print(message)
 
     def _attempt(self) -> AttemptOutcome:
-        job = dict(self.job)
+        job = self.job
         note, origin = None, ("start", 0)
         if self.manager is not None:
             self.manager.abandon_pending()
@@ -152,22 +163,23 @@ class Controller:
             latest = self.manager.latest()
             # a later attempt (after a failure or a resize) always continues from the latest
             # commit; the first one only with resume="auto"
-            if latest is not None and job.get("stage") == "fit" and (
-                    self._attempts > 0 or job.get("resume_latest")):
-                job["restore"] = {"rank0": latest.part_uri(0),
-                                  "parts": {r: latest.part_uri(r)
-                                            for r in range(latest.world_size)}}
-                job.pop("checkpoint", None)
+            if latest is not None and job.stage == "fit" and (
+                    self._attempts > 0 or job.resume_latest):
+                job = dataclasses.replace(job, checkpoint=None, restore=FromStorage(
+                    latest.part_uri(0), {r: latest.part_uri(r)
+                                         for r in range(latest.world_size)}))
                 note = (f"ray_lit: restoring from {latest.name} (step {latest.global_step}, "
                         f"epoch {latest.epoch})")
                 origin = ("storage", latest.global_step)
-        job["attempt"] = self._attempts
+        job = dataclasses.replace(job, attempt=self._attempts)
         self._attempts += 1
         survivors, self._survivors = self._survivors, None
-        if survivors is not None and job.get("stage") == "fit":
-            step = self._restore_from_peers(job, survivors)
-            if step is not None:
-                note = f"ray_lit: restoring from {job['restore']['memory']['reason']}"
+        if survivors is not None and job.stage == "fit":
+            memory = self._restore_from_peers(survivors)
+            if memory is not None:
+                step, restore = memory
+                job = dataclasses.replace(job, checkpoint=None, restore=restore)
+                note = f"ray_lit: restoring from {restore.reason}"
                 origin = ("memory", step)
         if survivors is not None:
             survivors.drop_stuck()  # kept only for the snapshot they held
@@ -180,7 +192,7 @@ class Controller:
             survivors.release()  # not enough places around them: start a new group
             survivors = None
         size = regroup.num_workers if regroup is not None else self._world_size()
-        self._plan_accumulation(job, size)
+        job = dataclasses.replace(job, accumulate=self._plan_accumulation(size))
         kept = len(survivors.actors) if survivors is not None else 0
         try:
             group = self.create_group(**dict(self.group_options, num_workers=size),
@@ -193,7 +205,7 @@ class Controller:
             self.sink.print(f"ray_lit: re-forming the group around the surviving workers "
                             f"failed ({type(err).__name__}); starting a new group")
             kept, size = 0, self._world_size()
-            self._plan_accumulation(job, size)
+            job = dataclasses.replace(job, accumulate=self._plan_accumulation(size))
             group = self.create_group(**dict(self.group_options, num_workers=size),
                                       survivors=None)
         if kept:
@@ -204,7 +216,7 @@ class Controller:
         try:
             group.run(self.payload_ref, job)
             # the ranks hold the peer snapshot's ref now; it is freed once they loaded it
-            job.pop("restore", None)
+            del job
             outcome = self._supervise(group)
             return outcome
         finally:
@@ -222,7 +234,7 @@ class Controller:
     def _worth_salvaging(self, outcome: AttemptOutcome, group: WorkerGroup) -> bool:
         """After a lost worker (not a bug in user code) and before an elastic resize, the
         live workers are kept for the next attempt instead of being torn down with the group."""
-        if not self.keep_survivors or self.job.get("stage") != "fit":
+        if not self.keep_survivors or self.job.stage != "fit":
             return False
         if outcome.resize_to is not None:  # growing inside the placement group: they stay
             self._answered, self._unreachable = set(), set()
@@ -280,22 +292,22 @@ class Controller:
                             "memory (written while they left the failed group)")
         survivors.confirmations = []
 
-    def _receive(self, entries: list[tuple]) -> list[str]:
+    def _receive(self, entries: Iterable[HandedOver]) -> list[str]:
         """Take what the ranks handed over: checkpoint part confirmations (to the manager)
         and in-memory snapshot parts (to the ledger). Returns the checkpoints committed."""
         committed = []
-        for kind, name, rank, world_size, meta in entries:
-            if kind == "snapshot":
-                self.ledger.add(name, rank, world_size, meta)
-            elif self.manager is not None and self.manager.confirm(name, rank, world_size,
-                                                                   meta):
-                committed.append(name)
+        for entry in entries:
+            if isinstance(entry, SnapshotPart):
+                self.ledger.add(entry.key, entry.rank, entry.world_size, entry.data)
+            elif self.manager is not None and self.manager.confirm(
+                    entry.name, entry.rank, entry.world_size, entry.meta):
+                committed.append(entry.name)
         return committed
 
-    def _restore_from_peers(self, job: dict[str, Any], survivors: Survivors) -> int | None:
+    def _restore_from_peers(self, survivors: Survivors) -> tuple[int, FromPeers] | None:
         """Continue from a surviving worker's in-memory snapshot instead of storage when it is
         newer than the latest commit (``Trainer(snapshot_every_n_steps=N)``): fewer steps
-        redone, and still exact."""
+        redone, and still exact. Returns the snapshot's step and the restore, or None."""
         latest = self.manager.latest() if self.manager is not None else None
         decision = decide_restore(latest.global_step if latest is not None else None,
                                   self.ledger.complete(), survivors.snapshots)
@@ -308,12 +320,10 @@ class Controller:
                 break
         if ref is None:
             return None  # the holders went too: the storage checkpoint stands
-        # the storage restore stays beside it: a rank that cannot fetch the snapshot fails
-        # the attempt as a lost peer (``PeerSnapshotLost``), and the next one decides again
-        job.setdefault("restore", {})["memory"] = {
-            "ref": ref, "parts": self.ledger.parts(decision.key), "reason": decision.reason}
-        job.pop("checkpoint", None)
-        return decision.key[1]
+        # a rank that cannot fetch the snapshot fails the attempt as a lost peer
+        # (``PeerSnapshotLost``), and the next attempt decides again
+        return decision.key[1], FromPeers(ref, self.ledger.parts(decision.key),
+                                          decision.reason)
 
     # --- supervision ----------------------------------------------------------------------------
     def _supervise(self, group: WorkerGroup) -> AttemptOutcome:
@@ -333,28 +343,29 @@ class Controller:
                 if isinstance(status, AttemptOutcome):
                     failures.append(status)
                     continue
-                if status.get("sigterm"):
+                if status.sigterm:
                     sigterm_ranks.append(rank)
-                state = status["state"]
-                if state == "failed":
+                state = status.state
+                if state is WorkerState.FAILED:
                     failures.append(self._failed(group, rank, status))
-                elif state in ("done", "preempted"):
-                    done[rank] = status.get("result")
+                elif state in (WorkerState.DONE, WorkerState.PREEMPTED):
+                    done[rank] = status.result
                     states[rank] = state
-                elif self.hang_timeout_s and status["idle_s"] > self.hang_timeout_s:
+                elif self.hang_timeout_s and status.idle_s > self.hang_timeout_s:
                     failures.append(AttemptOutcome(error=self._error(
-                        group, rank, "hang", f"no training progress for {status['idle_s']:.0f}"
+                        group, rank, "hang", f"no training progress for {status.idle_s:.0f}"
                         f" s (worker_hang_timeout_s={self.hang_timeout_s})")))
-                if rank == 0 and self._failed_at is not None and state == "running" and \
-                        status["idle_s"] < max(self.poll_wait_s, self.poll_interval_s * 5) and \
-                        status["steps"] > 0:
+                if rank == 0 and self._failed_at is not None and \
+                        state is WorkerState.RUNNING and \
+                        status.idle_s < max(self.poll_wait_s, self.poll_interval_s * 5) and \
+                        status.steps > 0:
                     # recovery: from the failure to the new group's first training steps
                     self.recovery_times.append(time.monotonic() - self._failed_at)
                     self._failed_at = None
             if failures:
                 return self._root_cause(group, failures, departure)
             if len(done) == group.world_size:
-                planned = all(s == "preempted" for s in states.values())
+                planned = all(s is WorkerState.PREEMPTED for s in states.values())
                 if departure is not None and planned and not departure.stop_run:
                     return AttemptOutcome(departed=departure)  # before a resize planned then
                 if resize_to is not None and planned:
@@ -399,9 +410,9 @@ class Controller:
                 out.append(AttemptOutcome(error=self._error(group, rank, status.kind,
                                                             status.text)))
                 continue
-            if status["events"]:
-                replay(status["events"], self.sink)
-            self._receive(status["checkpoints"])
+            if status.events:
+                replay(status.events, self.sink)
+            self._receive(status.handed_over)
             out.append(status)
         return out
 
@@ -410,9 +421,10 @@ class Controller:
         return WorkerError(world_rank=rank, node_id=worker.node_id, node_ip=worker.node_ip,
                            traceback=text, kind=kind)
 
-    def _failed(self, group: WorkerGroup, rank: int, status: dict[str, Any]) -> AttemptOutcome:
-        exception = _unpickle(status.get("exception"))
-        text = status.get("error") or ""
+    def _failed(self, group: WorkerGroup, rank: int, status: WorkerStatus) -> AttemptOutcome:
+        failure = status.failure or WorkerFailure("")
+        exception = _unpickle(failure.exception)
+        text = failure.traceback
         # a collective that lost its peer is a symptom of another rank's death, not a bug
         peer_loss = _is_peer_loss(exception, text)
         kind = "actor_died" if peer_loss else "user_error"
@@ -497,7 +509,7 @@ class Controller:
 
     def _grow_due(self, group: WorkerGroup) -> bool:
         if not self.elastic or group.world_size >= self.scaling.max_workers or \
-                self.job.get("stage") != "fit" or self.manager is None:
+                self.job.stage != "fit" or self.manager is None:
             return False
         now = time.monotonic()
         if now - self._last_grow_check < self.grow_check_interval_s:
@@ -531,26 +543,27 @@ class Controller:
         self._last_lost_check = now
         self._lost_nodes -= set(suspects) - self.cluster.unreachable(suspects)
 
-    def _plan_accumulation(self, job: dict[str, Any], size: int) -> None:
+    def _plan_accumulation(self, size: int) -> int | None:
         """Keep the global batch per optimizer step through accumulation (the documented
-        default, ``elastic_batch``) when the world size is not the configured maximum."""
+        default, ``elastic_batch``) when the world size is not the configured maximum.
+        Returns the accumulation for the job, or None (the config's own)."""
         config = self.trainer.config
         if not self.elastic or not isinstance(config.accumulate_grad_batches, int):
-            return
+            return None
         decision = decide_accumulation(self.scaling.max_workers, config.accumulate_grad_batches,
                                        size, config.elastic_batch)
-        job["accumulate"] = decision.accumulate
         if size != self.scaling.max_workers:
             self.sink.print(f"ray_lit: {size} worker(s): accumulate_grad_batches="
                             f"{decision.accumulate} ({decision.reason})")
+        return decision.accumulate
 
     def _steps(self, group: WorkerGroup) -> list[int]:
         statuses = [s for s in group.statuses() if not isinstance(s, WorkerGone)]
         for status in statuses:
-            if status["events"]:
-                replay(status["events"], self.sink)
-            self._receive(status["checkpoints"])  # a part handed over now is not lost
-        return [s.get("global_step", 0) for s in statuses]
+            if status.events:
+                replay(status.events, self.sink)
+            self._receive(status.handed_over)  # a part handed over now is not lost
+        return [s.global_step for s in statuses]
 
     # --- outcome --------------------------------------------------------------------------------
     def _raise(self, outcome: AttemptOutcome, decision: Any) -> None:

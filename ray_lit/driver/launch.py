@@ -19,6 +19,7 @@ import numpy as np
 
 from ray_lit.driver.results import apply_final_state
 from ray_lit.errors import MisconfigurationException
+from ray_lit.messages import CheckpointSpec, Job
 
 log = logging.getLogger("ray_lit")
 
@@ -65,7 +66,8 @@ def _worker_trainer(trainer: Any) -> Any:
     from ray_lit.worker.logger_proxy import LoggerProxy
 
     clone = copy.copy(trainer)
-    clone.loggers = [LoggerProxy.of(logger) for logger in trainer.loggers]
+    # the index says which driver logger a rank-0 ``logger.experiment`` call is applied to
+    clone.loggers = [LoggerProxy.of(logger, i) for i, logger in enumerate(trainer.loggers)]
     clone.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
     clone.lightning_module = None
     clone.datamodule = None
@@ -113,7 +115,7 @@ def _group_options(trainer: Any) -> dict[str, Any]:
     if not inside_tune:  # a Tune trial's resources were reserved by Tune already
         check_feasible(num_workers, per_worker, config.placement_strategy)
     env = {}
-    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "RAY_LIT_WORKER_SETUP"):
         if key in os.environ:
             env[key] = os.environ[key]
     return {"num_workers": num_workers, "per_worker": per_worker,
@@ -138,8 +140,9 @@ def _run_uri(trainer: Any) -> str:
 def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
                ckpt_path: str | None) -> None:
     """``Trainer.fit`` on a Ray worker group (driver)."""
+    import ray
+
     from ray_lit.checkpoint.manager import CheckpointManager
-    from ray_lit.checkpoint.writer import CheckpointWriter
     from ray_lit.core.seed import global_seed
     from ray_lit.driver.controller import Controller
     from ray_lit.storage.filesystem import Storage
@@ -151,19 +154,21 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
     ensure_ray()
     group_options = _group_options(trainer)
     manager = CheckpointManager(run_uri, keep=config.keep_checkpoints)
-    job: dict[str, Any] = {"stage": "fit", "seed": global_seed(),
-                           "sampler_seed": global_seed() or 0, "use_gpu": config.use_gpu,
-                           "accelerator": config.accelerator,
-                           "checkpointer": CheckpointWriter(
-                               run_uri, config.checkpoint_every_n_steps,
-                               snapshot_every_n_steps=config.snapshot_every_n_steps)}
+    resume_from = None
     if ckpt_path is not None:
-        checkpoint = trainer._load_resume_checkpoint(ckpt_path)
-        job["checkpoint"] = checkpoint
-    elif config.resume == "auto":
-        job["resume_latest"] = True
-    elif config.resume not in ("never", None):
-        job["checkpoint"] = trainer._load_resume_checkpoint(config.resume)
+        resume_from = ckpt_path
+    elif config.resume not in ("auto", "never", None):
+        resume_from = config.resume
+    # a resume checkpoint is put in the object store once, not sent to every worker by value
+    checkpoint_ref = None
+    if resume_from is not None:
+        checkpoint_ref = ray.put(trainer._load_resume_checkpoint(resume_from))
+    job = Job(stage="fit", seed=global_seed(), sampler_seed=global_seed() or 0,
+              use_gpu=config.use_gpu, accelerator=config.accelerator,
+              checkpointing=CheckpointSpec(run_uri, config.checkpoint_every_n_steps,
+                                           config.snapshot_every_n_steps),
+              checkpoint=checkpoint_ref,
+              resume_latest=ckpt_path is None and config.resume == "auto")
     payload = {"trainer": _worker_trainer(trainer), "module": module, "train": train,
                "val": val, "dm": datamodule}
     payload_ref = _ship(payload)
@@ -186,13 +191,15 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
 def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datamodule: Any,
                       weights: dict | None) -> list[dict[str, float]]:
     """``Trainer.validate`` / ``test`` on a Ray worker group (driver)."""
+    import ray
+
     from ray_lit.driver.controller import Controller
 
     ensure_ray()
     group_options = _group_options(trainer)
-    job = {"stage": stage, "seed": None, "use_gpu": trainer.config.use_gpu,
-           "accelerator": trainer.config.accelerator,
-           "weights": weights}
+    job = Job(stage=stage, use_gpu=trainer.config.use_gpu,
+              accelerator=trainer.config.accelerator,
+              weights=ray.put(weights) if weights is not None else None)
     payload_ref = _ship({"trainer": _worker_trainer(trainer), "module": module,
                          "loaders": loaders, "dm": datamodule})
     sink = trainer._driver_sink()
@@ -200,4 +207,4 @@ def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datam
                             group_options=group_options, sink=sink)
     state = cloudpickle.loads(controller.run())
     apply_final_state(trainer, module, datamodule, state, fitted=False)
-    return state["results"]
+    return state.results

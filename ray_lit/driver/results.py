@@ -9,14 +9,16 @@ from typing import Any
 
 import torch
 
+from ray_lit.messages import FinalState
 
-def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: dict[str, Any],
+
+def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: FinalState,
                        fitted: bool = True) -> None:
     """Rank 0's weights into the user's module; the run's state onto the driver's Trainer."""
     from ray_lit.callbacks.progress import ProgressBar
 
     with torch.no_grad():
-        module.load_state_dict(state["state_dict"])
+        module.load_state_dict(state.state_dict)
     module.trainer = trainer
     trainer.lightning_module = module
     from ray_lit.loop.host import LocalHost
@@ -26,23 +28,23 @@ def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: dict[st
     trainer._host.world_size = trainer.world_size_history[-1] if \
         trainer.world_size_history else 1
     trainer.datamodule = datamodule
-    trainer.callback_metrics = state["callback_metrics"]
-    trainer.logged_metrics = state["logged_metrics"]
-    trainer._pbar_raw = dict(state["pbar"])
-    trainer.interrupted = state["interrupted"]
+    trainer.callback_metrics = state.callback_metrics
+    trainer.logged_metrics = state.logged_metrics
+    trainer._pbar_raw = dict(state.pbar)
+    trainer.interrupted = state.interrupted
     if fitted:
-        trainer._progress.load_state_dict(state["progress"])
-        trainer.should_stop = state["should_stop"]
-        trainer.num_training_batches = state["num_training_batches"]
-        trainer.num_val_batches = state["num_val_batches"]
+        trainer._progress.load_state_dict(state.progress)
+        trainer.should_stop = state.should_stop
+        trainer.num_training_batches = state.num_training_batches
+        trainer.num_val_batches = state.num_val_batches
     else:
-        trainer.num_test_batches = state["num_test_batches"]
+        trainer.num_test_batches = state.num_test_batches
     # matched by ``state_key``, never by position: a worker's list differs from the driver's
     # when ``configure_callbacks`` replaced or added callbacks (REVIEW 5.1)
     from ray_lit.loop.stages import merge_configured_callbacks
 
     trainer.callbacks = merge_configured_callbacks(trainer.callbacks, module)
-    remote = dict(state["callbacks"])
+    remote = state.callbacks
     for callback in trainer.callbacks:
         if isinstance(callback, ProgressBar):
             continue

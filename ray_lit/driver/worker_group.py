@@ -22,6 +22,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_lit.driver.placement import create_placement_group, remove_placement_group_quietly
+from ray_lit.messages import HandedOver, Job, WorkerStatus
 from ray_lit.worker.actor import Worker
 from ray_lit.worker.process_group import choose_backend
 from ray_lit.worker.ranks import WorkerRanks, assign_ranks
@@ -64,7 +65,7 @@ class Survivors:
     dead_nodes: list[str] = field(default_factory=list)  # where the lost workers ran
     # what the survivors had not yet handed to the driver: checkpoint parts they finished
     # writing while leaving (the driver confirms them) and in-memory snapshot parts
-    confirmations: list[tuple] = field(default_factory=list)
+    confirmations: list[HandedOver] = field(default_factory=list)
     # the in-memory snapshots each survivor holds, by bundle index (``peer_snapshot``)
     snapshots: dict[int, Any] = field(default_factory=dict)
     capacity: int = 0  # worker bundles in the placement group (the most workers it can host)
@@ -190,8 +191,6 @@ class WorkerGroup:
         the old run's state; dead or stuck ones are killed, and so are the workers on
         ``lost_nodes`` without asking (Ray may not know yet that they are gone). None when
         nobody survived."""
-        import time
-
         pending: dict[int, tuple[Any, Any]] = {}
         dead_nodes: list[str] = []
         for w in self.workers:
@@ -202,7 +201,7 @@ class WorkerGroup:
                 pending[w.bundle_index] = (w.actor, w.actor.abort.remote(abort_timeout_s))
         alive: dict[int, Any] = {}
         nodes = {w.bundle_index: w.node_id for w in self.workers}
-        confirmations: list[tuple] = []
+        confirmations: list[HandedOver] = []
         snapshots: dict[int, Any] = {}
         stuck: dict[int, Any] = {}
         deadline = time.monotonic() + abort_timeout_s + 5  # one deadline for all of them
@@ -212,9 +211,9 @@ class WorkerGroup:
             except Exception:  # dead (RayActorError) or not answering
                 left = None
             if left is not None:
-                confirmations.extend(left["outbox"])
-                snapshots[index] = left["snapshots"]
-                if left.get("stuck"):  # alive, loop stuck: replaced once its snapshot is out
+                confirmations.extend(left.handed_over)
+                snapshots[index] = list(left.snapshots)
+                if left.stuck:  # alive, loop stuck: replaced once its snapshot is out
                     stuck[index] = actor
                     continue
                 alive[index] = actor
@@ -242,7 +241,7 @@ class WorkerGroup:
         log.info("ray_lit: worker group of %d formed (%s, rank 0 at %s:%d)", self.world_size,
                  backend, rank0.node_ip, port)
 
-    def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
+    def run(self, payload_ref: Any, job: Job) -> None:
         ray.get([w.actor.run.remote(payload_ref, job) for w in self.workers])
 
     def poll(self, wait_s: float = 0.0) -> list[Any]:
@@ -250,8 +249,8 @@ class WorkerGroup:
         return [w.actor.poll.remote(wait_s) for w in self.workers]
 
     def statuses(self, timeout_s: float = 30.0,
-                 wait_s: float = 0.0) -> list[dict[str, Any] | WorkerGone]:
-        """Every worker's status dict (see ``Worker.poll``), or ``WorkerGone`` for one that
+                 wait_s: float = 0.0) -> list[WorkerStatus | WorkerGone]:
+        """Every worker's status (see ``Worker.poll``), or ``WorkerGone`` for one that
         is dead or did not answer within ``timeout_s``.
 
         With ``wait_s`` each worker's poll waits up to that long for news. The first poll
@@ -267,7 +266,7 @@ class WorkerGroup:
                 for ref, worker in zip(refs, self.workers):
                     if ref in pending:
                         worker.actor.wake.remote()
-        out: list[dict[str, Any] | WorkerGone] = []
+        out: list[WorkerStatus | WorkerGone] = []
         for ref in refs:
             try:
                 out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))

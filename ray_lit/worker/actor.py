@@ -17,6 +17,14 @@ from typing import Any
 import cloudpickle
 import torch
 
+from ray_lit.messages import (
+    HandedOver,
+    Job,
+    LeftBehind,
+    WorkerFailure,
+    WorkerState,
+    WorkerStatus,
+)
 from ray_lit.worker._ray_compat import serialization_context_without_arrow, warm_imports
 from ray_lit.worker.job import run_job
 
@@ -35,16 +43,15 @@ class Worker:
     def __init__(self) -> None:
         serialization_context_without_arrow()  # before anything else can build it
         self._thread: threading.Thread | None = None
-        self._state = "idle"
-        self._error: str | None = None
-        self._exception: bytes | None = None
+        self._state = WorkerState.IDLE
+        self._failure: WorkerFailure | None = None
         self._result: Any = None
         self._sink: Any = None
         self._trainer: Any = None
         self._lock = threading.Lock()
         self._last_progress = time.monotonic()
         self._steps = -1
-        self.outbox: list[tuple] = []
+        self.outbox: list[HandedOver] = []
         # set when the driver should hear at once (a state change, a checkpoint part, a
         # SIGTERM): it ends a waiting ``poll`` early
         self._news = threading.Event()
@@ -67,7 +74,7 @@ class Worker:
         without this node. An idle worker, or one the driver no longer polls, exits as Ray's
         own handler would have it."""
         polled = time.monotonic() - self._last_poll < 2.0
-        if self._state == "running" and polled and not self._sigterm:
+        if self._state is WorkerState.RUNNING and polled and not self._sigterm:
             self._sigterm = True
             self._news.set()
             return
@@ -99,47 +106,48 @@ class Worker:
         self._ranks = ranks
         self._backend = backend
 
-    def run(self, payload_ref: Any, job: dict[str, Any]) -> None:
+    def run(self, payload_ref: Any, job: Job) -> None:
         """Start the loop in a thread; ``poll`` reports how it goes."""
         import ray
 
         # Ray resolves a top-level reference argument itself: this is usually the pickled
         # payload already (a read-only view of the object store's shared memory)
         payload = ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef) else payload_ref
-        self._state = "running"
-        # handed over in a box the loop empties, so the pickled bytes are released once unpickled
-        self._thread = threading.Thread(target=self._main, args=([payload], job), daemon=True,
+        self._state = WorkerState.RUNNING
+        # handed over in a box the loop empties, so the pickled bytes are released once
+        # unpickled, and the job's references (a peer snapshot) once the restore is loaded
+        self._thread = threading.Thread(target=self._main, args=([payload, job],), daemon=True,
                                         name="ray_lit-loop")
         self._thread.start()
 
-    def _main(self, box: list[Any], job: dict[str, Any]) -> None:
+    def _main(self, box: list[Any]) -> None:
         try:
-            self._run_loop(box, job)
+            self._run_loop(box)
         finally:
             self._news.set()  # the loop ended: the driver hears it now, not a poll later
 
-    def _run_loop(self, box: list[Any], job: dict[str, Any]) -> None:
+    def _run_loop(self, box: list[Any]) -> None:
         try:
-            unpacked = cloudpickle.loads(box.pop())
-            self._result = run_job(self, unpacked, job)
-            self._state = "done"
+            unpacked = cloudpickle.loads(box.pop(0))
+            self._result = run_job(self, unpacked, box.pop())  # run_job holds the only ref
+            self._state = WorkerState.DONE
         except BaseException as err:  # reported to the driver, which decides
             from ray_lit.checkpoint.writer import PreemptedExit
 
             if isinstance(err, PreemptedExit):
-                self._state = "preempted"
+                self._state = WorkerState.PREEMPTED
                 return
             if self.aborting:  # the driver gave this attempt up; nothing to report
-                self._state = "aborted"
+                self._state = WorkerState.ABORTED
                 return
-            self._error = traceback.format_exc()
             try:
-                self._exception = cloudpickle.dumps(err)
+                pickled = cloudpickle.dumps(err)
             except Exception:
-                self._exception = None
-            self._state = "failed"
+                pickled = None
+            self._failure = WorkerFailure(traceback.format_exc(), pickled)
+            self._state = WorkerState.FAILED
 
-    def post(self, item: tuple) -> None:
+    def post(self, item: HandedOver) -> None:
         """Hand ``item`` (a written checkpoint part, a snapshot part) to the driver with the
         next poll, and end a poll that is waiting (loop and writer threads call this)."""
         with self._lock:  # never onto a list a poll already handed over
@@ -150,7 +158,7 @@ class Worker:
         """End a waiting ``poll`` now (the driver heard news from another rank)."""
         self._news.set()
 
-    def poll(self, wait_s: float = 0.0) -> dict[str, Any]:
+    def poll(self, wait_s: float = 0.0) -> WorkerStatus:
         """Status for the controller; rank 0 also hands over its recorded events.
 
         With ``wait_s`` the call is a long poll: it returns when there is news (see ``post``)
@@ -169,17 +177,17 @@ class Worker:
             self._steps, self._last_progress = steps, time.monotonic()
         with self._lock:
             outbox, self.outbox = self.outbox, []
-        out = {"state": self._state, "events": events, "checkpoints": outbox,
-               "idle_s": time.monotonic() - self._last_progress,
-               "global_step": trainer.global_step if trainer is not None else 0,
-               "steps": max(steps, 0) - self._first_steps if self._first_steps is not None
-               else 0, "sigterm": self._sigterm}
+        state = self._state
+        out = WorkerStatus(
+            state=state, events=events, handed_over=tuple(outbox),
+            idle_s=time.monotonic() - self._last_progress,
+            global_step=trainer.global_step if trainer is not None else 0,
+            steps=max(steps, 0) - self._first_steps if self._first_steps is not None else 0,
+            sigterm=self._sigterm,
+            failure=self._failure if state is WorkerState.FAILED else None,
+            result=self._result if state is WorkerState.DONE else None)
         if self._first_steps is None and steps >= 0:
             self._first_steps = steps
-        if self._state == "failed":
-            out["error"], out["exception"] = self._error, self._exception
-        if self._state == "done":
-            out["result"] = self._result
         return out
 
     def request_stop_at(self, step: int) -> None:
@@ -201,7 +209,7 @@ class Worker:
         data = self.peer_snapshot.export(key)
         return len(data), data
 
-    def abort(self, timeout_s: float) -> dict[str, Any] | None:
+    def abort(self, timeout_s: float) -> LeftBehind | None:
         """Leave the failed attempt but stay alive for the next one (a surviving worker).
 
         The loop thread ends at its next collective (the dead peer's sockets are closed) or,
@@ -210,11 +218,11 @@ class Worker:
         may complete a checkpoint newer than the last commit.
 
         Returns:
-            ``outbox``: what the driver was not yet handed (the confirmation of the part
-            written just now among it, and snapshot parts); ``snapshots``: the keys of the
-            in-memory snapshots this worker holds; ``stuck`` when the loop did not end within
-            ``timeout_s`` (stuck in a collective or in user code): the controller exports a
-            snapshot from it if needed, then replaces it. None when stuck and holding none.
+            What the driver was not yet handed (the confirmation of the part written just now
+            among it, and snapshot parts), the keys of the in-memory snapshots this worker
+            holds, and ``stuck`` when the loop did not end within ``timeout_s`` (stuck in a
+            collective or in user code): the controller exports a snapshot from it if needed,
+            then replaces it. None when stuck and holding none.
         """
         self.aborting = True
         thread = self._thread
@@ -227,7 +235,7 @@ class Worker:
                 if peer is None:
                     return None
                 peer.wait()
-                return {"outbox": list(self.outbox), "snapshots": peer.keys, "stuck": True}
+                return LeftBehind(tuple(self.outbox), tuple(peer.keys), stuck=True)
         checkpointer = getattr(getattr(self._trainer, "_host", None), "checkpointer", None)
         if checkpointer is not None:
             try:
@@ -236,7 +244,7 @@ class Worker:
                 pass
         if peer is not None:
             peer.wait()  # the copy in flight is of a step boundary: finish it
-        left = {"outbox": list(self.outbox), "snapshots": peer.keys if peer is not None else []}
+        left = LeftBehind(tuple(self.outbox), tuple(peer.keys) if peer is not None else ())
         self.shutdown()
         self._reset()
         import gc
@@ -245,8 +253,8 @@ class Worker:
         return left
 
     def _reset(self) -> None:
-        self._thread, self._state = None, "idle"
-        self._error = self._exception = self._result = None
+        self._thread, self._state = None, WorkerState.IDLE
+        self._failure = self._result = None
         self._sink = self._trainer = None
         self._last_progress, self._steps = time.monotonic(), -1
         self.outbox, self.stop_at_step, self._first_steps = [], None, None

@@ -11,9 +11,13 @@ from typing import Any
 import cloudpickle
 import torch
 
+from ray_lit.messages import FinalState, FromPeers, Job, Restore, resolve
 
-def run_job(worker: Any, payload: dict[str, Any], job: dict[str, Any]) -> Any:
-    """Build this rank's trainer and run the stage; returns what the driver needs (rank 0)."""
+
+def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
+    """Build this rank's trainer and run the stage; rank 0 returns its pickled
+    ``FinalState``, the other ranks None."""
+    from ray_lit.checkpoint.writer import CheckpointWriter
     from ray_lit.core.seed import seed_everything
     from ray_lit.loop.reporting import NullSink, RecordingSink
     from ray_lit.worker.host import WorkerHost
@@ -21,33 +25,35 @@ def run_job(worker: Any, payload: dict[str, Any], job: dict[str, Any]) -> Any:
     ranks = worker._ranks
     trainer = payload["trainer"]
     module = payload["module"]
-    if job.get("accumulate") is not None:  # elastic: the controller's accumulation plan
-        trainer.config.accumulate_grad_batches = job["accumulate"]
-    if job.get("seed") is not None:
-        seed_everything(job["seed"])
+    if job.accumulate is not None:  # elastic: the controller's accumulation plan
+        trainer.config.accumulate_grad_batches = job.accumulate
+    if job.seed is not None:
+        seed_everything(job.seed)
     device = torch.device("cpu")
-    if job.get("accelerator") == "tpu":
+    if job.accelerator == "tpu":
         import torch_xla.core.xla_model as xm  # checked on the driver (choose_backend)
 
         device = xm.xla_device()
-    elif job.get("use_gpu") and torch.cuda.is_available():
+    elif job.use_gpu and torch.cuda.is_available():
         device = torch.device("cuda", 0)  # Ray exposes only this worker's GPU(s)
         torch.cuda.set_device(device)
     checkpointer = None
-    if job.get("checkpointer") is not None:
-        checkpointer = job["checkpointer"]
-        checkpointer.attach(worker, ranks, attempt=job.get("attempt", 0))
-    host = WorkerHost(ranks, device, seed=job.get("sampler_seed", 0), checkpointer=checkpointer)
+    if job.checkpointing is not None:
+        checkpointer = CheckpointWriter.from_spec(job.checkpointing)
+        checkpointer.attach(worker, ranks, attempt=job.attempt)
+    host = WorkerHost(ranks, device, seed=job.sampler_seed, checkpointer=checkpointer)
     sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
     for logger in trainer.loggers:
         logger.sink = sink
     trainer._host, trainer._sink = host, sink
     worker._sink, worker._trainer = sink, trainer
-    stage = job["stage"]
-    checkpoint = job.get("checkpoint")
-    if job.get("restore") is not None:
-        # popped: a snapshot fetched from a peer's memory is freed once loaded
-        checkpoint = load_restore(job.pop("restore"), ranks.world_rank)
+    stage, weights = job.stage, resolve(job.weights)
+    checkpoint = resolve(job.checkpoint)
+    if job.restore is not None:
+        checkpoint = load_restore(job.restore, ranks.world_rank)
+    # the last reference to the job (the worker handed it over in a box): a peer snapshot's
+    # ObjectRef in it no longer pins the object once every rank has loaded it
+    del job
     from ray_lit.loop.stages import run_evaluation, run_fit
 
     if stage == "fit":
@@ -58,47 +64,47 @@ def run_job(worker: Any, payload: dict[str, Any], job: dict[str, Any]) -> Any:
         results = None
     else:
         results = run_evaluation(trainer, stage, module, payload.get("loaders"),
-                                 payload.get("dm"), job.get("weights"))
+                                 payload.get("dm"), weights)
     if ranks.world_rank != 0:
         return None
     return cloudpickle.dumps(final_state(trainer, results))
 
 
-def load_restore(restore: dict[str, Any], world_rank: int) -> dict[str, Any]:
+def load_restore(restore: Restore, world_rank: int) -> dict[str, Any]:
     """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part
     (from storage, or from a surviving worker's memory: ``peer_snapshot``)."""
     from ray_lit.storage.checkpoint_io import load_checkpoint
 
-    if "memory" in restore:
+    if isinstance(restore, FromPeers):
         from ray_lit.checkpoint.peer import restore_checkpoint
 
-        return restore_checkpoint(restore["memory"], world_rank)
-    checkpoint = load_checkpoint(restore["rank0"], map_location="cpu")
-    own = restore["parts"].get(world_rank)
+        return restore_checkpoint(restore, world_rank)
+    checkpoint = load_checkpoint(restore.rank0_uri, map_location="cpu")
+    own = restore.parts.get(world_rank)
     if world_rank != 0 and own is not None:
         part = load_checkpoint(own, map_location="cpu")
         checkpoint["loops"]["rng"] = part["loops"]["rng"]
     return checkpoint
 
 
-def final_state(trainer: Any, results: Any) -> dict[str, Any]:
+def final_state(trainer: Any, results: Any) -> FinalState:
     """Rank 0's view of the run, sent back to the driver's Trainer."""
     module = trainer.lightning_module
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "hparams": module.__dict__.get("_hparams"),
-        "callback_metrics": _cpu(trainer.callback_metrics),
-        "logged_metrics": _cpu(trainer.logged_metrics),
-        "pbar": trainer.progress_bar_metrics,
-        "progress": trainer._progress.state_dict(),
-        "should_stop": trainer.should_stop,
-        "callbacks": [(cb.state_key, _picklable_state(cb)) for cb in trainer.callbacks],
-        "num_training_batches": trainer.num_training_batches,
-        "num_val_batches": trainer.num_val_batches,
-        "num_test_batches": trainer.num_test_batches,
-        "results": results,
-        "interrupted": trainer.interrupted,
-    }
+    return FinalState(
+        state_dict={k: v.detach().cpu() for k, v in module.state_dict().items()},
+        hparams=module.__dict__.get("_hparams"),
+        callback_metrics=_cpu(trainer.callback_metrics),
+        logged_metrics=_cpu(trainer.logged_metrics),
+        pbar=dict(trainer.progress_bar_metrics),
+        progress=trainer._progress.state_dict(),
+        should_stop=trainer.should_stop,
+        callbacks={cb.state_key: _picklable_state(cb) for cb in trainer.callbacks},
+        num_training_batches=trainer.num_training_batches,
+        num_val_batches=trainer.num_val_batches,
+        num_test_batches=trainer.num_test_batches,
+        results=results,
+        interrupted=trainer.interrupted,
+    )
 
 
 def _picklable_state(obj: Any) -> dict[str, Any]:

@@ -330,6 +330,7 @@ def test_one_ranks_news_ends_every_ranks_long_poll(ray_cluster):
     import ray
 
     from ray_lit.driver.worker_group import WorkerGroup, WorkerInfo, _RemoteWorker
+    from ray_lit.messages import PartWritten
     from ray_lit.worker.ranks import WorkerRanks
 
     actors = [_RemoteWorker.options(num_cpus=0, max_concurrency=2).remote() for _ in range(3)]
@@ -338,13 +339,13 @@ def test_one_ranks_news_ends_every_ranks_long_poll(ray_cluster):
         group = WorkerGroup([WorkerInfo(actor=a, ranks=WorkerRanks(i, i, 0, 3, 3),
                                         node_id="n", node_ip="127.0.0.1", gpu_ids=[], pid=0)
                              for i, a in enumerate(actors)], placement_group=None, owned=False)
-        part = ("checkpoint", "step-2", 1, 3, {"global_step": 2})
+        part = PartWritten("step-2", 1, 3, {"global_step": 2})
         timer = threading.Timer(0.5, lambda: actors[1].post.remote(part))
         timer.start()
         start = time.monotonic()
         statuses = group.statuses(wait_s=60)
         assert time.monotonic() - start < 30  # not the 60 s every quiet poll would wait
-        assert [s["checkpoints"] for s in statuses] == [[], [part], []]
+        assert [s.handed_over for s in statuses] == [(), (part,), ()]
     finally:
         for a in actors:
             ray.kill(a)

@@ -7,6 +7,14 @@ import pytest
 
 import ray_lit
 from ray_lit.errors import MisconfigurationException, TrainingFailedError
+from ray_lit.messages import (
+    FromPeers,
+    FromStorage,
+    LeftBehind,
+    PartWritten,
+    SnapshotPart,
+    WorkerState,
+)
 from ray_lit.testing import FakeCluster, FakeWorkerGroups, ScriptedAttempt, controller_for
 
 
@@ -200,7 +208,7 @@ def test_when_re_forming_around_survivors_fails_a_new_group_starts() -> None:
     assert any("starting a new group" in line for line in controller.sink.lines)
 
 
-def _part(tmp_path, name: str, rank: int) -> tuple:
+def _part(tmp_path, name: str, rank: int) -> PartWritten:
     """A part as a rank writes it, and its confirmation."""
     from ray_lit.checkpoint.manager import checkpoint_name, part_name
 
@@ -208,7 +216,7 @@ def _part(tmp_path, name: str, rank: int) -> tuple:
     directory = tmp_path / "run" / "checkpoints" / name
     directory.mkdir(parents=True, exist_ok=True)
     (directory / part_name(rank)).write_bytes(b"part")
-    return ("checkpoint", name, rank, 2, {"global_step": 6, "epoch": 0})
+    return PartWritten(name, rank, 2, {"global_step": 6, "epoch": 0})
 
 
 def test_a_checkpoint_the_survivors_finish_while_leaving_is_committed_and_used(tmp_path):
@@ -228,7 +236,7 @@ def test_a_checkpoint_the_survivors_finish_while_leaving_is_committed_and_used(t
     controller = controller_for(trainer, groups, manager=manager)
     controller.run()
     assert [c.global_step for c in manager.committed()] == [6]
-    assert groups.groups[1].job["restore"]["rank0"].endswith(f"{name}/rank_0.pt")
+    assert groups.groups[1].job.restore.rank0_uri.endswith(f"{name}/rank_0.pt")
     assert any("from the surviving workers' memory" in line for line in controller.sink.lines)
 
 
@@ -242,7 +250,7 @@ def test_an_incomplete_leftover_checkpoint_is_never_committed(tmp_path):
     manager = CheckpointManager(str(tmp_path / "run"))
     controller_for(_trainer(max_failures=1), groups, manager=manager).run()
     assert manager.committed() == []  # rank 1's part never came: nothing to resume from
-    assert "restore" not in groups.groups[1].job
+    assert groups.groups[1].job.restore is None
 
 
 def test_a_surviving_worker_hands_over_the_part_it_finished_while_leaving() -> None:
@@ -250,7 +258,7 @@ def test_a_surviving_worker_hands_over_the_part_it_finished_while_leaving() -> N
 
     class SlowWriter:
         def wait(self) -> None:  # the write in flight completes and confirms
-            worker.outbox.append(("checkpoint", "step-6", 0, 2, {"global_step": 6}))
+            worker.outbox.append(PartWritten("step-6", 0, 2, {"global_step": 6}))
 
     class Host:
         checkpointer = SlowWriter()
@@ -265,13 +273,13 @@ def test_a_surviving_worker_hands_over_the_part_it_finished_while_leaving() -> N
     signal.signal(signal.SIGTERM, previous)
     worker._trainer = Trainer()
     left = worker.abort(timeout_s=1.0)
-    assert left == {"outbox": [("checkpoint", "step-6", 0, 2, {"global_step": 6})],
-                    "snapshots": []}
-    assert worker._state == "idle" and worker._trainer is None and worker.outbox == []
+    assert left == LeftBehind((PartWritten("step-6", 0, 2, {"global_step": 6}),), ())
+    assert worker._state is WorkerState.IDLE and worker._trainer is None and worker.outbox == []
 
 
-def _snapshot_part(step: int, rank: int, world_size: int = 2, attempt: int = 0) -> tuple:
-    return ("snapshot", (attempt, step), rank, world_size, f"part-{step}-{rank}".encode())
+def _snapshot_part(step: int, rank: int, world_size: int = 2, attempt: int = 0
+                   ) -> SnapshotPart:
+    return SnapshotPart((attempt, step), rank, world_size, f"part-{step}-{rank}".encode())
 
 
 def test_a_survivors_memory_snapshot_newer_than_the_checkpoint_is_restored(tmp_path):
@@ -289,12 +297,12 @@ def test_a_survivors_memory_snapshot_newer_than_the_checkpoint_is_restored(tmp_p
     manager = CheckpointManager(str(tmp_path / "run"))
     controller = controller_for(_trainer(max_failures=1), groups, manager=manager)
     controller.run()
-    restore = groups.groups[1].job["restore"]
-    # the storage checkpoint stays beside it; the ranks load the snapshot (load_restore)
-    assert restore["rank0"].endswith(f"{name}/rank_0.pt")
-    assert restore["memory"]["ref"] == "snapshot-ref-(0, 8)"
-    assert restore["memory"]["parts"] == {0: b"part-8-0", 1: b"part-8-1"}
-    assert groups.groups[1].job["attempt"] == 1
+    job = groups.groups[1].job
+    # the ranks load the snapshot, not the older storage checkpoint (load_restore)
+    assert isinstance(job.restore, FromPeers) and job.checkpoint is None
+    assert job.restore.ref == "snapshot-ref-(0, 8)"
+    assert job.restore.parts == {0: b"part-8-0", 1: b"part-8-1"}
+    assert job.attempt == 1
     assert any("restoring from step 8 from a surviving worker's memory, 2 step(s) newer"
                in line for line in controller.sink.lines)
 
@@ -310,8 +318,8 @@ def test_a_snapshot_whose_lost_rank_part_never_arrived_is_not_used(tmp_path):
         ScriptedAttempt()])
     manager = CheckpointManager(str(tmp_path / "run"))
     controller_for(_trainer(max_failures=1), groups, manager=manager).run()
-    restore = groups.groups[1].job["restore"]
-    assert "memory" not in restore and restore["rank0"].endswith(f"{name}/rank_0.pt")
+    restore = groups.groups[1].job.restore
+    assert isinstance(restore, FromStorage) and restore.rank0_uri.endswith(f"{name}/rank_0.pt")
 
 
 def test_a_stuck_survivor_hands_over_its_snapshot_before_it_is_replaced(tmp_path):
@@ -327,7 +335,7 @@ def test_a_stuck_survivor_hands_over_its_snapshot_before_it_is_replaced(tmp_path
     controller = controller_for(_trainer(max_failures=1), groups, manager=manager)
     controller.run()
     assert groups.created[1] == {"num_workers": 2, "kept": 0}  # nobody kept
-    assert groups.groups[1].job["restore"]["memory"]["ref"] == "snapshot-ref-(0, 8)"
+    assert groups.groups[1].job.restore.ref == "snapshot-ref-(0, 8)"
     assert controller.restored_from == [("memory", 8)]
     assert any("no checkpoint committed yet" in line for line in controller.sink.lines)
 
@@ -388,7 +396,7 @@ def test_a_part_confirmed_while_the_stop_step_is_chosen_is_committed(tmp_path) -
     controller_for(_trainer(max_failures=0), groups, manager=manager).run()
     assert groups.groups[0].stop_at == 6  # chosen from the poll at step 4
     assert [c.global_step for c in manager.committed()] == [6]
-    assert groups.groups[1].job["restore"]["rank0"].endswith(f"{name}/rank_0.pt")
+    assert groups.groups[1].job.restore.rank0_uri.endswith(f"{name}/rank_0.pt")
 
 
 def test_a_ctrl_c_swallowed_on_its_way_up_is_raised_again(default_sigint) -> None:

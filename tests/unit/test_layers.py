@@ -19,7 +19,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "ray_lit"
 # the floors, top to bottom: a package may import its own floor's packages only if it is itself,
 # and any package on a lower floor
 LAYERS: list[set[str]] = [
-    {"__main__", "tune", "testing", "compat", "strategies_cli"},
+    {"__main__"},  # the command line: it installs compat, then runs a script
+    {"tune", "testing", "compat", "strategies_cli"},
     {"trainer", "__init__"},
     {"config"},
     {"driver"},
@@ -32,6 +33,7 @@ LAYERS: list[set[str]] = [
     {"metrics"},
     {"loggers"},
     {"storage"},
+    {"messages"},
     {"errors", "_version"},
 ]
 

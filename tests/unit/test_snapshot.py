@@ -152,6 +152,7 @@ def test_a_peer_snapshot_rebuilds_each_ranks_checkpoint_of_the_boundary() -> Non
         restore_checkpoint,
         split_rank_state,
     )
+    from ray_lit.messages import FromPeers
 
     model, opt = _model_and_adam()
     rank0 = _state(model, opt)
@@ -167,7 +168,7 @@ def test_a_peer_snapshot_rebuilds_each_ranks_checkpoint_of_the_boundary() -> Non
     parts = {0: own_part_bytes(own), 1: own_part_bytes(rank1)}  # at the boundary, as sent
     _train_step(model, opt)  # the step waits for the copy: the snapshot is of the boundary
     assert peer.keys == [(0, 3)]
-    memory = {"ref": peer.export((0, 3)), "parts": parts}
+    memory = FromPeers(peer.export((0, 3)), parts)
     _assert_equal(restore_checkpoint(memory, 0), expected)
     on_rank1 = restore_checkpoint(memory, 1)
     assert torch.equal(on_rank1["loops"]["rng"], rank1["loops"]["rng"])  # its own RNG
