@@ -38,9 +38,13 @@ _PUBLIC = {
     "MisconfigurationException": "ray_lit.errors",
     "TrainingFailedError": "ray_lit.errors",
     "Callback": "ray_lit.callbacks.base",
+    "TrainerState": "ray_lit.loop.trainer_state",
+    "PreemptionStop": "ray_lit.errors",
+    "long_phase": "ray_lit.loop.liveness",
 }
 _SUBMODULES = {"callbacks", "loggers", "metrics", "tune", "core", "loop", "driver", "worker",
-               "storage", "checkpoint", "testing", "errors", "trainer"}
+               "storage", "checkpoint", "testing", "errors", "trainer", "compat", "strategies",
+               "messages"}
 
 __all__ = sorted([*_PUBLIC, "callbacks", "loggers", "metrics", "__version__"])
 

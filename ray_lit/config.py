@@ -7,6 +7,7 @@ with a suggestion, and checks every value; its messages name the option and the 
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,12 +20,10 @@ _ALIASES = {
     "row_log_interval": "log_every_n_steps",
     "weights_summary": "enable_model_summary",
     "progress_bar_refresh_rate": "enable_progress_bar",
-    "train_dataloaders": None,
 }
 # accepted for compatibility; they change nothing here (with the reason)
 _IGNORED = {
     "distributed_backend": "ray_lit always runs one DDP rank per Ray worker",
-    "strategy": "ray_lit always runs one DDP rank per Ray worker",
     "amp_backend": "native torch.autocast is always used",
     "amp_level": "native torch.autocast is always used",
     "process_position": "one progress bar runs on the driver",
@@ -46,8 +45,44 @@ _UNSUPPORTED = {
     "truncated_bptt_steps": "truncated BPTT is not supported; split sequences in training_step",
     "auto_lr_find": "the LR finder is not built in; sweep the learning rate with ray_lit.tune",
     "auto_scale_batch_size": "batch-size scaling is not built in; sweep it with ray_lit.tune",
+    "train_dataloaders": "dataloaders are not Trainer options; pass them to "
+                         "trainer.fit(model, train_dataloaders=...)",
+    "val_dataloaders": "dataloaders are not Trainer options; pass them to "
+                       "trainer.fit(model, val_dataloaders=...)",
 }
 _PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+# options applied over every Trainer's own for the current run (``python -m ray_lit`` /
+# ``ray_lit.compat.install``): the command line knows where to run, the script does not
+_RUN_OVERRIDES: dict[str, Any] = {}
+
+
+def run_overrides() -> dict[str, Any]:
+    """The run-scoped Trainer options now in force (a copy)."""
+    return dict(_RUN_OVERRIDES)
+
+
+def set_run_overrides(options: dict[str, Any]) -> None:
+    """Replace the run-scoped Trainer options (``{}`` clears them)."""
+    _RUN_OVERRIDES.clear()
+    _RUN_OVERRIDES.update(options)
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """How a run inside a Ray Tune trial reports (set by ``ray_lit.tune``, never a user
+    option): the workers read it with the rest of the config.
+
+    Attributes:
+        checkpoint_root: where each report's checkpoint is written (the trial's directory).
+        report_fn: the driver-side function that hands metrics and checkpoint to Tune.
+        restore_lr_from_config: PBT exploit: the new config's learning rate replaces the one
+            restored from the checkpoint.
+    """
+
+    checkpoint_root: str
+    report_fn: Any = None
+    restore_lr_from_config: bool = False
 
 
 @dataclass
@@ -92,6 +127,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     resources_per_worker: dict | None = None
     placement_strategy: str = "PACK"
+    strategy: Any = "auto"  # a name of ray_lit.strategies or a Strategy object
     max_failures: int = 3
     storage_path: str | None = None
     run_name: str | None = None
@@ -102,15 +138,24 @@ class TrainerConfig:
     find_unused_parameters: bool = False
     gather_step_outputs: bool = False
     process_group_timeout_s: float = 300.0
-    worker_hang_timeout_s: float | None = None
+    worker_hang_timeout_s: float | str | None = "auto"
     placement_timeout_s: float = 60.0
     elastic_batch: str = "keep_global_batch"
+    # internal: set by ray_lit.tune for a trial's run (not accepted as a Trainer option)
+    tune: TuneSpec | None = field(default=None, metadata={"internal": True})
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainerConfig:
-        """Build and validate a config from ``Trainer(**options)``."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
+        """Build and validate a config from ``Trainer(**options)``.
+
+        Lightning's ways of asking for several processes (0.9 ``distributed_backend="ddp_cpu",
+        num_processes=N``, ``gpus=N``, 2.x ``devices=N`` with ``strategy="ddp"`` /
+        ``accelerator=...``) become ``num_workers`` Ray workers; the run-scoped options of
+        ``python -m ray_lit`` / ``ray_lit.compat.install`` are applied last.
+        """
+        known = {f.name for f in fields(cls) if not f.metadata.get("internal")}
+        options = dict(options)
+        values: dict[str, Any] = _map_process_request(options)
         for name, value in options.items():
             if name in _UNSUPPORTED:
                 if value in (None, False, 0):
@@ -131,7 +176,16 @@ class TrainerConfig:
                 close = difflib.get_close_matches(name, sorted(known), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise MisconfigurationException(f"Trainer got an unknown option {name!r}.{hint}")
+            if name == "num_workers" and values.get("num_workers") not in (None, value):
+                raise MisconfigurationException(
+                    f"Trainer(num_workers={value!r}) disagrees with the "
+                    f"{values['num_workers']} processes asked for by "
+                    f"{_describe_request(options)}; drop one of them.")
             values[name] = value
+        overrides = run_overrides()
+        if "num_workers" in overrides or "use_gpu" in overrides:
+            values.pop("gpus", None)  # the run's placement replaces the script's own
+        values.update(overrides)
         config = cls(**values)
         config.validate()
         return config
@@ -160,7 +214,7 @@ class TrainerConfig:
             raise MisconfigurationException(f"max_steps={self.max_steps} must be >= 0 or -1.")
         for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
                      "overfit_batches"):
-            _check_limit(name, getattr(self, name))
+            setattr(self, name, _check_limit(name, getattr(self, name), whole_floats=True))
         if self.overfit_batches:
             self.limit_train_batches = self.limit_val_batches = self.limit_test_batches = \
                 self.overfit_batches
@@ -196,6 +250,10 @@ class TrainerConfig:
                 f"accelerator={self.accelerator!r}: use 'cpu', 'gpu', 'tpu' or 'auto'.")
         if self.accelerator in ("gpu", "cuda"):
             self.use_gpu = True
+        if self.accelerator == "cpu" and self.use_gpu:
+            raise MisconfigurationException(
+                "accelerator='cpu' and use_gpu=True exclude each other: drop use_gpu, or set "
+                "accelerator='gpu'.")
         if self.accelerator == "tpu" and self.use_gpu:
             raise MisconfigurationException("accelerator='tpu' and use_gpu=True exclude each "
                                             "other; pick one.")
@@ -211,14 +269,30 @@ class TrainerConfig:
             raise MisconfigurationException(
                 f"num_workers={workers!r}: use 0 (in process), N >= 1 Ray workers, or "
                 "(min, max).")
+        from ray_lit.strategies import check_strategy
+
+        check_strategy(self.strategy)
         if self.placement_strategy not in _PLACEMENT:
             raise MisconfigurationException(
                 f"placement_strategy={self.placement_strategy!r}: use one of {_PLACEMENT}.")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise MisconfigurationException(
                 f"max_failures={self.max_failures!r}: use an int >= 0, or -1 for unlimited.")
-        if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps < 1:
-            raise MisconfigurationException("checkpoint_every_n_steps must be >= 1 or None.")
+        every = self.checkpoint_every_n_steps
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise MisconfigurationException(
+                f"checkpoint_every_n_steps={every!r}: use an int >= 1 (optimizer steps between "
+                "fault-tolerance checkpoints) or None (at epoch ends only).")
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise MisconfigurationException(
+                f"keep_checkpoints={keep!r}: use an int >= 1 (committed fault-tolerance "
+                "checkpoints kept; the newest is never deleted).")
+        if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
+            raise MisconfigurationException(
+                f"resume={self.resume!r}: use 'auto' (the latest committed checkpoint of "
+                "run_name), 'never', or a checkpoint path.")
         snap = self.snapshot_every_n_steps
         if snap is not None:
             if isinstance(snap, bool) or not isinstance(snap, int) or snap < 1:
@@ -230,6 +304,22 @@ class TrainerConfig:
                     "snapshot_every_n_steps keeps in-memory snapshots on Ray workers for "
                     "recovery after a lost worker; with num_workers=0 there are none. Set "
                     "num_workers, or drop snapshot_every_n_steps.")
+            from ray_lit.strategies import shards_state
+
+            if shards_state(self.strategy):
+                # a peer snapshot keeps only the replicated tensors in each worker's memory;
+                # a sharded strategy has none, so a restore from one would be wrong
+                raise MisconfigurationException(
+                    f"snapshot_every_n_steps with strategy={self.strategy!r}: in-memory peer "
+                    "snapshots assume every worker holds the full parameters, and a sharded "
+                    "strategy does not. Drop snapshot_every_n_steps (fault-tolerance "
+                    "checkpoints in storage, checkpoint_every_n_steps, still work).")
+        hang = self.worker_hang_timeout_s
+        if hang is not None and hang != "auto" and (
+                isinstance(hang, bool) or not isinstance(hang, (int, float)) or hang <= 0):
+            raise MisconfigurationException(
+                f"worker_hang_timeout_s={hang!r}: use 'auto' (max(60 s, 20x the slowest "
+                "step)), a number of seconds > 0, or None (no hang detection).")
         if self.elastic_batch not in ("keep_global_batch", "keep_per_worker"):
             raise MisconfigurationException(
                 f"elastic_batch={self.elastic_batch!r}: use 'keep_global_batch' or "
@@ -240,6 +330,103 @@ class TrainerConfig:
         return bool(self.num_workers)
 
 
+# 0.9 ``distributed_backend`` values (1.x: ``accelerator=``) and 2.x ``strategy`` names that ask
+# for one process per device; ray_lit gives each one a Ray worker
+_DDP_NAMES = ("ddp", "ddp_spawn", "ddp_cpu", "ddp2", "dp", "ddp_fork", "ddp_notebook",
+              "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+_PROCESS_OPTIONS = ("distributed_backend", "num_processes", "devices", "num_nodes", "strategy")
+
+
+def _describe_request(options: dict[str, Any]) -> str:
+    shown = [f"{k}={options[k]!r}" for k in (*_PROCESS_OPTIONS, "gpus", "accelerator")
+             if options.get(k) not in (None, "auto")]
+    return "Trainer(" + ", ".join(shown) + ")"
+
+
+def _count(name: str, value: Any) -> int | None:
+    """How many devices ``devices=`` / ``num_processes=`` asks for (None: "auto" / unset)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    if isinstance(value, str):
+        value = value.strip()
+        if "," in value:
+            return len([v for v in value.split(",") if v.strip()])
+        if value.lstrip("-").isdigit():
+            value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
+        raise MisconfigurationException(f"Trainer({name}={value!r}): use a count >= 1.")
+    if value == -1:
+        raise MisconfigurationException(
+            f"Trainer({name}=-1) means 'every device of this machine'; ray_lit places workers "
+            "on a cluster, so say how many: Trainer(num_workers=N) (python -m ray_lit "
+            "--workers N).")
+    return value
+
+
+def _map_process_request(options: dict[str, Any]) -> dict[str, Any]:
+    """Turn Lightning's several-processes options into ray_lit ones (pops what it consumes).
+
+    A user who asked for N processes gets N Ray workers, never silently one process.
+
+    Returns:
+        options for ``TrainerConfig``: ``num_workers`` (and ``find_unused_parameters``) when
+        the request named several processes.
+
+    Raises:
+        MisconfigurationException: ``devices=-1`` or another count that cannot be mapped, or
+            the 0.9 ``horovod`` backend.
+    """
+    backend = options.get("distributed_backend")
+    accelerator = options.get("accelerator")
+    if isinstance(accelerator, str) and accelerator in _DDP_NAMES:  # 1.x: accelerator="ddp"
+        backend = backend or options.pop("accelerator")
+    strategy = options.get("strategy")
+    strategy = strategy if isinstance(strategy, str) else None
+    if backend == "horovod" or strategy == "horovod":
+        raise MisconfigurationException(
+            "Horovod is not supported: ray_lit runs DDP on Ray workers. Drop "
+            "distributed_backend='horovod' and set Trainer(num_workers=N).")
+    named = [n for n in (backend, strategy) if isinstance(n, str)]
+    nodes = _count("num_nodes", options.get("num_nodes")) or 1
+    devices = _count("devices", options.get("devices"))
+    processes = _count("num_processes", options.get("num_processes"))
+    values: dict[str, Any] = {}
+    if options.get("gpus"):
+        count = None  # gpus=N maps to N GPU workers in validate(); only the nodes multiply
+        if nodes > 1:
+            gpus = options["gpus"]
+            count = (gpus if isinstance(gpus, int) else _count("gpus", gpus) or 1) * nodes
+    elif devices is not None:
+        count = devices * nodes
+    elif processes is not None and (processes > 1 or nodes > 1):
+        count = processes * nodes
+    elif nodes > 1:
+        count = nodes
+    else:
+        count = None
+    consumed = count is not None or bool(named and any(n in _DDP_NAMES for n in named))
+    if count is not None and count > 1:
+        values["num_workers"] = count
+    if "dp" in named and (count or options.get("gpus")):
+        warnings.warn(
+            "distributed_backend='dp' splits each batch over the GPUs of one process; ray_lit "
+            "runs one DDP worker per GPU instead, each with whole batches (the global batch "
+            "grows by the number of workers).", stacklevel=4)
+    if "ddp_find_unused_parameters_true" in named:
+        values["find_unused_parameters"] = True
+    if consumed:
+        for name in _PROCESS_OPTIONS:
+            if name != "strategy":
+                options.pop(name, None)
+    if strategy in _DDP_NAMES:
+        # Lightning's DDP flavours all mean one DDP rank per process: ray_lit's DDP ("auto");
+        # other strategies (fsdp, a Strategy object) are the Trainer's to check
+        options.pop("strategy")
+    return values
+
+
 def _translate_alias(name: str, value: Any) -> Any:
     if name == "progress_bar_refresh_rate":
         return bool(value)
@@ -248,14 +435,19 @@ def _translate_alias(name: str, value: Any) -> Any:
     return value
 
 
-def _check_limit(name: str, value: Any) -> None:
+def _check_limit(name: str, value: Any, whole_floats: bool = False) -> int | float:
+    """``value`` checked; with ``whole_floats`` a whole float above 1 becomes that int count
+    (0.9: ``limit_test_batches=1e50`` means "all batches")."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MisconfigurationException(f"{name}={value!r} must be an int or a float.")
+    if whole_floats and isinstance(value, float) and value > 1 and value.is_integer():
+        return int(value)
     if isinstance(value, float) and not 0.0 <= value <= 1.0:
         raise MisconfigurationException(
             f"{name}={value} as a float is a fraction in [0.0, 1.0]; use an int for a count.")
     if isinstance(value, int) and value < 0:
         raise MisconfigurationException(f"{name}={value} must be >= 0.")
+    return value
 
 
 def _check_accumulation(value: Any) -> None:
@@ -274,3 +466,104 @@ def _check_accumulation(value: Any) -> None:
         raise TypeError(f"accumulate_grad_batches={value!r} must be an int or {{epoch: k}}.")
     if value < 1:
         raise MisconfigurationException(f"accumulate_grad_batches={value} must be >= 1.")
+
+
+# --- the command line (0.9 ``Trainer.add_argparse_args``) ---------------------------------------
+def _gpus_type(value: str) -> int | str:
+    return value if "," in value else int(value)
+
+
+def _precision_type(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+# (name, parser, default): the 0.9 Trainer options a script may set on its command line, and
+# ray_lit's own. ``--num_workers`` is deliberately absent: scripts define it for their
+# DataLoaders; ray_lit's worker count is ``--ray_workers``.
+ARGPARSE_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("logger", bool, True),
+    ("checkpoint_callback", bool, True),
+    ("early_stop_callback", bool, False),
+    ("default_root_dir", str, None),
+    ("gradient_clip_val", float, 0.0),
+    ("process_position", int, 0),
+    ("num_nodes", int, 1),
+    ("num_processes", int, 1),
+    ("gpus", _gpus_type, None),
+    ("auto_select_gpus", bool, False),
+    ("progress_bar_refresh_rate", int, 1),
+    ("overfit_batches", "int_or_float", 0.0),
+    ("track_grad_norm", int, -1),
+    ("check_val_every_n_epoch", int, 1),
+    ("fast_dev_run", bool, False),
+    ("accumulate_grad_batches", int, 1),
+    ("max_epochs", int, 1000),
+    ("min_epochs", int, 1),
+    ("max_steps", int, None),
+    ("min_steps", int, None),
+    ("limit_train_batches", "int_or_float", 1.0),
+    ("limit_val_batches", "int_or_float", 1.0),
+    ("limit_test_batches", "int_or_float", 1.0),
+    ("val_check_interval", "int_or_float", 1.0),
+    ("log_save_interval", int, 100),
+    ("row_log_interval", int, 50),
+    ("distributed_backend", str, None),
+    ("sync_batchnorm", bool, False),
+    ("precision", _precision_type, 32),
+    ("weights_summary", str, "top"),
+    ("weights_save_path", str, None),
+    ("num_sanity_val_steps", int, 2),
+    ("truncated_bptt_steps", int, None),
+    ("resume_from_checkpoint", str, None),
+    ("benchmark", bool, False),
+    ("deterministic", bool, False),
+    ("reload_dataloaders_every_epoch", bool, False),
+    ("auto_lr_find", bool, False),
+    ("replace_sampler_ddp", bool, True),
+    ("terminate_on_nan", bool, False),
+    ("auto_scale_batch_size", bool, False),
+    ("prepare_data_per_node", bool, True),
+    ("amp_backend", str, "native"),
+    ("amp_level", str, "O2"),
+    # ray_lit's own
+    ("ray_workers", int, None),
+    ("use_gpu", bool, False),
+    ("storage_path", str, None),
+    ("max_failures", int, 3),
+]
+# argparse names that are not Trainer option names
+_ARGPARSE_RENAMES = {"ray_workers": "num_workers"}
+
+
+def add_argparse_args(parser: Any) -> Any:
+    """A parser with ``parser``'s options and the Trainer's (``--max_epochs``, ``--gpus``, ...).
+
+    Options the script already defines are left as the script defined them.
+    """
+    from argparse import ArgumentParser
+
+    from ray_lit.core.cli_args import add_argument, int_or_float
+
+    out = ArgumentParser(parents=[parser], add_help=False)
+    for name, parse, default in ARGPARSE_OPTIONS:
+        parse = int_or_float if parse == "int_or_float" else parse
+        help_text = ("Ray workers (DDP ranks); 0 trains in this process" if name == "ray_workers"
+                     else "ray_lit Trainer option (see the README)")
+        add_argument(out, name, parse, default, help_text)
+    return out
+
+
+def options_from_argparse(args: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Trainer options from a parsed ``Namespace``: the ones that differ from their
+    command-line defaults, then ``overrides``.
+
+    A script's own ``num_workers`` (its DataLoader processes) is never read: the worker
+    count comes from ``--ray_workers`` or an explicit ``num_workers=`` override.
+    """
+    params = vars(args) if not isinstance(args, dict) else dict(args)
+    options: dict[str, Any] = {}
+    for name, _, default in ARGPARSE_OPTIONS:
+        if name in params and params[name] != default:
+            options[_ARGPARSE_RENAMES.get(name, name)] = params[name]
+    options.update(overrides)
+    return options

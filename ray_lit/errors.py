@@ -10,6 +10,22 @@ class MisconfigurationException(Exception):
     """
 
 
+class PreemptionStop(RuntimeError):
+    """The run stopped after the checkpoint a SIGTERM to the driver asked for.
+
+    Raised from ``fit`` on the driver (never ``SystemExit``: a notebook or a Tune trial goes
+    on). Run the same script again, with the same ``storage_path`` and ``run_name``, to
+    continue from that checkpoint; a script may map it to an exit code.
+
+    Attributes:
+        step: the optimizer step every rank checkpointed at, where known.
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class TrainingFailedError(RuntimeError):
     """A distributed run failed more often than ``max_failures`` allows.
 

@@ -15,7 +15,9 @@ Who sends what:
   ``PartWritten`` (a checkpoint part is in storage) and ``SnapshotPart`` (a rank's own part of
   an in-memory snapshot);
 - every surviving rank -> driver: ``LeftBehind`` (the answer to ``Worker.abort``);
-- rank 0 -> driver: ``FinalState`` (inside the last ``WorkerStatus``, pickled).
+- rank 0 -> driver: ``FinalState`` (inside the last ``WorkerStatus``, pickled);
+- every rank -> driver (``trainer.predict``): ``PredictionChunk`` (each batch's output, a few
+  per ``WorkerStatus``, as the rank predicts).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["CheckpointSpec", "FinalState", "FromPeers", "FromStorage", "Job", "LeftBehind",
-           "PartWritten", "Restore", "SnapshotPart", "WorkerFailure", "WorkerState",
-           "WorkerStatus", "resolve"]
+           "PartWritten", "PredictionChunk", "RankStacks", "Restore", "SnapshotPart",
+           "WorkerFailure", "WorkerState", "WorkerStatus", "resolve"]
 
 
 class WorkerState(str, enum.Enum):
@@ -88,18 +90,23 @@ class Job:
     """One attempt's instructions, the same for every rank.
 
     Attributes:
-        stage: ``"fit"``, ``"validate"`` or ``"test"``.
+        stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
         seed: the global seed to set first (``seed_everything``), or None.
         sampler_seed: the distributed sampler's shuffling seed.
         use_gpu: one CUDA device per worker.
         accelerator: the Trainer's accelerator (``"tpu"`` selects the XLA device).
-        attempt: 0 for the first attempt, then 1, 2, ... (fences this attempt's parts).
+        attempt: 0 for the first attempt, then 1, 2, ...
+        fence: unique to this attempt of this driver's run: the checkpoint parts it writes carry
+            it, and a commit takes parts of one fence only.
         accumulate: the elastic accumulation plan for this world size, or None (the config's).
         checkpointing: how fault-tolerance checkpoints are taken, or None (evaluation).
         restore: where a later attempt continues from, or None.
         checkpoint: an ObjectRef to the checkpoint ``fit(ckpt_path=...)`` resumes from.
         resume_latest: the first attempt continues from the latest commit (``resume="auto"``).
-        weights: an ObjectRef to the weights ``validate``/``test`` evaluate (a checkpoint).
+        weights: an ObjectRef to the weights ``validate``/``test``/``predict`` use (a
+            checkpoint).
+        return_predictions: ``predict`` only: stream every batch output to the driver
+            (``PredictionChunk``); False: the prediction writers are the only output.
     """
 
     stage: str
@@ -108,23 +115,27 @@ class Job:
     use_gpu: bool = False
     accelerator: str | None = None
     attempt: int = 0
+    fence: str = ""
     accumulate: int | None = None
     checkpointing: CheckpointSpec | None = None
     restore: Restore | None = None
     checkpoint: Any = None
     resume_latest: bool = False
     weights: Any = None
+    return_predictions: bool = True
 
 
 @dataclass(frozen=True)
 class PartWritten:
     """A rank's part of fault-tolerance checkpoint ``name`` is in storage (``meta``: what the
-    manifest records of it, e.g. epoch and step)."""
+    manifest records of it, e.g. epoch and step; ``fence``: the attempt that wrote it, part of
+    the file's name)."""
 
     name: str
     rank: int
     world_size: int
     meta: Any = None
+    fence: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,28 @@ class SnapshotPart:
 
 
 HandedOver = PartWritten | SnapshotPart
+
+
+@dataclass(frozen=True)
+class PredictionChunk:
+    """One batch output of ``trainer.predict`` on its way to the driver.
+
+    Attributes:
+        rank: the world rank that predicted it.
+        dataloader_idx: which predict dataloader.
+        batch_idx: the batch's index on that rank (what its hooks saw).
+        indices: the dataset indices of the batch's samples (empty when unknown).
+        payload: the output, moved to CPU and pickled (``cloudpickle``).
+        position: the batch's place in the user's loader (all ranks together), or None when
+            ray_lit did not shard the loader (the driver then orders by rank, then batch).
+    """
+
+    rank: int
+    dataloader_idx: int
+    batch_idx: int
+    indices: tuple[int, ...]
+    payload: bytes
+    position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +194,12 @@ class WorkerStatus:
         global_step: the rank's optimizer step.
         steps: batches run in this attempt (0 until the first one).
         sigterm: the rank's process got SIGTERM (its node is being reclaimed).
+        slowest_step_s: the longest a batch of this attempt took (seconds, as polls see it).
+        long_phase: the user marked a long phase (``ray_lit.long_phase``): not a hang.
         failure: set when ``state`` is FAILED.
         result: rank 0's pickled ``FinalState`` when ``state`` is DONE.
+        predictions: ``predict``: batch outputs since the last poll, oldest first (a bounded
+            number of bytes per poll; the rest follow with the next polls).
     """
 
     state: WorkerState
@@ -172,8 +209,28 @@ class WorkerStatus:
     global_step: int = 0
     steps: int = 0
     sigterm: bool = False
+    slowest_step_s: float = 0.0
+    long_phase: bool = False
     failure: WorkerFailure | None = None
     result: Any = None
+    predictions: tuple[PredictionChunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class RankStacks:
+    """One rank's threads and stacks, taken while the driver diagnoses a hang.
+
+    Attributes:
+        rank: the world rank.
+        text: every thread's stack, formatted.
+        in_collective: the loop thread waits in a collective (a victim, not the culprit).
+        where: the loop thread's innermost frame in user code (``File ..., line ..., in ...``).
+    """
+
+    rank: int
+    text: str
+    in_collective: bool
+    where: str
 
 
 @dataclass(frozen=True)
@@ -197,7 +254,10 @@ class FinalState:
     """Rank 0's view of the run, applied to the driver's module and Trainer.
 
     ``callbacks`` maps each callback's ``state_key`` to the picklable part of its
-    ``__dict__``: matched by key on the driver, never by position.
+    ``__dict__``: matched by key on the driver, never by position. ``results``: one dict of
+    floats per dataloader (``validate``/``test``); for ``predict``, each predict dataloader's
+    batch count over all ranks (None for a loader ray_lit did not shard), which the driver
+    checks the chunks it received against.
     """
 
     state_dict: dict[str, Any]

@@ -10,7 +10,7 @@ controller (attempts, failure handling, departures, elastic sizing) is unit-test
     groups.created[1]["kept"]             # 1: rank 0 survived the first attempt
 
 A fake group moves in lockstep: every poll of the controller is one optimizer step on every
-running rank. Nothing here starts a process; ``poll_interval_s=0`` makes a run take
+running rank. Nothing here starts a process; ``SupervisionConfig.fast()`` makes a run take
 milliseconds.
 """
 
@@ -23,7 +23,14 @@ from typing import Any
 import cloudpickle
 
 from ray_lit.driver.worker_group import WorkerGone
-from ray_lit.messages import HandedOver, Job, WorkerFailure, WorkerState, WorkerStatus
+from ray_lit.messages import (
+    HandedOver,
+    Job,
+    RankStacks,
+    WorkerFailure,
+    WorkerState,
+    WorkerStatus,
+)
 
 __all__ = ["FakeCluster", "FakeWorkerGroup", "FakeWorkerGroups", "PrintLog", "ScriptedAttempt",
            "controller_for"]
@@ -178,6 +185,22 @@ class FakeWorkerGroup:
         self._reported[rank] = self.step
         return True
 
+    def stacks(self, timeout_s: float = 10.0) -> list[RankStacks | None]:
+        """The scripted hung rank sits in user code; the others wait in a collective."""
+        hung = self.script.hang[0] if self.script.hang else None
+        return [RankStacks(rank, f"--- rank {rank} ---\n", in_collective=rank != hung,
+                           where='File "train.py", line 7, in training_step'
+                           if rank == hung else "torch/distributed/distributed_c10d.py")
+                for rank in range(self.world_size)]
+
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """False once shut down, or when a test marked it dead (``dead = True``)."""
+        return not self.shut_down and not getattr(self, "dead", False)
+
+    def reset_for_reuse(self, script: ScriptedAttempt) -> None:
+        """A kept group running the next call of its Trainer, following ``script``."""
+        self.script, self.step, self.stop_at, self._reported = script, 0, None, {}
+
     def shutdown(self, graceful: bool = True) -> None:
         self.shut_down = True
 
@@ -286,10 +309,14 @@ class PrintLog:
 
 def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster | None = None,
                    stage: str = "fit", hang_timeout_s: float | None = None,
-                   manager: Any = None) -> Any:
-    """A ``Controller`` for ``trainer`` that runs on fakes, polling without sleeping."""
+                   manager: Any = None, reuse: Any = None, keep_group: bool = False,
+                   **supervision: float) -> Any:
+    """A ``Controller`` for ``trainer`` that runs on fakes, polling without sleeping
+    (``SupervisionConfig.fast()``; ``supervision`` overrides its fields). ``reuse`` and
+    ``keep_group`` as for ``Controller`` (a Trainer's kept group)."""
     from ray_lit.driver.controller import Controller
     from ray_lit.driver.placement import resolve_worker_resources
+    from ray_lit.driver.supervision import SupervisionConfig
 
     config = trainer.config
     workers = config.num_workers
@@ -297,12 +324,9 @@ def controller_for(trainer: Any, groups: FakeWorkerGroups, cluster: FakeCluster 
                "per_worker": resolve_worker_resources(use_gpu=False, accelerator="cpu"),
                "strategy": "PACK", "device_type": "cpu", "placement_timeout_s": 0.0,
                "pg_timeout_s": 1.0, "env": {}}
-    controller = Controller(trainer=trainer, payload_ref=None, job=Job(stage=stage),
-                            group_options=options, sink=PrintLog(), manager=manager,
-                            hang_timeout_s=hang_timeout_s, poll_interval_s=0.0,
-                            poll_wait_s=0.0,
-                            create_group=groups, cluster=cluster or FakeCluster())
-    controller.grow_check_interval_s = 0.0
-    controller.root_cause_grace_s = 0.2
-    controller.drain_check_interval_s = 0.0
-    return controller
+    return Controller(trainer=trainer, payload_ref=None, job=Job(stage=stage),
+                      group_options=options, sink=PrintLog(), manager=manager,
+                      hang_timeout_s=hang_timeout_s,
+                      supervision=SupervisionConfig.fast(**supervision),
+                      create_group=groups, cluster=cluster or FakeCluster(),
+                      reuse=reuse, keep_group=keep_group)

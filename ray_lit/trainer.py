@@ -48,7 +48,7 @@ class Trainer(LoopState):
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list[Any] = []
         self._optimizer_frequencies: list[int] = []
-        self._host: Any = LocalHost(config.use_gpu)
+        self._host: Any = LocalHost(config.use_gpu, config.strategy)
         self._sink: Any = NullSink()
         self._precision: Any = None
         self._resumed = False
@@ -60,6 +60,26 @@ class Trainer(LoopState):
             cb.on_init_start(self)
         for cb in self.callbacks:
             cb.on_init_end(self)
+
+    # --- the command line (0.9) -----------------------------------------------------------------
+    @classmethod
+    def add_argparse_args(cls, parent_parser: Any) -> Any:
+        """Return a parser with ``parent_parser``'s options and the Trainer's (0.9 idiom).
+
+        ``--num_workers`` is not added (scripts use it for their DataLoaders): the Ray worker
+        count is ``--ray_workers``.
+        """
+        from ray_lit.config import add_argparse_args
+
+        return add_argparse_args(parent_parser)
+
+    @classmethod
+    def from_argparse_args(cls, args: Any, **kwargs: Any) -> Trainer:
+        """``Trainer`` from a parsed ``Namespace`` (options left at their defaults are not
+        passed); ``kwargs`` override. The script's ``args.num_workers`` is never read."""
+        from ray_lit.config import options_from_argparse
+
+        return cls(**options_from_argparse(args, kwargs))
 
     # --- construction --------------------------------------------------------------------------
     def _build_loggers(self, logger: Any) -> list[Any]:
@@ -191,6 +211,45 @@ class Trainer(LoopState):
     def num_workers(self) -> Any:
         return self.config.num_workers
 
+    # 0.9 flags user code branches on (``if self.use_ddp or self.use_ddp2: gather ...``)
+    @property
+    def use_ddp(self) -> bool:
+        """True in a run on Ray workers (each one a DDP rank)."""
+        return bool(self.config.num_workers) or self.world_size > 1
+
+    @property
+    def use_ddp2(self) -> bool:
+        return False
+
+    @property
+    def use_dp(self) -> bool:
+        return False
+
+    @property
+    def use_horovod(self) -> bool:
+        return False
+
+    @property
+    def use_tpu(self) -> bool:
+        return self.config.accelerator == "tpu"
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.config.use_gpu)
+
+    @property
+    def use_single_gpu(self) -> bool:
+        return self.on_gpu and not self.use_ddp
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.use_ddp
+
+    @property
+    def use_amp(self) -> bool:
+        """Mixed precision is on (``precision=16`` / ``"bf16"``)."""
+        return str(self.config.precision) not in ("32", "64", "32-true", "64-true")
+
     def _find_unused_parameters(self) -> bool:
         # several optimizers toggle requires_grad per step: DDP must tolerate unused params
         return self.config.find_unused_parameters or self._several_optimizers_expected()
@@ -230,7 +289,7 @@ class Trainer(LoopState):
 
     def _driver_sink(self) -> DriverSink:
         return DriverSink(self.loggers, self.progress_bar_callback,
-                          report_fn=getattr(self, "_report_fn", None))
+                          report_fn=self.config.tune.report_fn if self.config.tune else None)
 
     # --- fit -----------------------------------------------------------------------------------
     def fit(self, model: LightningModule, train_dataloader: Any = None,
@@ -248,6 +307,9 @@ class Trainer(LoopState):
             train_dataloader = train_dataloaders
         self._check_module(model, "fit")
         train_dataloader, datamodule = self._split_datamodule(train_dataloader, datamodule, "fit")
+        if datamodule is None and train_dataloader is None and isinstance(
+                getattr(model, "datamodule", None), LightningDataModule):
+            datamodule = model.datamodule  # 0.9: a module may carry its own datamodule
         if val_dataloaders is not None and datamodule is not None:
             raise MisconfigurationException(
                 "trainer.fit() got both val_dataloaders and a datamodule; pass one.")
@@ -256,12 +318,13 @@ class Trainer(LoopState):
         if self.config.distributed:
             from ray_lit.driver.launch import launch_fit
 
-            launch_fit(self, model, train_dataloader, val_dataloaders, datamodule, ckpt_path)
+            with self._driver_run("fit"):
+                launch_fit(self, model, train_dataloader, val_dataloaders, datamodule, ckpt_path)
             return 1
         from ray_lit.loop.stages import run_fit
 
         checkpoint = self._load_resume_checkpoint(ckpt_path)
-        self._host = LocalHost(self.config.use_gpu)
+        self._host = LocalHost(self.config.use_gpu, self.config.strategy)
         self._sink = self._driver_sink()
         self.world_size_history = [1]
         run_fit(self, model, train_dataloader, val_dataloaders, datamodule, checkpoint)
@@ -315,42 +378,97 @@ class Trainer(LoopState):
         loaders = test_dataloaders if test_dataloaders is not None else dataloaders
         return self._evaluate("test", model, loaders, ckpt_path, datamodule, verbose)
 
-    def _evaluate(self, stage: str, model: Any, loaders: Any, ckpt_path: str | None,
-                  datamodule: Any, verbose: bool) -> list[dict[str, float]]:
-        loaders, datamodule = self._split_datamodule(loaders, datamodule, stage)
+    def predict(self, model: LightningModule | None = None, dataloaders: Any = None,
+                datamodule: LightningDataModule | None = None,
+                return_predictions: bool | None = None,
+                ckpt_path: str | None = None) -> list[Any] | None:
+        """Run ``predict_step`` over the predict dataloaders (2.x); returns the batch outputs.
+
+        Returns one list of batch outputs (moved to CPU) in dataloader order, a list of such
+        lists for several dataloaders, or None with ``return_predictions=False`` (then only the
+        ``BasePredictionWriter`` callbacks see them). On Ray workers every rank predicts its
+        shard, streams its outputs to the driver as it goes, and the result is the same list
+        ``num_workers=0`` returns. ``ckpt_path``: a path, ``"best"`` or ``"last"``; without a
+        model it defaults to ``"best"`` (the previous fit's best checkpoint, as in 2.x).
+        """
+        loaders, datamodule = self._split_datamodule(dataloaders, datamodule, "predict")
+        return_predictions = True if return_predictions is None else bool(return_predictions)
         weights = None
         if model is None:
             model = self.lightning_module
             if model is None:
                 raise MisconfigurationException(
-                    f"trainer.{stage}() needs a model: pass one, or call fit() first.")
-            if ckpt_path is not None:
-                path = self._resolve_ckpt_path(ckpt_path)
-                if path is not None:
-                    from ray_lit.storage.checkpoint_io import load_checkpoint
-
-                    weights = load_checkpoint(path, map_location="cpu")
-                    self.tested_ckpt_path = path
-        elif ckpt_path not in (None, "best"):
+                    "trainer.predict() needs a model: pass one, or call fit() first.")
+            ckpt_path = "best" if ckpt_path is None else ckpt_path
+        path = self._resolve_ckpt_path(ckpt_path) if ckpt_path is not None else None
+        if path is not None:
             from ray_lit.storage.checkpoint_io import load_checkpoint
 
-            weights = load_checkpoint(self._resolve_ckpt_path(ckpt_path), map_location="cpu")
-            self.tested_ckpt_path = ckpt_path
+            weights = load_checkpoint(path, map_location="cpu")
+        self._check_module(model, "predict")
+        if datamodule is None and model is self.lightning_module:
+            datamodule = self.datamodule  # predict() after fit(datamodule=dm) reads dm's loader
+        if self.config.distributed:
+            from ray_lit.driver.launch import launch_predict
+
+            with self._driver_run("predict"):
+                return launch_predict(self, model, loaders, datamodule, weights,
+                                      return_predictions)
+        from ray_lit.loop.predict_loop import run_predict
+
+        self._host = LocalHost(self.config.use_gpu, self.config.strategy)
+        self._sink = self._driver_sink()
+        loop = run_predict(self, model, loaders, datamodule, weights, return_predictions)
+        return loop.predictions if return_predictions else None
+
+    def _evaluate(self, stage: str, model: Any, loaders: Any, ckpt_path: str | None,
+                  datamodule: Any, verbose: bool) -> list[dict[str, float]]:
+        loaders, datamodule = self._split_datamodule(loaders, datamodule, stage)
+        weights = None
+        # "best" is this trainer's own best checkpoint: for a model passed in, it means that
+        # model's weights as they are
+        load_from = ckpt_path if model is None or ckpt_path != "best" else None
+        if model is None:
+            model = self.lightning_module
+            if model is None:
+                raise MisconfigurationException(
+                    f"trainer.{stage}() needs a model: pass one, or call fit() first.")
+        path = self._resolve_ckpt_path(load_from) if load_from is not None else None
+        if path is not None:  # None: "best"/"last" without one (warned), the weights as they are
+            from ray_lit.storage.checkpoint_io import load_checkpoint
+
+            weights = load_checkpoint(path, map_location="cpu")
+            self.tested_ckpt_path = path
         self._check_module(model, stage)
         datamodule = datamodule if datamodule is not None else self.datamodule
         if self.config.distributed:
             from ray_lit.driver.launch import launch_evaluation
 
-            results = launch_evaluation(self, stage, model, loaders, datamodule, weights)
+            with self._driver_run(stage):
+                results = launch_evaluation(self, stage, model, loaders, datamodule, weights)
         else:
             from ray_lit.loop.stages import run_evaluation
 
-            self._host = LocalHost(self.config.use_gpu)
+            self._host = LocalHost(self.config.use_gpu, self.config.strategy)
             self._sink = self._driver_sink()
             results = run_evaluation(self, stage, model, loaders, datamodule, weights)
         if verbose and results:
             _print_results(stage, results)
         return results
+
+    # --- the worker group ----------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Release the Ray worker group this Trainer keeps (driver).
+
+        ``fit``, ``validate``, ``test`` and ``predict`` on one Trainer run on the same worker
+        actors and process group: the first call forms the group, the later ones ship their
+        module and data to it. The group is also released when the Trainer is garbage
+        collected and at interpreter exit; an idle group makes no calls. Safe to call twice,
+        and a no-op in process (``num_workers=0``).
+        """
+        kept = self.__dict__.get("_kept")
+        if kept is not None:
+            kept.release()
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:

@@ -17,3 +17,16 @@ def default_sigint():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
+def no_seed_leaks_between_tests():
+    """``seed_everything`` stores the seed in the process environment (it travels to Ray
+    workers from there): a test that seeds must not change the sampler seed of the next."""
+    saved = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -5,9 +5,11 @@ from ray_lit.callbacks.base import Callback
 from ray_lit.callbacks.early_stopping import EarlyStopping
 from ray_lit.callbacks.lr_monitor import LearningRateLogger, LearningRateMonitor
 from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
+from ray_lit.callbacks.prediction_writer import BasePredictionWriter
 from ray_lit.callbacks.progress import ProgressBar, TQDMProgressBar
 
 __all__ = [
+    "BasePredictionWriter",
     "Callback",
     "EarlyStopping",
     "LearningRateLogger",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ray_lit.callbacks.base import Callback
+from ray_lit.callbacks.base import Callback, validation_ends_each_epoch
 from ray_lit.errors import MisconfigurationException
 
 
@@ -34,12 +34,17 @@ class EarlyStopping(Callback):
         check_finite: stop when the metric becomes NaN or infinite.
         stopping_threshold: stop as soon as the metric reaches this value.
         divergence_threshold: stop as soon as the metric is worse than this value.
+        check_on_train_epoch_end: check at the training epoch end (True) or after validation
+            (False); None (default): after validation, unless validation does not log the
+            monitor and runs once per epoch at its end (a train metric logged
+            ``on_epoch=True``), then at the epoch end (2.x).
     """
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 3,
                  verbose: bool = False, mode: str = "min", strict: bool = True,
                  check_finite: bool = True, stopping_threshold: float | None = None,
-                 divergence_threshold: float | None = None) -> None:
+                 divergence_threshold: float | None = None,
+                 check_on_train_epoch_end: bool | None = None) -> None:
         if mode == "auto":
             mode = "max" if monitor == "acc" else "min"
         if mode not in ("min", "max"):
@@ -58,6 +63,9 @@ class EarlyStopping(Callback):
         self.stopped_epoch = 0
         self.best_score = math.inf if mode == "min" else -math.inf
         self.stop_reason: str | None = None
+        self._check_on_train_epoch_end = check_on_train_epoch_end
+        self._deferred = False  # validation left this epoch's check to the epoch end
+        self._at_epoch_end: bool | None = None  # where this fit checks (see on_validation_end)
 
     @property
     def state_key(self) -> str:
@@ -74,6 +82,9 @@ class EarlyStopping(Callback):
         self.patience = state_dict.get("patience", self.patience)
 
     # --- when -----------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._at_epoch_end, self._deferred = None, False
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.training:
             return
@@ -85,16 +96,32 @@ class EarlyStopping(Callback):
                 self.strict = False  # 0.9: a Result without early_stop_on turns strict off
         if self.monitor == "early_stop_on":
             return  # checked from the training loop
+        if self._at_epoch_end is None:  # decided at the fit's first validation, then kept
+            self._at_epoch_end = self._on_train_epoch_end(trainer)
+        if self._at_epoch_end:
+            self._deferred = True  # the epoch end checks, with the epoch's train metrics
+            return
         self._run_check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        deferred, self._deferred = self._deferred, False
         if self.monitor == "val_early_stop_on":
             return
         if trainer.callback_metrics.get("early_stop_on") is not None:
             self.monitor = "early_stop_on"
             self._run_check(trainer)
-        elif not trainer._val_enabled:
+        elif not trainer._val_enabled or deferred or self._check_on_train_epoch_end:
             self._run_check(trainer)
+
+    def _on_train_epoch_end(self, trainer: Any) -> bool:
+        """Whether to check at the training epoch end rather than after validation (every
+        rank decides alike): ``check_on_train_epoch_end`` when given (2.x); otherwise only a
+        monitor validation does not log, when validation runs once per epoch at its end."""
+        if self._check_on_train_epoch_end is not None:
+            return self._check_on_train_epoch_end
+        if self.monitor in trainer.callback_metrics:
+            return False
+        return validation_ends_each_epoch(trainer)
 
     # --- what -----------------------------------------------------------------------------------
     def _improved(self, current: float) -> bool:

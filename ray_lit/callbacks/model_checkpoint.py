@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ray_lit.callbacks.base import Callback
+from ray_lit.callbacks.base import Callback, validation_ends_each_epoch
 from ray_lit.errors import MisconfigurationException
 
 _GROUP = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
@@ -46,19 +46,25 @@ class ModelCheckpoint(Callback):
         save_last: also write ``last.ckpt`` at every save.
         every_n_epochs: check only every n-th epoch.
         every_n_train_steps: also check every n optimizer steps.
+        save_on_train_epoch_end: check at the training epoch end (True) or after validation
+            (False); None (default): after validation, unless validation does not log the
+            monitor and runs once per epoch at its end (a train metric logged
+            ``on_epoch=True``), then at the epoch end (2.x).
         save_weights_only: files hold only the weights and hparams.
     """
 
     FILE_EXTENSION = ".ckpt"
     CHECKPOINT_NAME_LAST = "last"
 
-    def __init__(self, dirpath: str | None = None, filename: str | None = None,
+    def __init__(self, dirpath: str | os.PathLike | None = None, filename: str | None = None,
                  monitor: str | None = None, verbose: bool = False,
                  save_last: bool | None = None, save_top_k: int = 1,
                  save_weights_only: bool = False, mode: str = "min", every_n_epochs: int = 1,
                  every_n_train_steps: int | None = None, period: int | None = None,
-                 filepath: str | None = None, prefix: str = "") -> None:
+                 filepath: str | os.PathLike | None = None, prefix: str = "",
+                 save_on_train_epoch_end: bool | None = None) -> None:
         if filepath is not None:  # 0.9: a directory, or a directory plus a file template
+            filepath = os.fspath(filepath)  # a pathlib.Path works too
             if os.path.isdir(filepath) or filepath.endswith(os.sep):
                 dirpath = filepath
             else:
@@ -72,7 +78,9 @@ class ModelCheckpoint(Callback):
         if save_top_k < -1:
             raise MisconfigurationException(f"ModelCheckpoint(save_top_k={save_top_k}) must "
                                             "be >= -1.")
-        if dirpath is not None and "://" not in str(dirpath):
+        if dirpath is not None:
+            dirpath = os.fspath(dirpath)
+        if dirpath is not None and "://" not in dirpath:
             dirpath = os.path.abspath(dirpath)  # workers resolve paths in their own cwd
         self.dirpath = dirpath
         self.filename = filename
@@ -86,6 +94,9 @@ class ModelCheckpoint(Callback):
         self.every_n_epochs = period if period is not None else every_n_epochs
         self.every_n_train_steps = every_n_train_steps
         self.prefix = prefix
+        self._save_on_train_epoch_end = save_on_train_epoch_end
+        self._deferred = False  # validation left this epoch's check to the epoch end
+        self._at_epoch_end: bool | None = None  # where this fit checks (see on_validation_end)
         self.best_k_models: dict[str, float] = {}
         self.kth_best_model_path = ""
         self.kth_value: float | None = None
@@ -117,17 +128,41 @@ class ModelCheckpoint(Callback):
 
     # --- when -----------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
+        self._at_epoch_end, self._deferred = None, False
         if self.dirpath is None:
             self.dirpath = trainer._default_checkpoint_dir()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.training:
             return
+        if self._at_epoch_end is None:  # decided at the fit's first validation, then kept
+            self._at_epoch_end = self._on_train_epoch_end(trainer)
+        if self._at_epoch_end:
+            self._deferred = True  # the epoch end checks, with the epoch's train metrics
+            return
         self.check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer._val_enabled:
+        deferred, self._deferred = self._deferred, False
+        if not trainer._val_enabled or deferred or self._save_on_train_epoch_end:
             self.check(trainer)
+
+    def _on_train_epoch_end(self, trainer: Any) -> bool:
+        """Whether this run checks at the training epoch end rather than after validation
+        (every rank decides alike, from options and logged keys).
+
+        ``save_on_train_epoch_end`` decides when given (2.x). Otherwise a monitor that
+        validation does not log (``train_loss`` logged ``on_epoch=True``) is checked at the
+        epoch end when validation runs once per epoch at its end, as 2.x does; a monitor that
+        validation logs keeps 0.9's check after validation.
+        """
+        if self._save_on_train_epoch_end is not None:
+            return self._save_on_train_epoch_end
+        monitor = self._user_monitor
+        if monitor is None or monitor in trainer.callback_metrics or \
+                any(trainer.callback_metrics.get(k) is not None for k in _RESULT_KEYS):
+            return False
+        return validation_ends_each_epoch(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                            dataloader_idx=0) -> None:

@@ -47,6 +47,10 @@ class HostSnapshot:
         with a parameter or an optimizer state tensor are copied later by ``copy_deferred``
         when ``deferred`` (the optimizers are fenced until then); all others are copied now."""
         self.fence()  # hooks of an earlier capture that no step has met yet
+        if deferred and not all(hasattr(o, "register_step_pre_hook") for o in optimizers):
+            # an optimizer wrapper without step hooks (bolts' LARSWrapper) cannot fence the
+            # deferred copy: copy everything now instead
+            deferred = False
         live = _storages_changed_only_by_step(optimizers) if deferred else set()
         self._pending = []
         self.torn = False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_lit.checkpoint import layout
-from ray_lit.checkpoint.layout import MANIFEST, checkpoint_name, part_name
+from ray_lit.checkpoint.layout import MANIFEST, checkpoint_name, part_name, part_rank
 from ray_lit.storage.filesystem import Storage
 
 __all__ = ["MANIFEST", "CheckpointManager", "CommittedCheckpoint", "checkpoint_name",
@@ -34,7 +34,8 @@ class CommittedCheckpoint:
 
     def part_uri(self, world_rank: int) -> str:
         """This rank's part, or rank 0's when the checkpoint has fewer ranks (elastic)."""
-        name = part_name(world_rank) if part_name(world_rank) in self.parts else part_name(0)
+        by_rank = {part_rank(p): p for p in self.parts}
+        name = by_rank.get(world_rank) or by_rank[0]
         return f"{self.uri.rstrip('/')}/{name}"
 
 
@@ -60,27 +61,29 @@ class CheckpointManager:
         return layout.part_uri(self.run_uri, name, world_rank)
 
     # --- commit ---------------------------------------------------------------------------------
-    def confirm(self, name: str, world_rank: int, world_size: int, meta: dict[str, Any]) -> bool:
-        """Record that ``world_rank`` wrote its part of ``name``; commits when all did.
+    def confirm(self, name: str, world_rank: int, world_size: int, meta: dict[str, Any],
+                fence: str = "") -> bool:
+        """Record that ``world_rank`` of attempt ``fence`` wrote its part of ``name``; commits
+        when every rank of that same attempt did (parts of two attempts never combine).
 
         Returns True when this confirmation committed the checkpoint.
         """
-        entry = self._pending.setdefault(name, {"ranks": set(), "world_size": world_size,
-                                                "meta": {}})
+        entry = self._pending.setdefault((name, fence), {"ranks": set(), "fence": fence,
+                                                         "world_size": world_size, "meta": {}})
         entry["ranks"].add(world_rank)
         if world_rank == 0:
             entry["meta"] = meta
         if len(entry["ranks"]) < entry["world_size"]:
             return False
         self._commit(name, entry)
-        del self._pending[name]
+        del self._pending[(name, fence)]
         return True
 
     def _commit(self, name: str, entry: dict[str, Any]) -> None:
         manifest = {
             "name": name,
             "world_size": entry["world_size"],
-            "parts": [part_name(r) for r in sorted(entry["ranks"])],
+            "parts": [part_name(r, entry["fence"]) for r in sorted(entry["ranks"])],
             "global_step": entry["meta"].get("global_step", 0),
             "epoch": entry["meta"].get("epoch", 0),
             "committed_at": time.time(),
@@ -133,8 +136,9 @@ class CheckpointManager:
         newest = committed[-1].name
         committed_names = {c.name for c in committed}
         for name in self.storage.listdir("checkpoints"):
+            pending = {n for n, _ in self._pending}
             if name.startswith(layout.PREFIX) and name not in committed_names and name < newest \
-                    and name not in self._pending:
+                    and name not in pending:
                 self.storage.delete(f"checkpoints/{name}")
 
     def clean_uncommitted(self) -> None:

@@ -42,6 +42,7 @@ class CheckpointWriter:
         self.every_n_steps = every_n_steps
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self._attempt = 0
+        self._fence = ""
         self._last_snapshot_step = -1
         self.asynchronous = asynchronous
         self._worker: Any = None
@@ -81,11 +82,13 @@ class CheckpointWriter:
         peer = self._peer(create=False)
         return self._snapshot.fence_wait_s + (peer.fence_wait_s if peer is not None else [])
 
-    def attach(self, worker: Any, ranks: Any, attempt: int = 0) -> None:
+    def attach(self, worker: Any, ranks: Any, attempt: int = 0, fence: str = "") -> None:
+        """Bind to this worker, its rank, and the attempt whose parts it writes (``fence``)."""
         self._worker = worker
         self._rank = ranks.world_rank
         self._world_size = ranks.world_size
         self._attempt = attempt
+        self._fence = fence
 
     # --- when -----------------------------------------------------------------------------------
     def after_train_step(self, trainer: Any, is_last: bool) -> None:
@@ -133,10 +136,16 @@ class CheckpointWriter:
             self._peer().prepare(replicated)
         if self._rank != 0 or not self.asynchronous or self._thread is not None:
             return  # other ranks' parts are small
+        if trainer.strategy.shards_state:
+            # the state is gathered afresh at each checkpoint (COLLECTIVE, every rank): no
+            # buffers to prepare from it here, where rank 0 alone would start the gather
+            return
         # the large entries of ``dump_checkpoint``'s dict, under the same keys (no user hooks)
-        module = trainer.lightning_module
-        state = {"state_dict": {k: v.detach() for k, v in module.state_dict().items()},
-                 "optimizer_states": [opt.state_dict() for opt in trainer.optimizers]}
+        module, strategy = trainer.lightning_module, trainer.strategy
+        state = {"state_dict": {k: v.detach() for k, v in
+                                strategy.lightning_module_state_dict(module).items()},
+                 "optimizer_states": [strategy.optimizer_state(opt)
+                                      for opt in trainer.optimizers]}
         self._thread = threading.Thread(target=self._snapshot.prepare, args=(state,),
                                         daemon=True, name="ray_lit-ckpt-prepare")
         self._thread.start()
@@ -155,7 +164,7 @@ class CheckpointWriter:
         meta = {"global_step": progress.global_step, "epoch": progress.epoch}
         self._last_step_taken = progress.global_step
         self._last_name = name
-        uri = part_uri(self.run_uri, name, self._rank)
+        uri = part_uri(self.run_uri, name, self._rank, self._fence)
         if self.asynchronous:
             self._thread = threading.Thread(target=self._write, args=(state, uri, name, meta),
                                             daemon=True, name="ray_lit-ckpt-writer")
@@ -169,11 +178,14 @@ class CheckpointWriter:
         """This rank's checkpoint state at the step boundary, tensors where they live: rank 0's
         whole checkpoint; the other ranks' own loop state (RNG, progress, sampler)."""
         from ray_lit.core.seed import rng_state
-        from ray_lit.loop.checkpoint_state import dump_checkpoint
+        from ray_lit.loop.checkpoint_state import dump_checkpoint, join_state_gather
 
         progress = trainer._progress
         if self._rank == 0:
             return dump_checkpoint(trainer, on_device=True)
+        # a sharded strategy: rank 0's checkpoint is the gathered full state, and every rank
+        # takes part in that gather (COLLECTIVE) at this same step boundary
+        join_state_gather(trainer)
         state = {"loops": {"progress": progress.state_dict(), "rng": rng_state(),
                            "sampler": trainer._host.sampler_state(progress.batches_done),
                            "world_size": self._world_size}}
@@ -234,7 +246,8 @@ class CheckpointWriter:
             self._error = err
             return
         if self._worker is not None:
-            self._worker.post(PartWritten(name, self._rank, self._world_size, meta))
+            self._worker.post(PartWritten(name, self._rank, self._world_size, meta,
+                                          self._fence))
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error here."""

@@ -67,11 +67,16 @@ def call_adapted(
 
 
 def is_overridden(name: str, obj: Any, base: type) -> bool:
-    """Whether ``obj`` (an instance) overrides method ``name`` of ``base``."""
+    """Whether ``obj`` (an instance) overrides method ``name`` of ``base``.
+
+    A hook set to ``None`` (on the instance or on its class) is not overridden: 0.9 code turns
+    a hook off that way (``model.validation_step = None``), and calling it would fail.
+    """
+    own = getattr(obj, "__dict__", {})
+    if name in own:
+        # assigned on the instance (tests patch hooks this way)
+        return own[name] is not None
     impl = getattr(type(obj), name, None)
     if impl is None:
-        # assigned on the instance (tests patch hooks this way)
-        return name in getattr(obj, "__dict__", {})
-    if name in getattr(obj, "__dict__", {}):
-        return True
+        return False
     return getattr(impl, "__code__", None) is not getattr(getattr(base, name, None), "__code__", 0)

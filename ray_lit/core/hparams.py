@@ -8,8 +8,9 @@ it and scripting skips it):
   each), the name of the one init argument that held them all, or None;
 * ``_hparams_initial``: a deep copy taken when they were saved (2.x ``hparams_initial``);
 * ``_log_hyperparams``: whether loggers receive them at fit start;
-* ``_hparams_type``: ``"Namespace"`` when they came as an ``argparse.Namespace``, so
-  ``load_from_checkpoint`` hands the constructor a Namespace again.
+* ``_hparams_type``: ``"Namespace"`` / ``"DictConfig"`` when they came as an
+  ``argparse.Namespace`` / OmegaConf ``DictConfig``, so ``load_from_checkpoint`` hands the
+  constructor the same kind of object again.
 
 ``load_from_checkpoint`` (``ray_lit.core.saving``) reads ``hyper_parameters``, ``hparams_name``
 and ``hparams_type`` from a checkpoint to call the constructor the same way.
@@ -160,6 +161,136 @@ def clean_hparams_for_fit(hparams: Any) -> None:
         del hparams[key]
 
 
+def stash_callables_for_checkpoint(module: Any) -> None:
+    """Keep ``module``'s callable hyperparameters aside before ``clean_hparams_for_fit``.
+
+    0.9 deletes them from ``hparams`` at fit (kept, trap 7.18), but a checkpoint without them
+    would rebuild the module with the constructor's defaults (``optimizer=Adam`` where ``SGD``
+    was passed): ``hparams_for_checkpoint`` saves them by import path instead.
+    """
+    hparams = module.__dict__.get("_hparams")
+    if isinstance(hparams, Namespace):
+        hparams = vars(hparams)
+    if isinstance(hparams, dict):
+        stash = module.__dict__.setdefault("_hparams_callables", {})
+        stash.update({k: v for k, v in hparams.items() if callable(v)})
+
+
+# a class or function hyperparameter in a checkpoint: {"__import__": "torch.optim.sgd.SGD"};
+# one with no import path (a lambda, a local function): {"__unsaved__": "<repr>"}
+IMPORT_KEY = "__import__"
+UNSAVED_KEY = "__unsaved__"
+
+
+def import_path(obj: Any) -> str | None:
+    """``"package.module.Name"`` that imports back to ``obj`` itself, else None."""
+    module = getattr(obj, "__module__", None)
+    # builtins such as torch.sigmoid have a qualname of their C class; their __name__ imports
+    names = [getattr(obj, "__qualname__", None), getattr(obj, "__name__", None)]
+    for name in dict.fromkeys(n for n in names if n):
+        if not module or "<" in name:
+            continue
+        path = f"{module}.{name}"
+        if module == "__main__":
+            return path  # importable where that script runs again
+        try:
+            if resolve_import_path(path, len(module.split("."))) is obj:
+                return path
+        except Exception:  # not importable under that name here: try the next, else unsaved
+            continue
+    return None
+
+
+def resolve_import_path(path: str, module_parts: int | None = None) -> Any:
+    """The class or function named by ``path`` (import of a named attribute, nothing else).
+
+    Raises:
+        ImportError: no module/attribute of that name, or it is not a class or function.
+    """
+    import importlib
+
+    parts = path.split(".")
+    candidates = [module_parts] if module_parts else range(len(parts) - 1, 0, -1)
+    for split in candidates:
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        if isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            return obj
+        raise ImportError(f"{path} is a {type(obj).__name__}, not a class or function")
+    raise ImportError(f"cannot import {path}")
+
+
+def is_dict_config(value: Any) -> bool:
+    """An OmegaConf ``DictConfig`` (checked by type, so omegaconf is never imported here)."""
+    return type(value).__name__ == "DictConfig" and type(value).__module__.startswith(
+        "omegaconf")
+
+
+def _plain_container(value: Any) -> Any:
+    """OmegaConf containers as plain dicts/lists (interpolations resolved), else ``value``."""
+    if type(value).__module__.startswith("omegaconf") and type(value).__name__ in (
+            "DictConfig", "ListConfig"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def hparams_for_checkpoint(module: Any) -> dict[str, Any]:
+    """``module``'s hyperparameters as a weights-only-loadable dict.
+
+    Classes and functions (also those ``fit`` removed from ``hparams``) are saved by import
+    path; ones without one are marked, so ``load_from_checkpoint`` refuses to silently use the
+    constructor's default for them.
+    """
+    hparams = _plain_container(module.hparams)
+    values = dict(vars(hparams)) if isinstance(hparams, Namespace) else dict(hparams)
+    for key, value in module.__dict__.get("_hparams_callables", {}).items():
+        values.setdefault(key, value)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if callable(value):
+            path = import_path(value)
+            out[key] = {IMPORT_KEY: path} if path else {UNSAVED_KEY: repr(value)[:200]}
+        else:
+            # a DictConfig inside would make the checkpoint refuse weights-only loading
+            out[key] = _plain_container(value)
+    return out
+
+
+def restore_callables(hparams: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Turn ``hparams_for_checkpoint``'s import markers back into the objects, in place.
+
+    Raises:
+        MisconfigurationException: a hyperparameter could not be saved or imported, and
+            ``overrides`` does not supply it (the module would silently get another one).
+    """
+    from ray_lit.errors import MisconfigurationException
+
+    for key, value in list(hparams.items()):
+        if not isinstance(value, dict) or len(value) != 1 or key in overrides:
+            continue
+        if IMPORT_KEY in value:
+            try:
+                hparams[key] = resolve_import_path(str(value[IMPORT_KEY]))
+            except ImportError as err:
+                raise MisconfigurationException(
+                    f"Hyperparameter {key!r} was {value[IMPORT_KEY]}, which cannot be imported "
+                    f"here ({err}). Pass it: load_from_checkpoint(path, {key}=...).") from err
+        elif UNSAVED_KEY in value:
+            raise MisconfigurationException(
+                f"Hyperparameter {key!r} was {value[UNSAVED_KEY]}, which has no import path and "
+                f"could not be saved in the checkpoint. Pass it: "
+                f"load_from_checkpoint(path, {key}=...).")
+
+
 # --- internals ---------------------------------------------------------------------------------
 def _as_list(names: list[str] | tuple[str, ...] | str | None) -> list[str]:
     if names is None:
@@ -178,7 +309,20 @@ def _snapshot(hparams: AttributeDict) -> AttributeDict:
 
 
 def _update_hparams(module: Any, value: Any) -> None:
-    """Merge ``value`` into ``module``'s ``AttributeDict`` (successive calls accumulate)."""
+    """Merge ``value`` into ``module``'s ``AttributeDict`` (successive calls accumulate).
+
+    An OmegaConf ``DictConfig`` becomes the hyperparameters itself, as in Lightning (dot
+    access, interpolation and its type kept), and is saved as a plain dict with
+    ``hparams_type="DictConfig"`` so ``load_from_checkpoint`` rebuilds one.
+    """
+    if is_dict_config(value):
+        current = module.__dict__.get("_hparams")
+        if is_dict_config(current):
+            current.merge_with(value)
+        else:
+            module.__dict__["_hparams"] = value
+        module.__dict__["_hparams_type"] = "DictConfig"
+        return
     if isinstance(value, Namespace):
         module.__dict__["_hparams_type"] = "Namespace"
         value = vars(value)

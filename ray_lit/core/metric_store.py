@@ -4,11 +4,18 @@ One store per running loop stage (train, validate, test, sanity check). ``log`` 
 under its 2.x name with the per-hook defaults of spec §2.2; the loop asks for the step view after
 each batch and the epoch view at epoch end. Values stay tensors: nothing here calls ``.item()``
 (no host sync per step); the loop converts only what it shows or logs.
+
+A ``torchmetrics.Metric`` may be logged too, as in Lightning 2.x: its step value is what its
+last ``forward`` returned (``_forward_cache``), its epoch value is ``compute()`` (which syncs
+across ranks by itself, so nothing here reduces it again), and it is ``reset()`` once the epoch
+value is taken. torchmetrics stays optional: it is never imported here; a value is a Metric
+only if torchmetrics is already imported (the user made one) and the value is an instance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +85,44 @@ def to_scalar_tensor(name: str, value: Any) -> torch.Tensor:
     )
 
 
+def _torchmetrics_class(name: str) -> type | None:
+    """``torchmetrics.<name>`` if the user already imported torchmetrics, else None.
+
+    Never imports torchmetrics: whoever holds a Metric object has imported it already.
+    """
+    module = sys.modules.get("torchmetrics")
+    return getattr(module, name, None) if module is not None else None
+
+
+def as_torchmetric(value: Any) -> Any:
+    """``value`` if it is a ``torchmetrics.Metric`` (not a MetricCollection), else None."""
+    metric_cls = _torchmetrics_class("Metric")
+    if metric_cls is not None and isinstance(value, metric_cls):
+        return value
+    return None
+
+
+def dict_items(dictionary: Any) -> Iterable[tuple[str, Any]]:
+    """The ``(name, value)`` pairs ``self.log_dict`` logs.
+
+    A ``torchmetrics.MetricCollection`` gives its members under their prefixed/postfixed names,
+    with the states of a compute group passed by reference (as Lightning does: copying them
+    each step would cost a deep copy per batch, and compute/reset work on the shared state).
+    """
+    collection_cls = _torchmetrics_class("MetricCollection")
+    if collection_cls is not None and isinstance(dictionary, collection_cls):
+        kwargs = {"keep_base": False}
+        if getattr(dictionary, "_enable_compute_groups", False):
+            kwargs["copy_state"] = False
+        return list(dictionary.items(**kwargs))
+    return list(dictionary.items())
+
+
+def _is_collection(value: Any) -> bool:
+    collection_cls = _torchmetrics_class("MetricCollection")
+    return collection_cls is not None and isinstance(value, collection_cls)
+
+
 def infer_batch_size(batch: Any) -> int:
     """Size of dim 0 of the first tensor found in ``batch`` (1 if none), as 2.x does."""
     if isinstance(batch, torch.Tensor):
@@ -99,7 +144,12 @@ def infer_batch_size(batch: Any) -> int:
 
 @dataclass
 class _Metric:
-    """One logged name: its options, the latest step value and the epoch accumulator."""
+    """One logged name: its options, the latest step value and the epoch accumulator.
+
+    For a logged ``torchmetrics.Metric`` (``source``), the metric object itself accumulates:
+    ``value`` is its forward value of the batch, and ``computed`` caches its ``compute()`` at
+    epoch end (taken once, then the source is reset).
+    """
 
     name: str
     fx: str
@@ -114,6 +164,25 @@ class _Metric:
     total: torch.Tensor | None = None
     weight: float = 0.0
     updated: bool = field(default=False)
+    source: Any = None
+    computed: torch.Tensor | None = None
+    source_reset: bool = False
+
+    def update_source(self, source: Any, enable_graph: bool) -> None:
+        """A logged torchmetrics Metric: its batch value is its last ``forward`` result.
+
+        ``None`` when the user called ``update()`` only: then there is no step value (as in
+        Lightning), the epoch value still comes from ``compute()``.
+        """
+        self.source = source
+        self.source_reset = False
+        self.computed = None
+        cache = getattr(source, "_forward_cache", None)
+        if cache is None:
+            return
+        value = _metric_tensor(self.name, cache, "forward value")
+        self.value = value if enable_graph else value.detach()
+        self.updated = True
 
     def update(self, value: torch.Tensor, batch_size: int) -> None:
         self.value = value
@@ -134,6 +203,8 @@ class _Metric:
         self.weight += batch_size
 
     def epoch_value(self) -> torch.Tensor | None:
+        if self.source is not None:
+            return self._source_epoch_value()
         if self.total is None:
             return None
         total, weight = self.total, torch.tensor(self.weight, device=self.total.device)
@@ -145,6 +216,37 @@ class _Metric:
                 return packed[0] / packed[1]
             total = collectives.sync_value(total, self.reduce, self.sync_dist_group)
         return total / weight if self.reduce == "mean" else total
+
+    def _source_epoch_value(self) -> torch.Tensor | None:
+        """``compute()`` of the logged Metric, once per epoch (``epoch_views`` resets it after).
+
+        COLLECTIVE in DDP: torchmetrics gathers the states of every rank inside ``compute()``
+        (no extra reduction here). Cached, so reading the epoch views twice (the eval loop's
+        per-dataloader results) neither computes nor syncs twice.
+        """
+        if self.computed is None and not self.source_reset:
+            value = _metric_tensor(self.name, self.source.compute(), "compute() value")
+            self.computed = value.detach()
+        return self.computed
+
+    def reset_source(self) -> None:
+        """End of the epoch for a logged Metric: reset it (once), as Lightning does."""
+        if self.source is not None and not self.source_reset:
+            self.source.reset()
+            self.source_reset = True
+
+
+def _metric_tensor(name: str, value: Any, what: str) -> torch.Tensor:
+    """A Metric's forward or compute value as a 0-dim float tensor, or an error naming it."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise MisconfigurationException(
+            f"self.log({name!r}, metric): the metric's {what} is {shape}, not a scalar. Log a "
+            "metric that computes one number (e.g. average='micro'), or log its parts with "
+            "self.log_dict."
+        )
+    value = value.reshape(()) if value.dim() else value
+    return value if value.is_floating_point() else value.float()
 
 
 class MetricStore:
@@ -200,15 +302,26 @@ class MetricStore:
             raise MisconfigurationException(
                 f"Metric name {name!r} contains '/dataloader_idx_', which ray_lit adds itself."
             )
+        # tensors and numbers skip the torchmetrics checks (the per-step fast path)
+        if not isinstance(value, (torch.Tensor, int, float)):
+            source = as_torchmetric(value)
+            if source is not None:
+                self._log_source(fx, name, source, prog_bar=prog_bar, logger=logger,
+                                 on_step=on_step, on_epoch=on_epoch, enable_graph=enable_graph,
+                                 add_dataloader_idx=add_dataloader_idx)
+                return
+            if _is_collection(value):
+                raise MisconfigurationException(
+                    f"self.log({name!r}, ...) got a MetricCollection; log it with "
+                    "self.log_dict(collection), which logs each member under its own name."
+                )
         tensor = to_scalar_tensor(name, value)
         if not enable_graph and tensor.requires_grad:
             tensor = tensor.detach()
         reduce = _reduce_name(reduce_fx)
         if sync_dist and on_step:
             tensor = collectives.sync_value(tensor, reduce, sync_dist_group)
-        key = name
-        if add_dataloader_idx and self.num_dataloaders > 1:
-            key = f"{name}/dataloader_idx_{self.dataloader_idx}"
+        key = self._key(fx, name, add_dataloader_idx)
         metric = self.metrics.get(key)
         if metric is None:
             metric = _Metric(key, fx, on_step, on_epoch, prog_bar, True if logger is None else
@@ -219,9 +332,48 @@ class MetricStore:
             raise MisconfigurationException(
                 f"self.log({name!r}) was called twice in `{fx}` with different options."
             )
+        elif metric.source is not None:
+            raise MisconfigurationException(
+                f"self.log({name!r}) got a tensor where a torchmetrics Metric was logged under "
+                "the same name before; log one kind of value per name."
+            )
         size = batch_size if batch_size is not None else (
             self._current_batch_size() if on_epoch and reduce == "mean" else 1)
         metric.update(tensor, size)
+
+    def _key(self, fx: str, name: str, add_dataloader_idx: bool) -> str:
+        """The stored name: ``/dataloader_idx_i`` added for a batch-level hook of a run over
+        several dataloaders. Epoch-level hooks (``on_validation_epoch_end``) run once for all
+        loaders, so their values keep the plain name, as in Lightning (whose result collection
+        has no dataloader index there)."""
+        if add_dataloader_idx and self.num_dataloaders > 1 and HOOK_DEFAULTS[fx][2]:
+            return f"{name}/dataloader_idx_{self.dataloader_idx}"
+        return name
+
+    def _log_source(self, fx: str, name: str, source: Any, *, prog_bar: bool,
+                    logger: bool | None, on_step: bool, on_epoch: bool, enable_graph: bool,
+                    add_dataloader_idx: bool) -> None:
+        """Record a logged ``torchmetrics.Metric`` (on every rank, from the hook that logs it).
+
+        ``reduce_fx``, ``sync_dist`` and ``batch_size`` do not apply (Lightning ignores them
+        too): the Metric accumulates its own state and syncs it in ``compute()``.
+        """
+        key = self._key(fx, name, add_dataloader_idx)
+        metric = self.metrics.get(key)
+        if metric is None:
+            metric = _Metric(key, fx, on_step, on_epoch, prog_bar, True if logger is None else
+                             logger, "mean", False, None)
+            self.metrics[key] = metric
+        elif metric.source is None:  # an existing entry without a source holds tensors
+            raise MisconfigurationException(
+                f"self.log({name!r}) got a torchmetrics Metric where a tensor was logged under "
+                "the same name before; log one kind of value per name."
+            )
+        elif metric.fx == fx and (metric.on_step, metric.on_epoch) != (on_step, on_epoch):
+            raise MisconfigurationException(
+                f"self.log({name!r}) was called twice in `{fx}` with different options."
+            )
+        metric.update_source(source, enable_graph)
 
     # --- views -----------------------------------------------------------------------------
     def step_views(self) -> tuple[dict, dict, dict]:
@@ -262,7 +414,16 @@ class MetricStore:
                 pbar[forked] = value
             callback[forked] = value
             callback[key] = value
+        # the epoch is over: reset the Metrics whose value was taken, and those logged on_step
+        # only, as Lightning does. After all computes, not each after its own: one Metric object
+        # logged under two names (two dataloaders) gives both the same value.
+        for m in self.metrics.values():
+            if m.computed is not None or not m.on_epoch:
+                m.reset_source()
         return log, pbar, callback
 
     def reset(self) -> None:
+        """End of the epoch: forget the logged values; Metrics not yet reset are reset here."""
+        for m in self.metrics.values():
+            m.reset_source()
         self.metrics.clear()

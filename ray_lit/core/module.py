@@ -31,7 +31,8 @@ class LightningModule(nn.Module):
     __jit_unused_properties__ = [
         "trainer", "device", "dtype", "current_epoch", "global_step", "global_rank",
         "local_rank", "logger", "loggers", "hparams", "hparams_initial", "example_input_array",
-        "automatic_optimization", "on_gpu", "precision",
+        "automatic_optimization", "on_gpu", "precision", "use_ddp", "use_ddp2", "use_dp",
+        "use_amp", "testing",
     ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -73,6 +74,27 @@ class LightningModule(nn.Module):
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    # 0.9 copied these flags from the trainer onto the module; read them from it here
+    @property
+    def use_ddp(self) -> bool:
+        return bool(getattr(self.trainer, "use_ddp", False))
+
+    @property
+    def use_ddp2(self) -> bool:
+        return False  # ray_lit has no DDP2; DDP across workers is use_ddp
+
+    @property
+    def use_dp(self) -> bool:
+        return False  # DataParallel requests become DDP workers
+
+    @property
+    def use_amp(self) -> bool:
+        return bool(getattr(self.trainer, "use_amp", False))
+
+    @property
+    def testing(self) -> bool:
+        return bool(getattr(self.trainer, "testing", False))
 
     @property
     def current_epoch(self) -> int:
@@ -184,8 +206,11 @@ class LightningModule(nn.Module):
         )
 
     def log_dict(self, dictionary: dict[str, Any], **kwargs: Any) -> None:
-        """``self.log`` for every item."""
-        for name, value in dictionary.items():
+        """``self.log`` for every item (each member, prefixed, of a torchmetrics
+        ``MetricCollection``)."""
+        from ray_lit.core.metric_store import dict_items
+
+        for name, value in dict_items(dictionary):
             self.log(name, value, **kwargs)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -224,11 +249,25 @@ class LightningModule(nn.Module):
     def test_epoch_end(self, outputs: Any) -> Any:
         return None
 
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        """One batch of ``trainer.predict`` (every rank, on its shard); 2.x default: the
+        module called on the batch."""
+        batch = kwargs.get("batch", args[0] if args else None)
+        return self(batch)
+
     def configure_optimizers(self) -> Any:
         return None
 
     def configure_callbacks(self) -> Any:
         return []
+
+    def configure_model(self) -> None:
+        """2.x: build layers here instead of in ``__init__`` (large models, or layers the
+        user shards with ``fully_shard``). Called on every rank after ``setup`` and before
+        the strategy wraps the module (``self.global_rank`` / ``world_size`` are already
+        this rank's), on the driver's module before the run's weights are loaded into it,
+        and by ``load_from_checkpoint``. It may run more than once on the same module: make
+        it idempotent (``if self.layer is not None: return``)."""
 
     # --- data ----------------------------------------------------------------------------------
     def prepare_data(self) -> None: ...
@@ -242,6 +281,9 @@ class LightningModule(nn.Module):
         return None
 
     def test_dataloader(self) -> Any:
+        return None
+
+    def predict_dataloader(self) -> Any:
         return None
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device,
@@ -277,13 +319,115 @@ class LightningModule(nn.Module):
         scheds = [c.scheduler for c in configs]
         return scheds[0] if len(scheds) == 1 else scheds
 
+    # --- 2.x manual-optimisation helpers (every rank runs them inside its training step) -----
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Only ``optimizer``'s parameters require grad until ``untoggle_optimizer`` (2.x):
+        the parameters of the other optimizers are switched off, so a backward leaves them
+        alone. A parameter already frozen before the call stays frozen afterwards."""
+        trainer = self.trainer
+        saved: dict[nn.Parameter, bool] = {}
+        for opt in (trainer.optimizers if trainer is not None else []):
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    saved.setdefault(param, param.requires_grad)
+                    param.requires_grad = False
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.requires_grad = saved.get(param, param.requires_grad)
+        self.__dict__["_param_requires_grad_state"] = saved
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        """Give the other optimizers' parameters back the ``requires_grad`` they had before
+        ``toggle_optimizer``."""
+        saved = self.__dict__.pop("_param_requires_grad_state", {})
+        for param, flag in saved.items():
+            param.requires_grad = flag
+
+    def toggled_optimizer(self, optimizer: Any) -> Any:
+        """``with self.toggled_optimizer(opt):`` toggles on entry and untoggles on exit."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def toggled() -> Any:
+            self.toggle_optimizer(optimizer)
+            try:
+                yield
+            finally:
+                self.untoggle_optimizer(optimizer)
+
+        return toggled()
+
+    def clip_gradients(self, optimizer: Any, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        """Clip the gradients of ``optimizer``'s parameters (2.x): by global 2-norm
+        (``"norm"``, the default) or by value (``"value"``). Unset arguments fall back to the
+        Trainer's ``gradient_clip_val`` / ``gradient_clip_algorithm``; mixed-precision
+        gradients are unscaled first so the threshold applies to the true values."""
+        config = getattr(self.trainer, "config", None)
+        if gradient_clip_val is None:
+            gradient_clip_val = getattr(config, "gradient_clip_val", 0.0)
+        if gradient_clip_algorithm is None:
+            gradient_clip_algorithm = getattr(config, "gradient_clip_algorithm", "norm") or "norm"
+        if gradient_clip_algorithm not in ("norm", "value"):
+            from ray_lit.errors import MisconfigurationException
+
+            raise MisconfigurationException(
+                f"gradient_clip_algorithm={gradient_clip_algorithm!r}: use 'norm' or 'value'.")
+        if not gradient_clip_val:
+            return
+        precision = getattr(self.trainer, "_precision", None)
+        if precision is not None:
+            precision.unscale(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if not params:
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Automatic optimisation calls this before each optimizer step (2.x); override it
+        to clip differently. The default clips with the Trainer's settings."""
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Every rank's ``data`` (a tensor, or dicts/lists/tuples of tensors; numbers become
+        tensors) stacked on a new dim 0, through ``trainer.strategy.all_gather``. COLLECTIVE
+        on workers: every rank calls it. In process (one rank, no workers) ``data`` comes back
+        with no new dim, as in Lightning 2.x on one device. ``sync_grads=True`` keeps the
+        result differentiable."""
+        strategy = self.trainer.strategy
+        single = getattr(strategy, "strategy_name", "") == "single_device"
+
+        def gather(value: Any) -> Any:
+            if isinstance(value, (int, float, bool)):
+                value = torch.tensor(value, device=self.device)
+            if isinstance(value, torch.Tensor):
+                if single:
+                    return value
+                if not sync_grads:
+                    value = value.detach()
+                out = strategy.all_gather(value, sync_grads=sync_grads)
+                return out if sync_grads else out.detach()
+            if isinstance(value, dict):
+                return type(value)((k, gather(v)) for k, v in value.items())
+            if isinstance(value, (list, tuple)):
+                items = [gather(v) for v in value]
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+            return value
+
+        return gather(data)
+
     def optimizer_step(self, epoch: int = None, batch_idx: int = None, optimizer: Any = None,
                        optimizer_idx: int = 0, optimizer_closure: Callable | None = None,
                        on_tpu: bool = False, using_native_amp: bool = False,
                        using_lbfgs: bool = False) -> None:
         """Step ``optimizer``; ``optimizer_closure`` returns the loss (it re-runs the step only
         for optimizers that evaluate it several times, such as LBFGS)."""
-        optimizer.step(closure=optimizer_closure)
+        step_optimizer(optimizer, optimizer_closure)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any,
                             optimizer_idx: int = 0) -> None:
@@ -324,6 +468,13 @@ class LightningModule(nn.Module):
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
     def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int,
                           dataloader_idx: int = 0) -> None: ...
+    def on_predict_start(self) -> None: ...
+    def on_predict_end(self) -> None: ...
+    def on_predict_epoch_start(self) -> None: ...
+    def on_predict_epoch_end(self) -> None: ...
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int,
+                             dataloader_idx: int = 0) -> None: ...
     def on_pre_performance_check(self) -> None: ...
     def on_post_performance_check(self) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
@@ -373,6 +524,28 @@ class LightningModule(nn.Module):
         from ray_lit.core.summary import summarize
 
         return summarize(self, max_depth=1 if mode == "top" else -1)
+
+
+def step_optimizer(optimizer: Any, closure: Callable | None) -> Any:
+    """``optimizer.step(closure=closure)``, or ``optimizer.step()`` when ``step`` takes no
+    argument.
+
+    Lightning 0.9 called ``optimizer.step()`` for ordinary optimizers, so wrappers written for
+    it (bolts' ``LARSWrapper``) define ``step(self)``; the loss was already computed and
+    backpropagated, so skipping the closure changes nothing for them.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(optimizer.step).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume torch's
+        return optimizer.step(closure=closure)
+    if closure is None or any(p.name == "closure" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                              for p in params):
+        return optimizer.step(closure=closure) if closure is not None else optimizer.step()
+    if any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+        return optimizer.step(closure)
+    return optimizer.step()
 
 
 def call_module_hook(module: LightningModule, name: str, *args: Any, **kwargs: Any) -> Any:

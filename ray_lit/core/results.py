@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ray_lit.core import collectives
+from ray_lit.errors import MisconfigurationException
 
 _RESERVED = ("minimize", "checkpoint_on", "early_stop_on", "hiddens")
 _META = "meta"
@@ -113,6 +114,8 @@ class Result(dict):
         ``step_<name>`` and ``epoch_<name>`` (0.9 naming)."""
         on_step = self._LOG_ON_STEP if on_step is None else on_step
         on_epoch = self._LOG_ON_EPOCH if on_epoch is None else on_epoch
+        if not isinstance(value, (torch.Tensor, int, float)):
+            _refuse_torchmetrics(type(self).__name__, name, value)
         if isinstance(value, torch.Tensor) and not enable_graph:
             value = value.detach()
         if sync_dist and isinstance(value, (torch.Tensor, int, float)):
@@ -242,6 +245,19 @@ class EvalResult(Result):
     def write_dict(self, values: dict[str, Any], filename: str = "predictions.pt") -> None:
         for name, value in values.items():
             self.write(name, value, filename)
+
+
+def _refuse_torchmetrics(result_class: str, name: str, value: Any) -> None:
+    """0.9 Results reduce stacked per-batch values, which a ``torchmetrics.Metric`` (an object
+    with its own state) is not: name the 2.x API that supports it."""
+    from ray_lit.core.metric_store import _is_collection, as_torchmetric
+
+    if as_torchmetric(value) is not None or _is_collection(value):
+        raise MisconfigurationException(
+            f"{result_class}.log({name!r}, ...) got a torchmetrics {type(value).__name__}; 0.9 "
+            "Results log numbers and tensors only. Log the metric with self.log(name, metric) "
+            "(or self.log_dict(collection)), or log metric(preds, target)'s tensor here."
+        )
 
 
 def _rebuild(cls: type, items: dict) -> Result:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ray_lit.core.hparams import AttributeDict
+from ray_lit.core.hparams import AttributeDict, restore_callables
 from ray_lit.errors import MisconfigurationException
 from ray_lit.storage.checkpoint_io import load_checkpoint
 
@@ -58,6 +58,7 @@ def load_from_checkpoint(cls: type[nn.Module], checkpoint_path: str | os.PathLik
     hparams = stored_hparams(checkpoint)
     if hparams_file is not None:
         hparams = load_hparams_from_yaml(hparams_file)
+    restore_callables(hparams, kwargs)  # classes/functions saved by import path
     name = checkpoint.get("hparams_name")
     if not hparams:
         name = "kwargs"  # nothing was saved: the constructor gets its defaults and the kwargs
@@ -65,6 +66,9 @@ def load_from_checkpoint(cls: type[nn.Module], checkpoint_path: str | os.PathLik
     args, init_kwargs = _init_arguments(cls, hparams, name, checkpoint.get("hparams_type"),
                                         kwargs)
     model = cls(*args, **init_kwargs)
+    configure = getattr(model, "configure_model", None)
+    if configure is not None:
+        configure()  # 2.x: the layers it builds are in the state_dict, so build them first
 
     state_dict = checkpoint["state_dict"]
     hook = getattr(model, "on_load_checkpoint", None)
@@ -130,8 +134,14 @@ def _init_arguments(cls: type[nn.Module], hparams: dict[str, Any], name: str | N
                            inspect.Parameter.KEYWORD_ONLY)}
     args: list[Any] = []
     kwargs = dict(overrides)
-    container: Any = Namespace(**hparams) if hparams_type == "Namespace" \
-        else AttributeDict(hparams)
+    if hparams_type == "DictConfig":
+        from omegaconf import OmegaConf
+
+        container: Any = OmegaConf.create(hparams)
+    elif hparams_type == "Namespace":
+        container = Namespace(**hparams)
+    else:
+        container = AttributeDict(hparams)
     if name == "kwargs":
         kwargs.update(hparams)
     elif name:

@@ -1,25 +1,32 @@
 """The controller: runs attempts of a worker group until the stage finishes or a policy says
-stop. It is the only code that acts on actors; the failure policy decides.
+stop. It is the only code that acts on actors; the policies decide.
 
-One attempt: create the worker group (from the latest committed checkpoint when there is one),
-start the stage, then supervise: long-poll every worker (a poll returns at once when a rank
-has news, else after ``poll_wait_s``; never per step), replay rank 0's events into the
-driver's loggers and progress bar, commit checkpoints whose parts every rank confirmed, and
-notice a dead actor (Ray's own error on the poll), a failed rank, or a rank that stopped making
-progress. On failure the group is torn down and the policy decides between a new attempt and
-raising. Announced departures (a Ray node drain notice, a SIGTERM to a worker or to the driver)
-and elastic growth are planned: every rank checkpoints at the same step, then the next attempt
-starts from that checkpoint.
+It is a state machine (``driver/states.py``, drawn in ``docs/architecture.md``):
+``Controller.step(state)`` makes one transition, and ``run`` steps until a terminal state.
+
+- ``Starting``: the latest committed checkpoint (or a survivor's in-memory snapshot) is where
+  the attempt continues; the group is formed around surviving workers where there are any.
+- ``Running``: one long poll of every rank per step (a poll returns at once when a rank has
+  news, else after ``poll_wait_s``; never per training step). Rank 0's events are replayed into
+  the driver's loggers and progress bar, checkpoints whose parts every rank confirmed are
+  committed, and a dead actor (Ray's own error on the poll), a failed rank or a rank without
+  progress ends the attempt. Announced departures (a Ray node drain notice, a SIGTERM to a
+  worker or to the driver) and elastic growth are planned: ``Stopping`` has every rank
+  checkpoint at the same step, and the next attempt starts from that checkpoint.
+- ``Salvaging``: the live workers are kept for the next attempt (after a lost worker, before a
+  resize) or the group is released; then ``Finished``, ``Errored``, ``Restarting`` (a failure
+  the policy restarts) or ``Starting`` (a planned resize or departure).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -28,6 +35,7 @@ from ray_lit.driver.cluster_view import ClusterView
 from ray_lit.driver.policies import (
     DepartureDecision,
     ElasticScaling,
+    FailureDecision,
     FailurePolicy,
     ResizeDecision,
     WorkerError,
@@ -35,12 +43,29 @@ from ray_lit.driver.policies import (
     decide_departure,
     decide_regroup,
     decide_restore,
+    is_peer_loss,
+    root_cause,
     scaling_policy,
 )
+from ray_lit.driver.predictions import receive_predictions
 from ray_lit.driver.reporting import replay
 from ray_lit.driver.snapshot_ledger import SnapshotLedger
+from ray_lit.driver.states import (
+    AttemptOutcome,
+    Errored,
+    Finished,
+    Restarting,
+    Running,
+    Salvaging,
+    Starting,
+    State,
+    StopCause,
+    Stopping,
+    kind,
+)
+from ray_lit.driver.supervision import SupervisionConfig
 from ray_lit.driver.worker_group import Survivors, WorkerGone, WorkerGroup
-from ray_lit.errors import MisconfigurationException, TrainingFailedError
+from ray_lit.errors import MisconfigurationException, PreemptionStop, TrainingFailedError
 from ray_lit.messages import (
     FromPeers,
     FromStorage,
@@ -52,36 +77,28 @@ from ray_lit.messages import (
     WorkerStatus,
 )
 
-
-@dataclass
-class AttemptOutcome:
-    result: Any = None
-    error: WorkerError | None = None
-    exception: BaseException | None = None
-    preempted: bool = False
-    resize_to: int | None = None
-    departed: DepartureDecision | None = None
-    peer_symptom: bool = False  # failed in a collective because a peer went away
+__all__ = ["AttemptOutcome", "Controller"]
 
 
 class Controller:
     """Driver-side owner of the worker groups of one stage (fit, validate or test)."""
 
     keep_survivors = True  # reuse the live workers after a loss (benchmarks turn it off)
-    root_cause_grace_s = 5.0  # how long Ray may take to report the death behind a failure
 
     def __init__(self, *, trainer: Any, payload_ref: Any, job: Job,
                  group_options: dict[str, Any], sink: Any, manager: Any = None,
-                 hang_timeout_s: float | None = None, poll_interval_s: float = 0.1,
-                 poll_wait_s: float = 0.5,
-                 create_group: Any = None, cluster: Any = None) -> None:
+                 hang_timeout_s: float | None = None,
+                 supervision: SupervisionConfig | None = None,
+                 create_group: Any = None, cluster: Any = None, reuse: Any = None,
+                 keep_group: bool = False) -> None:
         """``create_group`` (``WorkerGroup.create``) and ``cluster`` (``ClusterView()``) are
         where the controller meets Ray; ``ray_lit.testing`` passes fakes.
 
-        ``poll_wait_s`` is the longest a supervision poll waits for news from the workers (a
-        finished or failed loop, a written checkpoint part, a SIGTERM end it at once; a dead
-        actor's error too); ``poll_interval_s`` the least time between two polls (news as
-        often as every step, snapshot parts say, still makes no more than 10 polls a second).
+        ``supervision`` holds every timeout and interval (``SupervisionConfig``);
+        ``hang_timeout_s`` is the user's ``worker_hang_timeout_s``. ``reuse`` is a worker
+        group an earlier call of the same Trainer kept: the first attempt runs on it when it
+        still fits and is alive. With ``keep_group`` a group whose run finished is not released
+        but left in ``kept_group`` for the Trainer's next call.
         """
         self.create_group = create_group or WorkerGroup.create
         self.cluster = cluster or ClusterView()
@@ -93,68 +110,87 @@ class Controller:
         self.manager = manager
         self.policy = FailurePolicy(trainer.config.max_failures)
         self.hang_timeout_s = hang_timeout_s
-        self.poll_interval_s = poll_interval_s
-        self.poll_wait_s = poll_wait_s
+        self.supervision = supervision or SupervisionConfig()
         self.failures = 0
         self.recovery_times: list[float] = []
+        self.states: list[str] = []  # the kinds of state the run went through, in order
         self._preempt = threading.Event()
         self._interrupted = threading.Event()  # a Ctrl-C arrived: raised again if swallowed
         self._failed_at: float | None = None
         self.scaling = scaling_policy(trainer.config.num_workers)
         self.elastic = isinstance(self.scaling, ElasticScaling)
-        self.grow_check_interval_s = 2.0
-        self.drain_check_interval_s = 1.0
         self._next_size: int | None = None
         self._attempts = 0
+        self._run_token = secrets.token_hex(4)  # tells this driver's attempts from a killed one's
         self._survivors: Survivors | None = None
         self._answered: set[str] = set()  # nodes a probe just reached (after a failure)
         self._unreachable: set[str] = set()  # nodes a probe did not reach (a lost node)
         # every node found lost: Ray lists one as alive (and its bundles as placed there) for
         # a while after it went
         self._lost_nodes: set[str] = set()
-        self.lost_recheck_s = 10.0
         self._last_lost_check = 0.0
+        self._last_grow_check = self._last_drain_check = 0.0
         self.ledger = SnapshotLedger()  # every rank's own part of the in-memory snapshots
         # where each later attempt started: ("storage" | "memory" | "start", global step)
         self.restored_from: list[tuple[str, int]] = []
+        self._reuse = reuse
+        self.keep_group = keep_group
+        self.kept_group: Any = None  # the finished group, kept for the Trainer's next call
+        self.prediction_collector: Any = None  # predict: where streamed outputs go
 
-    # --- attempts -------------------------------------------------------------------------------
+    # --- the state machine ----------------------------------------------------------------------
     def run(self) -> Any:
-        """Run attempts until one finishes; returns rank 0's result (bytes)."""
+        """Step from ``Starting`` to a terminal state; returns rank 0's result (bytes) or
+        raises the run's error."""
+        state: State = Starting()
+        self._record(state)
         try:
-            return self._run_attempts()
+            with _SignalHandlers(self):
+                while not state.terminal:
+                    state = self._step_or_release(state)
+                    self._record(state)
         finally:
             if self._survivors is not None:  # a raise after a failure: nobody needs them
                 self._survivors.release()
                 self._survivors = None
+            if self._reuse is not None:  # never started on
+                self._reuse.shutdown()
+                self._reuse = None
+        if isinstance(state, Errored):
+            raise state.error
+        return state.result
 
-    def _run_attempts(self) -> Any:
-        with self._sigterm_requests_checkpoint():
-            while True:
-                outcome = self._attempt()
-                if outcome.resize_to is not None or outcome.departed is not None:
-                    # a planned resize or departure, not a failure
-                    self._next_size = outcome.resize_to
-                    continue
-                if outcome.preempted:
-                    raise SystemExit(
-                        "ray_lit: stopped after a preemption checkpoint; run the same script "
-                        "again (same storage_path and run_name) to continue.")
-                if outcome.error is None:
-                    return outcome.result
-                decision = self.policy.decide(self.failures, outcome.error)
-                if _is_raise(decision):
-                    self._raise(outcome, decision)
-                if getattr(decision, "counts_as_failure", True):
-                    self.failures += 1
-                self.trainer.num_restarts += 1
-                self._failed_at = time.monotonic()
-                message = (f"ray_lit: rank {outcome.error.world_rank} failed "
-                           f"({outcome.error.kind}); starting attempt {self.failures + 1}: "
-                           f"{decision.reason}")
-                self.sink.print(message)
+    def _step_or_release(self, state: State) -> State:
+        """``step``; a Ctrl-C or an error of the controller itself while a group runs still
+        releases it (gracefully: no failure is known)."""
+        try:
+            return self.step(state)
+        except BaseException:
+            group = getattr(state, "group", None)
+            if group is not None:
+                group.shutdown(graceful=True)
+            raise
 
-    def _attempt(self) -> AttemptOutcome:
+    def _record(self, state: State) -> None:
+        name = kind(state)
+        if not self.states or self.states[-1] != name:  # Running -> Running is one entry
+            self.states.append(name)
+
+    def step(self, state: State) -> State:
+        """One transition."""
+        if isinstance(state, Starting):
+            return self._start()
+        if isinstance(state, (Running, Stopping)):
+            return self._supervise(state)
+        if isinstance(state, Salvaging):
+            return self._salvage(state)
+        if isinstance(state, Restarting):
+            return self._restart(state)
+        raise ValueError(f"no transition from {kind(state)}")
+
+    # --- Starting -------------------------------------------------------------------------------
+    def _start(self) -> Running:
+        """Choose where the attempt continues from, form the group and start the stage."""
         job = self.job
         note, origin = None, ("start", 0)
         if self.manager is not None:
@@ -171,7 +207,9 @@ class Controller:
                 note = (f"ray_lit: restoring from {latest.name} (step {latest.global_step}, "
                         f"epoch {latest.epoch})")
                 origin = ("storage", latest.global_step)
-        job = dataclasses.replace(job, attempt=self._attempts)
+        # the fence: this driver's run and the attempt, in every part file the attempt writes
+        job = dataclasses.replace(job, attempt=self._attempts,
+                                  fence=f"{self._run_token}a{self._attempts}")
         self._attempts += 1
         survivors, self._survivors = self._survivors, None
         if survivors is not None and job.stage == "fit":
@@ -187,12 +225,34 @@ class Controller:
             self.sink.print(note)
         if self._attempts > 1:
             self.restored_from.append(origin)
+        group, accumulate = self._form_group(survivors)
+        job = dataclasses.replace(job, accumulate=accumulate)
+        self.trainer.world_size_history.append(group.world_size)
+        try:
+            # the ranks hold the peer snapshot's ref from here on; freed once they loaded it
+            group.run(self.payload_ref, job)
+        except BaseException:
+            group.shutdown(graceful=False)
+            raise
+        self._last_grow_check = self._last_drain_check = time.monotonic()
+        return Running(group)
+
+    def _form_group(self, survivors: Survivors | None) -> tuple[Any, int | None]:
+        """The attempt's worker group (the Trainer's kept one when it fits, around the
+        survivors where the placement group has room for them, else a new one) and the
+        accumulation planned for its size."""
+        reuse, self._reuse = self._reuse, None
+        if reuse is not None:
+            if survivors is None and not self.elastic and \
+                    reuse.world_size == self.group_options["num_workers"] and reuse.alive():
+                return reuse, self._plan_accumulation(reuse.world_size)
+            reuse.shutdown(graceful=False)  # a worker of it is gone: form a new group
         regroup = self._regroup(survivors) if survivors is not None else None
         if survivors is not None and regroup is None:
             survivors.release()  # not enough places around them: start a new group
             survivors = None
         size = regroup.num_workers if regroup is not None else self._world_size()
-        job = dataclasses.replace(job, accumulate=self._plan_accumulation(size))
+        accumulate = self._plan_accumulation(size)
         kept = len(survivors.actors) if survivors is not None else 0
         try:
             group = self.create_group(**dict(self.group_options, num_workers=size),
@@ -205,31 +265,14 @@ class Controller:
             self.sink.print(f"ray_lit: re-forming the group around the surviving workers "
                             f"failed ({type(err).__name__}); starting a new group")
             kept, size = 0, self._world_size()
-            job = dataclasses.replace(job, accumulate=self._plan_accumulation(size))
+            accumulate = self._plan_accumulation(size)
             group = self.create_group(**dict(self.group_options, num_workers=size),
                                       survivors=None)
         if kept:
             self.sink.print(f"ray_lit: kept {kept} worker(s), started {size - kept} new; "
                             f"process group re-formed ({regroup.reason})")
-        self.trainer.world_size_history.append(group.world_size)
-        outcome = AttemptOutcome(error=None)
-        try:
-            group.run(self.payload_ref, job)
-            # the ranks hold the peer snapshot's ref now; it is freed once they loaded it
-            del job
-            outcome = self._supervise(group)
-            return outcome
-        finally:
-            if self._worth_salvaging(outcome, group):
-                # a survivor stuck in a collective with a lost node's worker is not waited for
-                # long: a fresh worker starts in less time
-                self._survivors = group.salvage(
-                    abort_timeout_s=3.0 if self._unreachable else 10.0,
-                    lost_nodes=set(self._unreachable))
-                self._confirm_leftovers(self._survivors)
-            else:
-                # after a failure nobody needs a clean goodbye (a peer may hang in it)
-                group.shutdown(graceful=outcome.error is None)
+        return group, accumulate
+
 
     def _worth_salvaging(self, outcome: AttemptOutcome, group: WorkerGroup) -> bool:
         """After a lost worker (not a bug in user code) and before an elastic resize, the
@@ -300,7 +343,7 @@ class Controller:
             if isinstance(entry, SnapshotPart):
                 self.ledger.add(entry.key, entry.rank, entry.world_size, entry.data)
             elif self.manager is not None and self.manager.confirm(
-                    entry.name, entry.rank, entry.world_size, entry.meta):
+                    entry.name, entry.rank, entry.world_size, entry.meta, entry.fence):
                 committed.append(entry.name)
         return committed
 
@@ -326,86 +369,226 @@ class Controller:
                                           decision.reason)
 
     # --- supervision ----------------------------------------------------------------------------
-    def _supervise(self, group: WorkerGroup) -> AttemptOutcome:
-        done: dict[int, Any] = {}
-        states: dict[int, str] = {}
-        stop_requested = False
-        resize_to: int | None = None
-        departure: DepartureDecision | None = None
-        self._last_grow_check = self._last_drain_check = time.monotonic()
-        while True:
-            failures: list[AttemptOutcome] = []
-            sigterm_ranks: list[int] = []
-            if self._interrupted.is_set():
-                raise KeyboardInterrupt  # the first one was swallowed on its way up
-            polled_at = time.monotonic()
-            for rank, status in enumerate(self._poll_all(group, wait_s=self.poll_wait_s)):
-                if isinstance(status, AttemptOutcome):
-                    failures.append(status)
-                    continue
-                if status.sigterm:
-                    sigterm_ranks.append(rank)
-                state = status.state
-                if state is WorkerState.FAILED:
-                    failures.append(self._failed(group, rank, status))
-                elif state in (WorkerState.DONE, WorkerState.PREEMPTED):
-                    done[rank] = status.result
-                    states[rank] = state
-                elif self.hang_timeout_s and status.idle_s > self.hang_timeout_s:
-                    failures.append(AttemptOutcome(error=self._error(
-                        group, rank, "hang", f"no training progress for {status.idle_s:.0f}"
-                        f" s (worker_hang_timeout_s={self.hang_timeout_s})")))
-                if rank == 0 and self._failed_at is not None and \
-                        state is WorkerState.RUNNING and \
-                        status.idle_s < max(self.poll_wait_s, self.poll_interval_s * 5) and \
-                        status.steps > 0:
-                    # recovery: from the failure to the new group's first training steps
-                    self.recovery_times.append(time.monotonic() - self._failed_at)
-                    self._failed_at = None
-            if failures:
-                return self._root_cause(group, failures, departure)
-            if len(done) == group.world_size:
-                planned = all(s is WorkerState.PREEMPTED for s in states.values())
-                if departure is not None and planned and not departure.stop_run:
-                    return AttemptOutcome(departed=departure)  # before a resize planned then
-                if resize_to is not None and planned:
-                    return AttemptOutcome(resize_to=resize_to)
-                # a stop asked for after the last step: the run simply finished
-                return AttemptOutcome(result=done.get(0), preempted=stop_requested and planned)
-            if departure is None and (sigterm_ranks or self._drain_check_due()):
-                departure = decide_departure(
-                    [w.node_id for w in group.workers], self.cluster.driver_node(),
-                    self.cluster.draining_nodes(), sigterm_ranks, int(time.time() * 1000))
-                if departure is not None:
-                    if departure.stop_run:
-                        self._preempt.set()  # stop like a SIGTERM to the driver
-                    elif not stop_requested and resize_to is None:
-                        step = self._stop_at_next_step(group)
-                        stop_requested = True
-                        self.sink.print(f"ray_lit: checkpointing at step {step}: "
-                                        f"{departure.reason}")
-            if self._preempt.is_set() and not stop_requested:
-                step = self._stop_at_next_step(group)
-                stop_requested = True
-                self.sink.print(f"ray_lit: SIGTERM: checkpointing at step {step}, then "
-                                "stopping")
-            if resize_to is None and not stop_requested and self._grow_due(group):
-                decision = self.scaling.decide_grow(group.world_size,
-                                                    self._placeable_extra(group))
-                if isinstance(decision, ResizeDecision):
-                    resize_to = decision.num_workers
+
+    # --- Running and Stopping: one long poll of the group ---------------------------------------
+    def _supervise(self, state: Running | Stopping) -> State:
+        """Poll every rank once; the attempt goes on (the same kind of state), a stop is asked
+        for (``Stopping``), or the attempt is over (``Salvaging``)."""
+        if self._interrupted.is_set():
+            raise KeyboardInterrupt  # the first one was swallowed on its way up
+        group = state.group
+        polled_at = time.monotonic()
+        failures: list[AttemptOutcome] = []
+        sigterm_ranks: list[int] = []
+        done = dict(state.done)
+        hung: dict[int, float] = {}  # rank -> seconds without progress
+        for rank, status in enumerate(self._poll_all(group, wait_s=self.supervision.poll_wait_s)):
+            if isinstance(status, AttemptOutcome):
+                failures.append(status)
+                continue
+            if status.sigterm:
+                sigterm_ranks.append(rank)
+            if status.state is WorkerState.FAILED:
+                failures.append(self._failed(group, rank, status))
+            elif status.state in (WorkerState.DONE, WorkerState.PREEMPTED):
+                done[rank] = (status.state, status.result)
+            elif self._is_hung(status):
+                hung[rank] = status.idle_s
+            if rank == 0:
+                self._note_recovery(status)
+        if hung and not failures:
+            failures.append(self._diagnose_hang(group, hung))
+        if failures:
+            return Salvaging(group, self._root_cause(group, failures,
+                                                     getattr(state, "departure", None)))
+        if len(done) == group.world_size:
+            return Salvaging(group, self._finished(state, done))
+        state = dataclasses.replace(state, done=done)
+        state = self._plan_stop(state, sigterm_ranks)
+        # a poll that returned early with news is followed by the next one at once, but never
+        # more often than every poll_interval_s
+        time.sleep(max(0.0, self.supervision.poll_interval_s - (time.monotonic() - polled_at)))
+        return state
+
+    def _is_hung(self, status: WorkerStatus) -> bool:
+        """No progress (no batch started, in any stage) for longer than the hang timeout:
+        ``worker_hang_timeout_s`` seconds, or with ``"auto"`` max(60 s, 20x the slowest step
+        seen), armed only after the attempt's first steps (a long first step, compilation or
+        sanity check is not a hang). A phase marked with ``ray_lit.long_phase`` never is."""
+        timeout = self.hang_timeout_s
+        if timeout is None or status.long_phase:
+            return False
+        if timeout == "auto":
+            if status.steps <= 0:
+                return False
+            cfg = self.supervision
+            timeout = max(cfg.hang_floor_s, cfg.hang_step_factor * status.slowest_step_s)
+        return status.idle_s > float(timeout)
+
+    def _diagnose_hang(self, group: WorkerGroup, hung: dict[int, float]) -> AttemptOutcome:
+        """Collect every rank's stacks, write them to the run directory, and name the culprit:
+        the rank whose loop is not waiting in a collective (the ranks that wait are its
+        victims)."""
+        stacks = group.stacks(timeout_s=self.supervision.stacks_timeout_s)
+        free = [s for s in stacks if s is not None and not s.in_collective]
+        culprit = next((s for s in free if s.rank in hung), free[0] if free else None)
+        rank = culprit.rank if culprit is not None else min(hung)
+        waiting = [s.rank for s in stacks if s is not None and s.in_collective]
+        idle = hung.get(rank, max(hung.values()))
+        text = (f"rank {rank} made no progress for {idle:.0f} s (worker_hang_timeout_s="
+                f"{self.hang_timeout_s!r})")
+        if culprit is not None:
+            text += f"; it is not in a collective: {culprit.where}"
+        if waiting:
+            text += f"; rank(s) {', '.join(map(str, waiting))} wait in a collective"
+        path = self._write_stacks(stacks)
+        if path:
+            text += f"\nthe stacks of every rank: {path}"
+        self.sink.print(f"ray_lit: hang diagnosed: {text}")
+        return AttemptOutcome(error=self._error(group, rank, "hang", text))
+
+    def _write_stacks(self, stacks: list[Any]) -> str | None:
+        """Every rank's stacks in one text file of the run (``hangs/``); returns its path."""
+        body = "\n\n".join(s.text if s is not None else "--- (a rank did not answer) ---"
+                            for s in stacks)
+        name = f"hang-attempt{self._attempts - 1}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        try:
+            if self.manager is not None:
+                self.manager.storage.write_bytes(f"hangs/{name}", body.encode())
+                return f"{self.manager.run_uri}/hangs/{name}"
+            root = getattr(self.trainer, "default_root_dir", None) or "."
+            directory = os.path.join(root, "ray_lit_hangs")
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, name)
+            with open(path, "w") as f:
+                f.write(body)
+            return path
+        except Exception as err:  # the diagnosis must not be lost with the file
+            self.sink.print(f"ray_lit: could not write the hang's stacks: {err}")
+            return None
+
+    def _note_recovery(self, status: WorkerStatus) -> None:
+        """Recovery time: from the failure to the new group's first training steps."""
+        cfg = self.supervision
+        if self._failed_at is not None and status.state is WorkerState.RUNNING and \
+                status.idle_s < max(cfg.poll_wait_s, cfg.poll_interval_s * 5) and \
+                status.steps > 0:
+            self.recovery_times.append(time.monotonic() - self._failed_at)
+            self._failed_at = None
+
+    @staticmethod
+    def _finished(state: Running | Stopping, done: dict[int, tuple]) -> AttemptOutcome:
+        """Every rank's loop ended: a planned stop (all stopped as asked) or the run's end."""
+        planned = all(s is WorkerState.PREEMPTED for s, _ in done.values())
+        if isinstance(state, Stopping) and planned:
+            if state.departure is not None and not state.departure.stop_run:
+                return AttemptOutcome(departed=state.departure)
+            if state.resize_to is not None:
+                return AttemptOutcome(resize_to=state.resize_to)
+            if state.preempt:
+                return AttemptOutcome(preempted=True)
+        # a stop asked for after the last step: the run simply finished
+        return AttemptOutcome(result=done.get(0, (None, None))[1])
+
+    def _plan_stop(self, state: Running | Stopping, sigterm_ranks: list[int]) -> State:
+        """Departures announced (drain notices, SIGTERMs), a SIGTERM to the driver and room to
+        grow turn into a stop at a step every rank reaches."""
+        group = state.group
+        departure = getattr(state, "departure", None)
+        if departure is None and (sigterm_ranks or self._due("_last_drain_check",
+                                                           "drain_check_interval_s")):
+            departure = decide_departure(
+                [w.node_id for w in group.workers], self.cluster.driver_node(),
+                self.cluster.draining_nodes(), sigterm_ranks, int(time.time() * 1000))
+            if departure is not None:
+                if departure.stop_run:
+                    self._preempt.set()  # stop like a SIGTERM to the driver
+                elif isinstance(state, Running):
                     step = self._stop_at_next_step(group)
-                    self.sink.print(f"ray_lit: resize {group.world_size} -> {resize_to} at "
-                                    f"the checkpoint of step {step}: {decision.reason}")
-            # a poll that returned early with news is followed by the next one at once, but
-            # never more often than every poll_interval_s
-            time.sleep(max(0.0, self.poll_interval_s - (time.monotonic() - polled_at)))
+                    self.sink.print(f"ray_lit: checkpointing at step {step}: "
+                                    f"{departure.reason}")
+                    return Stopping(group, step, StopCause.DEPARTURE, departure=departure,
+                                    done=state.done)
+                else:
+                    state = dataclasses.replace(state, departure=departure)
+        preempting = isinstance(state, Stopping) and (state.preempt or
+                                                      state.cause is StopCause.DEPARTURE)
+        if self._preempt.is_set() and not preempting:
+            step = self._stop_at_next_step(group)
+            self.sink.print(f"ray_lit: SIGTERM: checkpointing at step {step}, then stopping")
+            if isinstance(state, Stopping):  # during a resize's stop: stop the run after it
+                return dataclasses.replace(state, at_step=step, preempt=True)
+            return Stopping(group, step, StopCause.PREEMPTION, departure=departure,
+                            preempt=True, done=state.done)
+        if isinstance(state, Running) and self._grow_due(group):
+            decision = self.scaling.decide_grow(group.world_size, self._placeable_extra(group))
+            if isinstance(decision, ResizeDecision):
+                step = self._stop_at_next_step(group)
+                self.sink.print(f"ray_lit: resize {group.world_size} -> "
+                                f"{decision.num_workers} at the checkpoint of step {step}: "
+                                f"{decision.reason}")
+                return Stopping(group, step, StopCause.RESIZE,
+                                resize_to=decision.num_workers, done=state.done)
+        return state
+
+    def _due(self, last: str, interval: str) -> bool:
+        """True (and the clock reset) when ``interval`` of the supervision config passed
+        since the time kept in attribute ``last``."""
+        now = time.monotonic()
+        if now - getattr(self, last) < getattr(self.supervision, interval):
+            return False
+        setattr(self, last, now)
+        return True
+
+    # --- Salvaging ------------------------------------------------------------------------------
+    def _salvage(self, state: Salvaging) -> State:
+        """Keep the live workers for the next attempt, or release the group; then decide."""
+        outcome, group = state.outcome, state.group
+        if self._worth_salvaging(outcome, group):
+            # a survivor stuck in a collective with a lost node's worker is not waited for
+            # long: a fresh worker starts in less time
+            cfg = self.supervision
+            self._survivors = group.salvage(
+                abort_timeout_s=cfg.abort_timeout_lost_node_s if self._unreachable
+                else cfg.abort_timeout_s, lost_nodes=set(self._unreachable))
+            self._confirm_leftovers(self._survivors)
+        elif self.keep_group and outcome.error is None and not outcome.preempted and \
+                outcome.resize_to is None and outcome.departed is None:
+            self.kept_group = group  # finished: the Trainer's next call runs on it
+        else:
+            # after a failure nobody needs a clean goodbye (a peer may hang in it)
+            group.shutdown(graceful=outcome.error is None)
+        if outcome.resize_to is not None or outcome.departed is not None:
+            self._next_size = outcome.resize_to  # planned: not a failure
+            return Starting()
+        if outcome.preempted:
+            return Errored(PreemptionStop(
+                "ray_lit: stopped after a preemption checkpoint; run the same script again "
+                "(same storage_path and run_name) to continue."))
+        if outcome.error is None:
+            return Finished(outcome.result)
+        decision = self.policy.decide(self.failures, outcome.error)
+        if decision.decision is FailureDecision.RAISE:
+            return Errored(self._run_error(outcome, decision.reason))
+        return Restarting(outcome, decision.reason, decision.counts_as_failure)
+
+    # --- Restarting -----------------------------------------------------------------------------
+    def _restart(self, state: Restarting) -> Starting:
+        if state.counts_as_failure:
+            self.failures += 1
+        self.trainer.num_restarts += 1
+        self._failed_at = time.monotonic()
+        error = state.outcome.error
+        self.sink.print(f"ray_lit: rank {error.world_rank} failed ({error.kind}); starting "
+                        f"attempt {self.failures + 1}: {state.reason}")
+        return Starting()
 
     def _poll_all(self, group: WorkerGroup, wait_s: float = 0.0) -> list[Any]:
         """Every worker's status, or an AttemptOutcome for a worker that is gone (waiting up to
         ``wait_s`` for news, see ``WorkerGroup.statuses``)."""
         out: list[Any] = []
-        for rank, status in enumerate(group.statuses(wait_s=wait_s)):
+        statuses = group.statuses(timeout_s=self.supervision.poll_timeout_s, wait_s=wait_s)
+        for rank, status in enumerate(statuses):
             if isinstance(status, WorkerGone):
                 out.append(AttemptOutcome(error=self._error(group, rank, status.kind,
                                                             status.text)))
@@ -413,6 +596,7 @@ class Controller:
             if status.events:
                 replay(status.events, self.sink)
             self._receive(status.handed_over)
+            receive_predictions(self, status)  # predict: the batch outputs of this poll
             out.append(status)
         return out
 
@@ -426,7 +610,8 @@ class Controller:
         exception = _unpickle(failure.exception)
         text = failure.traceback
         # a collective that lost its peer is a symptom of another rank's death, not a bug
-        peer_loss = _is_peer_loss(exception, text)
+        peer_loss = is_peer_loss(type(exception).__name__ if exception is not None else None,
+                                 text)
         kind = "actor_died" if peer_loss else "user_error"
         return AttemptOutcome(error=self._error(group, rank, kind, text), exception=exception,
                               peer_symptom=peer_loss)
@@ -437,7 +622,7 @@ class Controller:
         may need a moment to report the death, so poll again briefly before deciding. A death
         announced by a departure notice (the node went before the checkpoint) is a
         preemption, which does not use up ``max_failures``."""
-        deadline = time.monotonic() + self.root_cause_grace_s
+        deadline = time.monotonic() + self.supervision.root_cause_grace_s
         while not any(f.error.kind in ("actor_died", "node_died") and not f.peer_symptom
                       for f in failures) and time.monotonic() < deadline:
             if all(f.error.kind == "user_error" for f in failures):
@@ -445,9 +630,8 @@ class Controller:
             time.sleep(0.2)
             failures = failures + [s for s in self._poll_all(group)
                                    if isinstance(s, AttemptOutcome)]
-        order = {"node_died": 0, "actor_died": 1, "hang": 2, "user_error": 3, "preempted": 4}
-        cause = min(failures, key=lambda f: (order.get(f.error.kind, 5), f.peer_symptom,
-                                             f.exception is not None))
+        cause = failures[root_cause([(f.error.kind, f.peer_symptom, f.exception is not None)
+                                     for f in failures])]
         if departure is not None and cause.error.kind in ("node_died", "actor_died"):
             cause = dataclasses.replace(cause, error=dataclasses.replace(
                 cause.error, kind="preempted"))
@@ -459,14 +643,6 @@ class Controller:
         step = max(self._steps(group), default=0) + 2
         group.request_stop_at(step)
         return step
-
-    # --- departures -----------------------------------------------------------------------------
-    def _drain_check_due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_drain_check < self.drain_check_interval_s:
-            return False
-        self._last_drain_check = now
-        return True
 
     # --- elasticity -----------------------------------------------------------------------------
     def _per_worker(self) -> dict[str, float]:
@@ -511,11 +687,7 @@ class Controller:
         if not self.elastic or group.world_size >= self.scaling.max_workers or \
                 self.job.stage != "fit" or self.manager is None:
             return False
-        now = time.monotonic()
-        if now - self._last_grow_check < self.grow_check_interval_s:
-            return False
-        self._last_grow_check = now
-        return True
+        return self._due("_last_grow_check", "grow_check_interval_s")
 
     def _placeable_extra(self, group: WorkerGroup) -> int:
         """Workers that could join: free resources, plus the group's own placement-group
@@ -538,7 +710,7 @@ class Controller:
         slow, and a node counted lost for good would keep the group from growing back."""
         suspects = sorted(self._lost_nodes & listed)
         now = time.monotonic()
-        if not suspects or now - self._last_lost_check < self.lost_recheck_s:
+        if not suspects or now - self._last_lost_check < self.supervision.lost_recheck_s:
             return
         self._last_lost_check = now
         self._lost_nodes -= set(suspects) - self.cluster.unreachable(suspects)
@@ -566,62 +738,50 @@ class Controller:
         return [s.global_step for s in statuses]
 
     # --- outcome --------------------------------------------------------------------------------
-    def _raise(self, outcome: AttemptOutcome, decision: Any) -> None:
+    @staticmethod
+    def _run_error(outcome: AttemptOutcome, reason: str) -> BaseException:
+        """The error the run raises: the user's own exception (as it would surface in process,
+        with a note saying where it happened), or ``TrainingFailedError``."""
         error = outcome.error
         exception = outcome.exception
         if error.kind == "user_error" and exception is not None:
-            # the user's own exception, as it would surface in process, with where it happened
             note = (f"raised on ray_lit worker rank {error.world_rank} (node {error.node_ip})"
                     f"\n--- worker traceback ---\n{error.traceback}")
             if hasattr(exception, "add_note"):
                 exception.add_note(note)
-            raise exception
-        raise TrainingFailedError(
-            f"Training failed: {decision.reason}", rank=error.world_rank,
+            return exception
+        return TrainingFailedError(
+            f"Training failed: {reason}", rank=error.world_rank,
             node=f"{error.node_ip} ({error.node_id})", original_traceback=error.traceback)
 
-    # --- signals --------------------------------------------------------------------------------
-    def _sigterm_requests_checkpoint(self) -> Any:
-        """While attempts run on the main thread: a SIGTERM asks for a checkpoint-and-stop,
-        and a Ctrl-C (SIGINT with Python's default handler) is remembered as well as raised,
-        so the supervision loop raises it again should the first ``KeyboardInterrupt`` land
-        in code that swallows it (a Ctrl-C never leaves the group training)."""
-        controller = self
 
-        def on_sigint(signum: int, frame: Any) -> None:
-            controller._interrupted.set()
-            raise KeyboardInterrupt
+class _SignalHandlers:
+    """While attempts run on the main thread: a SIGTERM asks for a checkpoint-and-stop, and a
+    Ctrl-C (SIGINT with Python's default handler) is remembered as well as raised, so the
+    supervision raises it again should the first ``KeyboardInterrupt`` land in code that
+    swallows it (a Ctrl-C never leaves the group training)."""
 
-        class _Handlers:
-            def __enter__(self) -> None:
-                self.previous: dict[int, Any] = {}
-                if threading.current_thread() is not threading.main_thread():
-                    return
-                self.previous[signal.SIGTERM] = signal.signal(
-                    signal.SIGTERM, lambda *_: controller._preempt.set())
-                if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                    self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.previous: dict[int, Any] = {}
 
-            def __exit__(self, *exc: Any) -> None:
-                for signum, previous in self.previous.items():
-                    signal.signal(signum, previous)
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.controller._interrupted.set()
+        raise KeyboardInterrupt
 
-        return _Handlers()
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.controller._preempt.set()
 
+    def __enter__(self) -> _SignalHandlers:
+        if threading.current_thread() is threading.main_thread():
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
 
-def _is_raise(decision: Any) -> bool:
-    action = getattr(decision, "action", decision)
-    return getattr(action, "name", str(action)).upper() == "RAISE"
-
-
-def _is_peer_loss(exception: BaseException | None, text: str) -> bool:
-    markers = ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
-               "NCCL communicator was aborted", "Broken pipe", "Socket Timeout",
-               "PeerSnapshotLost")
-    if exception is not None and type(exception).__name__ in ("DistBackendError",
-                                                              "PeerSnapshotLost"):
-        return True
-    return any(m in text for m in markers)
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def _unpickle(blob: bytes | None) -> BaseException | None:

@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import time
+import weakref
 from typing import Any
 
 import cloudpickle
@@ -74,7 +75,8 @@ def _worker_trainer(trainer: Any) -> Any:
     clone._host, clone._sink = LocalHost(False), NullSink()
     clone.optimizers, clone.lr_scheduler_configs = [], []
     clone.callback_metrics, clone.logged_metrics, clone._pbar_raw = {}, {}, {}
-    for private in ("_hooks", "_controller", "_train_loader", "_val_loaders"):
+    for private in ("_hooks", "_controller", "_train_loader", "_val_loaders",
+                    "_prediction_collector", "_kept"):
         clone.__dict__.pop(private, None)
     return clone
 
@@ -111,7 +113,7 @@ def _group_options(trainer: Any) -> dict[str, Any]:
     per_worker = resolve_worker_resources(use_gpu=config.use_gpu, accelerator=config.accelerator,
                                           resources_per_worker=config.resources_per_worker)
     num_workers = _num_workers(config)
-    inside_tune = getattr(trainer, "_inside_tune", False)
+    inside_tune = config.tune is not None
     if not inside_tune:  # a Tune trial's resources were reserved by Tune already
         check_feasible(num_workers, per_worker, config.placement_strategy)
     env = {}
@@ -137,6 +139,89 @@ def _run_uri(trainer: Any) -> str:
     return f"{root.rstrip('/')}/{config.run_name}"
 
 
+class KeptGroup:
+    """The worker group a Trainer keeps between ``fit`` / ``validate`` / ``test`` / ``predict``
+    (driver side). Released by ``trainer.teardown()``, when the Trainer is garbage collected,
+    or at interpreter exit (Ray kills a driver's actors then)."""
+
+    def __init__(self) -> None:
+        self.group: Any = None
+        self.options: dict[str, Any] | None = None
+
+    def take(self, options: dict[str, Any]) -> Any:
+        """The kept group when it was formed with the same options, else None (a group
+        formed otherwise is released)."""
+        group, self.group = self.group, None
+        if group is not None and self.options != options:
+            group.shutdown()
+            group = None
+        return group
+
+    def keep(self, group: Any, options: dict[str, Any]) -> None:
+        self.release()
+        self.group, self.options = group, dict(options)
+
+    def release(self) -> None:
+        import ray
+
+        group, self.group = self.group, None
+        # after ray.shutdown() (or at exit, after Ray's own atexit) the actors are gone
+        # already, and a call would start a new Ray
+        if group is not None and ray.is_initialized():
+            group.shutdown()
+
+
+# every Trainer's kept group in this driver process (alive while its Trainer is)
+_ALL_KEPT: weakref.WeakSet[KeptGroup] = weakref.WeakSet()
+
+
+def _kept_group(trainer: Any) -> KeptGroup:
+    kept = trainer.__dict__.get("_kept")
+    if kept is None:
+        kept = trainer._kept = KeptGroup()
+        _ALL_KEPT.add(kept)
+        # released with the Trainer (the finalizer holds the holder, never the Trainer)
+        weakref.finalize(trainer, kept.release)
+    return kept
+
+
+def _release_idle_groups(besides: KeptGroup) -> None:
+    """Before a new group forms, other Trainers' idle groups give their resources back (a
+    Trainer no longer used, or not yet garbage collected, never blocks a new one)."""
+    for kept in list(_ALL_KEPT):
+        if kept is not besides:
+            kept.release()
+
+
+def _run_stage(trainer: Any, job: Job, payload: dict[str, Any], *, manager: Any = None,
+               hang_timeout_s: float | None = None, collector: Any = None) -> Any:
+    """Run ``job`` on the Trainer's worker group (reused when one is kept and still fits,
+    else formed) and return rank 0's ``FinalState``. A group that finished is kept for the
+    Trainer's next call; after a failure or a Ctrl-C it was released."""
+    from ray_lit.driver.controller import Controller
+
+    ensure_ray()
+    group_options = _group_options(trainer)
+    payload_ref = _ship(payload)
+    sink = trainer._driver_sink()
+    trainer._sink = sink
+    kept = _kept_group(trainer)
+    reuse = kept.take(group_options)
+    if reuse is None:
+        _release_idle_groups(besides=kept)
+    controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
+                            group_options=group_options, sink=sink, manager=manager,
+                            hang_timeout_s=hang_timeout_s, reuse=reuse, keep_group=True)
+    controller.prediction_collector = collector
+    trainer._controller = controller
+    try:
+        result = controller.run()
+    finally:
+        if controller.kept_group is not None:
+            kept.keep(controller.kept_group, group_options)
+    return cloudpickle.loads(result)
+
+
 def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
                ckpt_path: str | None) -> None:
     """``Trainer.fit`` on a Ray worker group (driver)."""
@@ -144,7 +229,6 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
 
     from ray_lit.checkpoint.manager import CheckpointManager
     from ray_lit.core.seed import global_seed
-    from ray_lit.driver.controller import Controller
     from ray_lit.storage.filesystem import Storage
 
     config = trainer.config
@@ -152,7 +236,6 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
     Storage(run_uri).check_writable()  # before any worker starts
     trainer.run_dir = run_uri
     ensure_ray()
-    group_options = _group_options(trainer)
     manager = CheckpointManager(run_uri, keep=config.keep_checkpoints)
     resume_from = None
     if ckpt_path is not None:
@@ -171,21 +254,15 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
               resume_latest=ckpt_path is None and config.resume == "auto")
     payload = {"trainer": _worker_trainer(trainer), "module": module, "train": train,
                "val": val, "dm": datamodule}
-    payload_ref = _ship(payload)
-    sink = trainer._driver_sink()
-    trainer._sink = sink
-    controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
-                            group_options=group_options, sink=sink, manager=manager,
-                            hang_timeout_s=config.worker_hang_timeout_s)
-    trainer._controller = controller
     try:
-        result = controller.run()
+        state = _run_stage(trainer, job, payload, manager=manager,
+                           hang_timeout_s=config.worker_hang_timeout_s)
     except KeyboardInterrupt:
         trainer.interrupted = True
-        sink.finalize("interrupted")
+        trainer._sink.finalize("interrupted")
         log.warning("ray_lit: interrupted; the worker group was released.")
         return
-    apply_final_state(trainer, module, datamodule, cloudpickle.loads(result))
+    apply_final_state(trainer, module, datamodule, state)
 
 
 def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datamodule: Any,
@@ -193,18 +270,41 @@ def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datam
     """``Trainer.validate`` / ``test`` on a Ray worker group (driver)."""
     import ray
 
-    from ray_lit.driver.controller import Controller
-
     ensure_ray()
-    group_options = _group_options(trainer)
     job = Job(stage=stage, use_gpu=trainer.config.use_gpu,
               accelerator=trainer.config.accelerator,
               weights=ray.put(weights) if weights is not None else None)
-    payload_ref = _ship({"trainer": _worker_trainer(trainer), "module": module,
-                         "loaders": loaders, "dm": datamodule})
-    sink = trainer._driver_sink()
-    controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
-                            group_options=group_options, sink=sink)
-    state = cloudpickle.loads(controller.run())
+    state = _run_stage(trainer, job, {"trainer": _worker_trainer(trainer), "module": module,
+                                      "loaders": loaders, "dm": datamodule})
     apply_final_state(trainer, module, datamodule, state, fitted=False)
     return state.results
+
+
+def launch_predict(trainer: Any, module: Any, loaders: Any, datamodule: Any,
+                   weights: dict | None, return_predictions: bool) -> list[Any] | None:
+    """``Trainer.predict`` on a Ray worker group (driver).
+
+    Every rank predicts its shard and streams its batch outputs with its polls; the
+    controller hands them to a ``PredictionCollector`` (``driver.predictions``), which puts
+    them in dataloader order once every rank is done. With ``return_predictions=False`` the
+    ranks send none (their prediction writers are the output) and this returns None.
+    """
+    import ray
+
+    from ray_lit.core.seed import global_seed
+    from ray_lit.driver.predictions import PredictionCollector
+
+    ensure_ray()
+    job = Job(stage="predict", sampler_seed=global_seed() or 0, use_gpu=trainer.config.use_gpu,
+              accelerator=trainer.config.accelerator,
+              weights=ray.put(weights) if weights is not None else None,
+              return_predictions=return_predictions)
+    collector = PredictionCollector()
+    trainer._prediction_collector = collector  # what arrived, for tests and diagnostics
+    state = _run_stage(trainer, job, {"trainer": _worker_trainer(trainer), "module": module,
+                                      "loaders": loaders, "dm": datamodule},
+                       collector=collector)
+    apply_final_state(trainer, module, datamodule, state, fitted=False)
+    if not return_predictions:
+        return None
+    return collector.assemble(state.results)

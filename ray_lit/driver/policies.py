@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,10 +28,11 @@ __all__ = [
     "ScalingPolicy",
     "WaitDecision",
     "WorkerError",
-    "accumulation_for_world_size",
     "decide_accumulation",
     "decide_departure",
     "decide_regroup",
+    "is_peer_loss",
+    "root_cause",
     "scaling_policy",
 ]
 
@@ -139,6 +139,31 @@ class FailurePolicy:
                         f"(max_failures={self.max_failures})")
 
 
+# the text of an error a collective raises when a peer went away: a symptom of another rank's
+# death, not a bug in the failing rank's code
+PEER_LOSS_MARKERS = ("Connection closed by peer", "Connection reset by peer", "DistBackendError",
+                     "NCCL communicator was aborted", "Broken pipe", "Socket Timeout",
+                     "PeerSnapshotLost")
+_PEER_LOSS_TYPES = ("DistBackendError", "PeerSnapshotLost")
+
+
+def is_peer_loss(exception_type: str | None, text: str) -> bool:
+    """True when a rank's failure (its exception's type name, its traceback) says a peer went
+    away rather than that its own code failed."""
+    return exception_type in _PEER_LOSS_TYPES or any(m in text for m in PEER_LOSS_MARKERS)
+
+
+_CAUSE_ORDER = {"node_died": 0, "actor_died": 1, "hang": 2, "user_error": 3, "preempted": 4}
+
+
+def root_cause(failures: list[tuple[str, bool, bool]]) -> int:
+    """Which of an attempt's failures, given as ``(kind, peer_symptom, has_exception)``, is
+    the cause the run reports: a dead worker before a hang before a user error, and within a
+    kind a failure that is not a peer's symptom. Returns its index."""
+    return min(range(len(failures)), key=lambda i: (
+        _CAUSE_ORDER.get(failures[i][0], 5), failures[i][1], failures[i][2]))
+
+
 # --- scaling ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ResizeDecision:
@@ -176,10 +201,6 @@ class ScalingPolicy:
         size = min(available_workers, self.max_workers)
         return ResizeDecision(size, f"{available_workers} worker(s) placeable; starting {size}"
                                     f" (min {self.min_workers}, max {self.max_workers})")
-
-    def decide_after_loss(self, alive_workers: int) -> ResizeDecision | WaitDecision:
-        """After losing workers, with ``alive_workers`` still usable (placeable)."""
-        return self.decide_start(alive_workers)
 
     def decide_grow(self, current: int, placeable_extra: int) -> NoopDecision | ResizeDecision:
         """At a checkpoint boundary: grow by up to ``placeable_extra`` workers?"""
@@ -290,15 +311,6 @@ def decide_accumulation(base_world_size: int, base_accumulate: int, new_world_si
         f"accumulate_grad_batches={acc} ({acc * new_world_size} per step)")
 
 
-def accumulation_for_world_size(base_world_size: int, base_accumulate: int,
-                                new_world_size: int, mode: str = "keep_global_batch") -> int:
-    """``decide_accumulation(...).accumulate``; warns when the global batch changes."""
-    decision = decide_accumulation(base_world_size, base_accumulate, new_world_size, mode)
-    if not decision.exact and mode == "keep_global_batch":
-        warnings.warn(f"ray_lit elastic resize: {decision.reason}", UserWarning, stacklevel=2)
-    return decision.accumulate
-
-
 # --- planned departures ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class DepartureDecision:
@@ -403,9 +415,6 @@ class RestoreDecision:
     holders: tuple[int, ...]
     reason: str
 
-    @property
-    def holder(self) -> int | None:
-        return self.holders[0] if self.holders else None
 
 
 def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],

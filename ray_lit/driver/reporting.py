@@ -7,8 +7,12 @@ process (``num_workers=0``) the loop calls the ``DriverSink`` directly.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import cloudpickle
+
+from ray_lit.loggers.base import log_now
 from ray_lit.loop.reporting import EventSink
 
 
@@ -49,8 +53,8 @@ class DriverSink(EventSink):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.loggers:
-            agg = getattr(logger, "agg_and_log_metrics", None)
-            (agg or logger.log_metrics)(dict(metrics), step)
+            # each call reaches log_metrics now, not when the step changes (0.9)
+            log_now(logger, dict(metrics), step)
 
     def log_hyperparams(self, params: Any) -> None:
         for logger in self.loggers:
@@ -63,6 +67,23 @@ class DriverSink(EventSink):
         """A Tune report from the loop (``ray_lit.tune``): runs in the trial's driver."""
         if self.report_fn is not None:
             self.report_fn(metrics, checkpoint_uri)
+
+    def experiment_call(self, logger_index: int, call: bytes) -> None:
+        """Apply a ``logger.experiment.<method>(...)`` call made in rank 0 of the workers
+        (``worker.logger_proxy.ExperimentProxy``) to this logger's real experiment.
+
+        A call that fails here is reported as a warning, not raised: it ran long ago in the
+        worker, and one bad image must not end the run from inside the driver's poll.
+        """
+        name, args, kwargs = cloudpickle.loads(call)
+        logger = self.loggers[logger_index] if logger_index < len(self.loggers) else None
+        try:
+            getattr(logger.experiment, name)(*args, **kwargs)
+        except Exception as err:
+            warnings.warn(
+                f"logger.experiment.{name}(...) called in rank 0 of the workers failed on the "
+                f"driver's {type(logger).__name__}: {type(err).__name__}: {err}",
+                RuntimeWarning, stacklevel=2)
 
     def finalize(self, status: str) -> None:
         for logger in self.loggers:

@@ -17,6 +17,9 @@ def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: FinalSt
     """Rank 0's weights into the user's module; the run's state onto the driver's Trainer."""
     from ray_lit.callbacks.progress import ProgressBar
 
+    configure = getattr(module, "configure_model", None)
+    if configure is not None:
+        configure()  # 2.x: the driver's module holds the layers it builds, trained weights in
     with torch.no_grad():
         module.load_state_dict(state.state_dict)
     module.trainer = trainer

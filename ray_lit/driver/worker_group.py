@@ -22,7 +22,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_lit.driver.placement import create_placement_group, remove_placement_group_quietly
-from ray_lit.messages import HandedOver, Job, WorkerStatus
+from ray_lit.messages import HandedOver, Job, RankStacks, WorkerStatus
 from ray_lit.worker.actor import Worker
 from ray_lit.worker.process_group import choose_backend
 from ray_lit.worker.ranks import WorkerRanks, assign_ranks
@@ -280,6 +280,27 @@ class WorkerGroup:
     def request_stop_at(self, step: int) -> None:
         """Every rank checkpoints at optimizer step ``step``, then leaves its loop."""
         ray.get([w.actor.request_stop_at.remote(step) for w in self.workers], timeout=30)
+
+    def stacks(self, timeout_s: float = 10.0) -> list[RankStacks | None]:
+        """Every rank's thread stacks (None for a rank that did not answer in time)."""
+        refs = [w.actor.dump_stacks.remote() for w in self.workers]
+        deadline = time.monotonic() + timeout_s
+        out: list[RankStacks | None] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
+            except Exception:  # dead or unresponsive: its stack is not to be had
+                out.append(None)
+        return out
+
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """Whether every actor still answers (a kept group idles between a Trainer's calls;
+        a node may have gone meanwhile)."""
+        try:
+            ray.get([w.actor.node_info.remote() for w in self.workers], timeout=timeout_s)
+        except Exception:
+            return False
+        return bool(self.workers)
 
     def shutdown(self, graceful: bool = True) -> None:
         if graceful:

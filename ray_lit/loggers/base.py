@@ -1,8 +1,10 @@
 """``Logger``: where the driver sends metrics and hyperparameters.
 
 Loggers live in one process, the driver: in a distributed fit the workers stream their metrics
-to it (``ray_lit.loop.reporting``), so nothing here needs a rank guard. The trainer calls
-``agg_and_log_metrics`` (metrics logged at the same step are merged, 0.9 behaviour),
+to it (``ray_lit.loop.reporting``), so nothing here needs a rank guard. The trainer sends each
+of its log calls with ``log_now``: ``agg_and_log_metrics`` and at once a flush, so every call
+reaches ``log_metrics`` when it is made, in order, with its own step (0.9's trainer called
+``save()`` right after ``agg_and_log_metrics``, which flushed the same way). It calls
 ``log_hyperparams`` at the start of ``fit``, and ``save`` then ``finalize`` at the end of each
 stage. A finalized logger must keep working: ``test()`` after ``fit()`` logs again, so file
 handles are reopened lazily.
@@ -120,8 +122,9 @@ class Logger(ABC):
     def agg_and_log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Buffer ``metrics`` until the step changes, then log the reduced previous step.
 
-        The trainer calls this rather than ``log_metrics``: several dicts sent at one step
-        (a train step's metrics and the learning rate, say) become one ``log_metrics`` call.
+        Called on its own, several dicts sent at one step become one ``log_metrics`` call
+        (0.9). The trainer flushes after each of its calls (``log_now``), so its calls are not
+        merged.
         """
         # setdefault: a user subclass may skip ``super().__init__()``
         pending = self.__dict__.setdefault("_metrics_to_agg", [])
@@ -144,6 +147,24 @@ class Logger(ABC):
 
 
 LightningLoggerBase = Logger
+
+
+def log_now(logger: Any, metrics: dict[str, float], step: int | None) -> None:
+    """Send one trainer log call to ``logger`` so that it reaches ``log_metrics`` now.
+
+    ``agg_and_log_metrics`` alone holds a dict back until the step changes: the logger would
+    see every call one call late, and several calls at one step merged. The trainer goes
+    through it (a logger may override it) and then flushes what it holds. A logger that is not
+    a ``Logger`` subclass gets ``agg_and_log_metrics`` if it has one, else ``log_metrics``.
+    """
+    agg = getattr(logger, "agg_and_log_metrics", None)
+    if agg is None:
+        logger.log_metrics(metrics, step)
+        return
+    agg(metrics, step)
+    flush = getattr(logger, "_finalize_agg_metrics", None)
+    if flush is not None:
+        flush()
 
 
 def _merge_dicts(dicts: Sequence[Mapping[str, Any]], key_funcs: Mapping[str, Callable],

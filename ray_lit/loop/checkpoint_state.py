@@ -17,18 +17,10 @@ import torch
 from ray_lit._version import __version__
 from ray_lit.core.seed import rng_state, set_rng_state
 from ray_lit.errors import MisconfigurationException
+from ray_lit.loop.dispatch import positional_count
 from ray_lit.loop.outputs import floats
 
 FORMAT_VERSION = 1
-
-
-def _plain_hparams(hparams: Any) -> Any:
-    """hparams as a plain dict (checkpoints stay loadable with weights_only)."""
-    from argparse import Namespace
-
-    if isinstance(hparams, Namespace):
-        return dict(vars(hparams))
-    return {k: v for k, v in dict(hparams).items() if not callable(v)}
 
 
 def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = False
@@ -39,6 +31,7 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = 
     host memory itself, overlapped with training); otherwise they are copied to the CPU.
     """
     module = trainer.lightning_module
+    strategy = trainer.strategy  # what of the module and optimizers this rank holds
     progress = trainer._progress
     progress_state = progress.state_dict()
     if progress.batches_done >= trainer.num_training_batches and not progress.epoch_finished:
@@ -55,21 +48,23 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = 
         "ray_lit_version": __version__,
         "ray_lit_format": FORMAT_VERSION,
         "state_dict": {k: v.detach() if on_device else v.detach().cpu()
-                       for k, v in module.state_dict().items()},
+                       for k, v in strategy.lightning_module_state_dict(module).items()},
         "loops": {"progress": progress_state, "rng": rng_state(),
                   "sampler": trainer._host.sampler_state(progress.batches_done),
                   "world_size": trainer._host.world_size,
                   "callback_metrics": floats(trainer.callback_metrics)},
     }
     if not weights_only:
-        checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+        checkpoint["optimizer_states"] = [strategy.optimizer_state(opt)
+                                          for opt in trainer.optimizers]
         checkpoint["lr_schedulers"] = [c.scheduler.state_dict()
                                        for c in trainer.lr_scheduler_configs]
         checkpoint["precision"] = trainer._precision.state_dict()
         callbacks: dict[str, Any] = {}
         for cb in trainer.callbacks:
             state = cb.state_dict()
-            legacy = cb.on_save_checkpoint(trainer, module, checkpoint)
+            # 0.9: on_save_checkpoint(trainer, pl_module); 2.x adds the checkpoint dict
+            legacy = _callback_save_hook(cb, trainer, module, checkpoint)
             if legacy is not None and not state:
                 state = legacy  # 0.9: the state is what on_save_checkpoint returned
             if state:
@@ -84,14 +79,36 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = 
             checkpoint["early_stop_callback_state_dict"] = es.state_dict()
     if module.hparams:
         checkpoint["hparams_name"] = module.__dict__.get("_hparams_name", "kwargs")
-        checkpoint["hyper_parameters"] = _plain_hparams(module.hparams)
-        if module.__dict__.get("_hparams_type") == "Namespace":
-            checkpoint["hparams_type"] = "Namespace"
+        from ray_lit.core.hparams import hparams_for_checkpoint
+
+        # classes and functions by import path (weights-only loadable), never dropped
+        checkpoint["hyper_parameters"] = hparams_for_checkpoint(module)
+        if module.__dict__.get("_hparams_type") in ("Namespace", "DictConfig"):
+            checkpoint["hparams_type"] = module.__dict__["_hparams_type"]
     dm = trainer.datamodule
     if dm is not None and dm.state_dict():
         checkpoint[type(dm).__qualname__] = dm.state_dict()
     module.on_save_checkpoint(checkpoint)
     return checkpoint
+
+
+def join_state_gather(trainer: Any, weights_only: bool = False) -> None:
+    """A rank that does not write joins the COLLECTIVE gathers of ``dump_checkpoint`` (a
+    sharded strategy, ``Strategy.shards_state``): the same strategy calls in the same order,
+    results dropped. Nothing to do when every rank holds the full state."""
+    strategy = getattr(trainer, "strategy", None)  # stand-in trainers of tests have none
+    if strategy is None or not strategy.shards_state:
+        return
+    strategy.lightning_module_state_dict(trainer.lightning_module)
+    if not weights_only:
+        for opt in trainer.optimizers:
+            strategy.optimizer_state(opt)
+
+
+def _callback_save_hook(cb: Any, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> Any:
+    """A callback's ``on_save_checkpoint`` with the arguments its override names."""
+    args = (trainer, module, checkpoint)
+    return cb.on_save_checkpoint(*args[: max(positional_count(cb.on_save_checkpoint, 0, 3), 2)])
 
 
 def is_legacy(checkpoint: dict[str, Any]) -> bool:
@@ -106,13 +123,18 @@ def restore_module(trainer: Any, checkpoint: dict[str, Any]) -> None:
     module.on_load_checkpoint(checkpoint)
     states = checkpoint.get("callbacks", {})
     for cb in trainer.callbacks:
-        cb.on_load_checkpoint(trainer, module, checkpoint)
         state = states.get(cb.state_key)
         if state is None and cb is trainer.early_stopping_callback:
             state = checkpoint.get("early_stop_callback_state_dict")
+        if positional_count(cb.on_load_checkpoint, 0, 3) == 1:
+            # 0.9: on_load_checkpoint(checkpointed_state), the callback's own saved state
+            if state is not None:
+                cb.on_load_checkpoint(copy.deepcopy(state))
+        else:
+            cb.on_load_checkpoint(trainer, module, checkpoint)
         if state is not None:
             cb.load_state_dict(copy.deepcopy(state))
-    module.load_state_dict(checkpoint["state_dict"])
+    trainer.strategy.load_model_state_dict(module, checkpoint["state_dict"])
 
 
 def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
@@ -127,10 +149,11 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         raise MisconfigurationException(
             f"The checkpoint has {len(optimizer_states)} optimizer states but "
             f"configure_optimizers returned {len(trainer.optimizers)} optimizers.")
-    keep_lr = getattr(trainer, "_keep_configured_lr", False)
+    tune = trainer.config.tune  # PBT exploit: the new config's lr replaces the restored one
+    keep_lr = tune is not None and tune.restore_lr_from_config
     for opt, state in zip(trainer.optimizers, optimizer_states):
         configured = [group["lr"] for group in opt.param_groups]
-        opt.load_state_dict(state)
+        trainer.strategy.load_optimizer_state_dict(opt, state)
         _optimizer_to(opt, trainer._host.device)
         if keep_lr:  # PBT exploit: the new config's learning rate replaces the restored one
             for group, lr in zip(opt.param_groups, configured):
@@ -160,7 +183,7 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         from ray_lit.loop.optimization import step_schedulers
 
         step_schedulers(trainer.lr_scheduler_configs, "epoch", progress.epoch + 1,
-                        trainer.callback_metrics)
+                        trainer.callback_metrics, trainer._lr_scheduler_step)
     if progress.epoch_finished:
         progress.epoch += 1
         progress.batches_done = 0

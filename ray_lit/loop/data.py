@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
@@ -24,16 +23,13 @@ def as_loader_list(loaders: Any) -> list[Any]:
 
 
 def loader_length(loader: Any) -> float:
-    """Batches in ``loader``; ``inf`` for an IterableDataset or an unsized loader."""
-    dataset = getattr(loader, "dataset", None)
-    if isinstance(dataset, IterableDataset):
-        try:
-            return len(loader)
-        except TypeError:
-            return math.inf
+    """Batches in ``loader``; ``inf`` for an IterableDataset or an unsized loader.
+
+    A loader whose ``__len__`` raises ``NotImplementedError`` has no length either (0.9).
+    """
     try:
         return len(loader)
-    except TypeError:
+    except (TypeError, NotImplementedError):
         return math.inf
 
 
@@ -71,18 +67,6 @@ def sequential_copy(loader: DataLoader) -> DataLoader:
     )
 
 
-@dataclass
-class StageData:
-    """The loaders of one stage and how many batches of each the loop runs."""
-
-    loaders: list[Any]
-    num_batches: list[float]
-
-    @property
-    def total(self) -> float:
-        return sum(self.num_batches)
-
-
 def resolve_loaders(explicit: Any, datamodule: Any, module: Any, hook: str) -> list[Any]:
     """Loaders passed to fit/validate/test win, then the datamodule's, then the module's."""
     if explicit is not None:
@@ -96,9 +80,11 @@ def resolve_loaders(explicit: Any, datamodule: Any, module: Any, hook: str) -> l
 def _overrides(obj: Any, hook: str) -> bool:
     from ray_lit.core.datamodule import LightningDataModule
 
-    if hook in getattr(obj, "__dict__", {}):
-        return True
-    return getattr(type(obj), hook, None) is not getattr(LightningDataModule, hook, None)
+    own = getattr(obj, "__dict__", {})
+    if hook in own:
+        return own[hook] is not None  # ``dm.val_dataloader = None`` turns the loader off
+    impl = getattr(type(obj), hook, None)
+    return impl is not None and impl is not getattr(LightningDataModule, hook, None)
 
 
 def first_batch_size(batch: Any) -> int:

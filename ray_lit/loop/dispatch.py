@@ -52,6 +52,14 @@ def does_nothing(obj: Any, name: str) -> bool:
     return isinstance(fn, FunctionType) and _is_empty_code(fn.__code__)
 
 
+def positional_count(fn: Callable, fixed: int, arity: int) -> int:
+    """How many arguments after the ``fixed`` first ones to pass ``fn``: as many as it names
+    positionally, or ``arity`` (the 2.x count) when it also takes ``*args``."""
+    names, var_pos, _ = _signature_of(fn)
+    count = max(len(names) - fixed, 0)
+    return max(count, arity) if var_pos else count
+
+
 def _doing(callbacks: Any, name: str) -> tuple[Any, ...]:
     """The bound ``name`` methods of the ``callbacks`` that do something for this event."""
     return tuple(getattr(cb, name) for cb in callbacks if not does_nothing(cb, name))
@@ -147,6 +155,25 @@ class HookDispatcher:
         """Callbacks, then the module; returns the module hook's value."""
         self.callbacks(name, *args)
         return self.module(name, *args)
+
+    def both_by_arity(self, name: str, values: tuple[Any, ...], arity: int) -> Any:
+        """Callbacks, then the module, each override given as many of ``values`` as it takes
+        positionally (after ``trainer, pl_module`` for a callback); returns the module's value.
+
+        For hooks that lost trailing arguments in 2.x: ``values`` is the longest (1.x/0.9)
+        argument list and ``arity`` the 2.x count, so ``on_before_optimizer_step(optimizer)``
+        (2.x) and ``on_before_optimizer_step(optimizer, optimizer_idx)`` (1.x) both work. An
+        override that takes ``*args`` gets the 2.x arguments only (it may forward them to
+        something with the 2.x signature, e.g. ``loss.backward(*args)``).
+        """
+        fns, module_fn = self._active_callbacks(name), self._module_fn(name)
+        trainer = self.trainer
+        for fn in fns:
+            self._with_fx(name, fn, trainer, trainer.lightning_module,
+                          *values[:positional_count(fn, 2, arity)])
+        if module_fn is None:
+            return None
+        return self._with_fx(name, module_fn, *values[:positional_count(module_fn, 0, arity)])
 
     def batch_start(self, name: str, batch: Any, batch_idx: int, dataloader_idx: int) -> Any:
         """``on_*_batch_start``: (batch, batch_idx[, dataloader_idx]) in both generations."""

@@ -7,6 +7,7 @@ reductions at epoch end line up across ranks.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,12 +41,25 @@ class EvalLoop:
         trainer._metric_store = store
         # 2.x restores each submodule's own training flag afterwards (frozen BN stays frozen)
         modes = {name: m.training for name, m in module.named_modules()}
-        module.zero_grad()
-        module.eval()
-        hooks.both(f"on_{p}_start")
+        # 2.x hooks replace the defaults when overridden (e.g. dropout kept on in validation)
+        if hooks.overridden(f"on_{p}_model_zero_grad"):
+            hooks.module(f"on_{p}_model_zero_grad")
+        else:
+            module.zero_grad()
+        if hooks.overridden(f"on_{p}_model_eval"):
+            hooks.module(f"on_{p}_model_eval")
+        else:
+            module.eval()
+        # the sanity check runs the epoch and batch hooks but not on_validation_start/end
+        # (0.9, spec 3.3): a callback that acts at the end of a validation run must not act
+        # on the sanity check's two batches
+        if not sanity:
+            hooks.both(f"on_{p}_start")
         hooks.both(f"on_{p}_epoch_start")
-        trainer._sink.progress_start(self.stage, int(sum(num_batches)), trainer.current_epoch,
-                                     trainer.config.max_epochs)
+        total = sum(num_batches)
+        # a loader without a length (an IterableDataset) runs to its end: no total to show
+        trainer._sink.progress_start(self.stage, None if total == math.inf else int(total),
+                                     trainer.current_epoch, trainer.config.max_epochs)
         per_loader: list[list[Any]] = []
         immediate: list[dict[str, Any]] = [{} for _ in loaders]
         done = 0
@@ -69,11 +83,15 @@ class EvalLoop:
         hooks.callbacks(f"on_{p}_epoch_end")
         hooks.module(f"on_{p}_epoch_end")
         self._log_store_epoch(store, results, sanity)
-        for name, m in module.named_modules():
-            m.train(modes.get(name, True))
+        if hooks.overridden(f"on_{p}_model_train"):
+            hooks.module(f"on_{p}_model_train")
+        else:
+            for name, m in module.named_modules():
+                m.train(modes.get(name, True))
         trainer._sink.progress_update(self.stage, done, trainer._pbar_view())
         trainer._sink.progress_end(self.stage)
-        hooks.both(f"on_{p}_end")
+        if not sanity:
+            hooks.both(f"on_{p}_end")
         return [{k: v for k, v in r.items() if k not in _CALLBACK_KEYS} for r in results]
 
     # --- one batch ----------------------------------------------------------------------------

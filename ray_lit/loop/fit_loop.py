@@ -7,12 +7,14 @@ ranks must agree are marked COLLECTIVE (each rank reaches them in the same order
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from ray_lit.core.metric_store import MetricStore
 from ray_lit.core.results import TrainResult, gather, reduce_on_epoch
+from ray_lit.loop.data import loader_length
 from ray_lit.loop.optimization import step_schedulers
 from ray_lit.loop.outputs import StepOutput, epoch_end_output
 from ray_lit.loop.train_step import TrainingBatch
@@ -50,13 +52,20 @@ class FitLoop:
         return trainer.max_steps is not None and trainer.max_steps >= 0 and \
             trainer._progress.global_step >= trainer.max_steps
 
+    def _min_steps_done(self) -> bool:
+        """Whether ``min_steps`` optimizer steps are done (a stop before then is ignored)."""
+        trainer = self.trainer
+        return trainer._progress.global_step >= (trainer.config.min_steps or 0)
+
     def _stop_requested(self) -> bool:
         trainer = self.trainer
         if not trainer.should_stop:
             return False
-        if trainer._progress.epoch >= (trainer.config.min_epochs or 0):
+        if trainer._progress.epoch >= (trainer.config.min_epochs or 0) and \
+                self._min_steps_done():
             return True
-        trainer.should_stop = False  # stopping is honoured only once min_epochs are done
+        # stopping is honoured only once min_epochs and min_steps are done (0.9 and 2.x)
+        trainer.should_stop = False
         return False
 
     # --- one epoch -----------------------------------------------------------------------------
@@ -84,10 +93,16 @@ class FitLoop:
                                      epoch, trainer.max_epochs)
         keep = self._keep_outputs()
         batches = trainer._host.iterate_train(loader, progress.batches_done)
-        for batch_idx, batch in batches:
+        # a loader without a length says where the epoch ends only by running out: one batch
+        # of look-ahead tells the last batch (validation and the optimizer step due at the
+        # end of the epoch need it); a sized loader is read as before, without look-ahead
+        sized = loader_length(loader) != math.inf
+        marked = ((item, False) for item in batches) if sized else _mark_last(batches)
+        for (batch_idx, batch), loader_ends in marked:
             if batch_idx >= total:
                 break
-            ended_early = self._run_batch(batch, batch_idx, total, store, outputs,
+            is_last = batch_idx + 1 >= total or loader_ends
+            ended_early = self._run_batch(batch, batch_idx, is_last, store, outputs,
                                           accumulators, keep)
             if ended_early or self._stop_inside_epoch():
                 break
@@ -105,23 +120,23 @@ class FitLoop:
             return True
         trainer = self.trainer
         return bool(trainer.should_stop) and trainer.current_epoch + 1 >= (
-            trainer.config.min_epochs or 0)
+            trainer.config.min_epochs or 0) and self._min_steps_done()
 
     # --- one batch -----------------------------------------------------------------------------
-    def _run_batch(self, batch: Any, batch_idx: int, total: float, store: MetricStore,
+    def _run_batch(self, batch: Any, batch_idx: int, is_last: bool, store: MetricStore,
                    outputs: list[list[Any]], accumulators: dict[str, list[torch.Tensor]],
                    keep: bool) -> bool:
         trainer, hooks, progress = self.trainer, self.trainer._hooks, self.trainer._progress
+        trainer.batch_idx = batch_idx
         batch = trainer._transfer_batch(batch, 0)
         store.set_batch(batch)
         hooks.callbacks("on_batch_start")
         signal = hooks.module("on_batch_start", batch)
         signal2 = hooks.batch_start("on_train_batch_start", batch, batch_idx, 0)
         # -1 from either hook ends the epoch (documented 0.9 behaviour); rank 0 decides for all
-        if trainer._host.agree_on_rank_zero(signal == -1 or signal2 == -1,
+        if trainer.strategy.agree_on_rank_zero(signal == -1 or signal2 == -1,
                                             needed=self._batch_start_overridden()):
             return True
-        is_last = batch_idx + 1 >= total
         should_step = (batch_idx + 1 - self._window_start) % trainer._accumulation == 0 \
             or is_last
         if trainer.lightning_module.automatic_optimization:
@@ -153,10 +168,10 @@ class FitLoop:
             progress.global_step += 1
             # 0.9 rule (spec §3.6): a step scheduler's frequency counts batches of the epoch
             step_schedulers(trainer.lr_scheduler_configs, "step", batch_idx + 1,
-                            trainer.callback_metrics)
+                            trainer.callback_metrics, trainer._lr_scheduler_step)
         if trainer._sink.wants_progress(batch_idx + 1):
             trainer._sink.progress_update("train", batch_idx + 1, trainer._pbar_view())
-        if self._should_validate(batch_idx, total):
+        if self._should_validate(batch_idx, is_last):
             trainer._run_validation()
             trainer._metric_store = store
         if stepped:
@@ -190,18 +205,19 @@ class FitLoop:
         if log and trainer._should_log_step(batch_idx, should_step):
             trainer._log_to_loggers(log)
 
-    def _should_validate(self, batch_idx: int, total: float) -> bool:
+    def _should_validate(self, batch_idx: int, is_last: bool) -> bool:
         trainer = self.trainer
         if not trainer._val_enabled:
             return False
         every = trainer.config.check_val_every_n_epoch
         if every is not None and (trainer.current_epoch + 1) % every != 0:
             return False
-        is_last = batch_idx + 1 >= total
         if trainer.should_stop and is_last:
             return True
+        # an int interval counts batches; the float 1.0 of a loader without a length
+        # (``_val_check_batch`` inf) validates at the loader's last batch (0.9)
         return (batch_idx + 1) % trainer._val_check_batch == 0 or (
-            is_last and trainer._val_check_batch >= total)
+            is_last and trainer._val_check_batch >= trainer.num_training_batches)
 
     # --- epoch end -----------------------------------------------------------------------------
     def _epoch_end(self, outputs: list[list[Any]], accumulators: dict[str, list[torch.Tensor]],
@@ -217,7 +233,9 @@ class FitLoop:
                 if out.log:
                     trainer._log_to_loggers(out.log)
                 trainer._pbar_raw.update(out.pbar)
-                if not out.is_result:
+                # a bare tensor means nothing here (0.9): only validation_epoch_end's tensor
+                # becomes ``val_loss``, which a checkpoint must not mistake a train value for
+                if not out.is_result and not isinstance(out.raw, torch.Tensor):
                     trainer.callback_metrics.update(out.callback)
         elif result_mode:
             for per_opt in outputs:
@@ -243,12 +261,27 @@ class FitLoop:
         store.reset()
         # epoch schedulers step before the monitoring callbacks, so a checkpoint they save
         # holds the scheduler state the next epoch starts from
-        step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1,
-                        trainer.callback_metrics)
+        if trainer.lightning_module.automatic_optimization:
+            # manual optimisation steps its schedulers itself (2.x: the loop never does)
+            step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1,
+                            trainer.callback_metrics, trainer._lr_scheduler_step)
         hooks.callbacks("on_train_epoch_end", callbacks=monitoring)
         # COLLECTIVE: rank 0's stop decision holds for every rank
-        trainer.should_stop = trainer._host.agree_on_rank_zero(trainer.should_stop)
+        trainer.should_stop = trainer.strategy.agree_on_rank_zero(trainer.should_stop)
         trainer._after_epoch()
+
+
+def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` for each item, reading one item ahead."""
+    iterator = iter(items)
+    try:
+        previous = next(iterator)
+    except StopIteration:
+        return
+    for item in iterator:
+        yield previous, False
+        previous = item
+    yield previous, True
 
 
 def _batch_end_outputs(out: StepOutput | None) -> Any:

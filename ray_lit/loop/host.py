@@ -1,20 +1,22 @@
-"""The process that hosts the loop: its ranks, its device, and its collectives.
+"""The process that hosts the loop: its ranks, its device, its data and its strategy.
 
-The loop calls the host wherever ranks must cooperate (model wrapping, gradient sync, stop
-decisions, sampler epochs, fault-tolerance checkpoints). ``LocalHost`` is the in-process host of
-``num_workers=0``: world size 1, every collective a no-op. The Ray worker's host
-(``ray_lit.worker.host.WorkerHost``) implements the same methods with
-torch.distributed.
+The host owns what depends on where the loop runs: the ranks, the device, how dataloaders are
+sharded and resumed, and the fault-tolerance checkpoints. How the ranks train one model
+together (wrapping, gradient sync, collectives, checkpoint state) is its ``strategy``
+(``ray_lit.strategies``), which the loop reaches as ``trainer.strategy``. ``LocalHost`` is the
+in-process host of ``num_workers=0``: world size 1, a ``SingleDeviceStrategy``. The Ray worker's
+host (``ray_lit.worker.host.WorkerHost``) implements the same methods for one rank of a group.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from ray_lit.strategies import resolve_strategy
 
 
 class LocalHost:
@@ -25,32 +27,19 @@ class LocalHost:
     local_rank = 0
     node_rank = 0
 
-    def __init__(self, use_gpu: bool = False) -> None:
+    def __init__(self, use_gpu: bool = False, strategy: Any = None) -> None:
         if use_gpu and torch.cuda.is_available():
             self.device = torch.device("cuda", 0)
         else:
             self.device = torch.device("cpu")
-        self._wrapped: Any = None
+        # the Trainer's ``strategy`` option (a name or an object); "auto": one device
+        self.strategy = resolve_strategy(strategy, distributed=False)
+        self.strategy.connect(global_rank=0, world_size=1, local_rank=0, node_rank=0,
+                              device=self.device)
 
     @property
     def is_global_zero(self) -> bool:
         return self.world_rank == 0
-
-    # --- model ---------------------------------------------------------------------------------
-    def setup_module(self, module: torch.nn.Module, find_unused_parameters: bool = False,
-                     sync_batchnorm: bool = False) -> None:
-        """Move the module to this host's device (and wrap it for DDP where there is one)."""
-        module.to(self.device)
-        self._module = module
-
-    def call_step(self, name: str, *args: Any) -> Any:
-        return getattr(self._module, name)(*args)
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def teardown_module(self) -> None:
-        self._module = None
 
     # --- data ----------------------------------------------------------------------------------
     def prepare_loader(self, loader: Any, train: bool) -> Any:
@@ -80,20 +69,6 @@ class LocalHost:
         return None
 
     def load_sampler_state(self, state: dict) -> None: ...
-
-    # --- collectives ---------------------------------------------------------------------------
-    def agree_on_rank_zero(self, flag: bool, needed: bool = True) -> bool:
-        """COLLECTIVE in a group: rank 0's ``flag`` for every rank (here: the flag itself)."""
-        return bool(flag)
-
-    def barrier(self) -> None: ...
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Stack of every rank's tensor (differentiable in a group): here ``tensor[None]``."""
-        return tensor.unsqueeze(0)
-
-    def broadcast_object(self, obj: Any) -> Any:
-        return obj
 
     # --- fault tolerance (distributed only) ----------------------------------------------------
     def after_train_step(self, trainer: Any, is_last: bool) -> None: ...

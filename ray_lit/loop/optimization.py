@@ -4,6 +4,7 @@ stepping rules, gradient clipping and mixed precision."""
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,13 +156,23 @@ def _from_dicts(dicts: list[Mapping]) -> OptimizerSetup:
     return OptimizerSetup(opts, schedulers, [int(f) for f in freqs if f is not None])
 
 
+def _step_scheduler(scheduler: Any, metric: Any) -> None:
+    if metric is None:
+        scheduler.step()
+    else:
+        scheduler.step(metric)
+
+
 def step_schedulers(configs: list[LRSchedulerConfig], interval: str, counter: int,
-                    metrics: Mapping[str, Any]) -> int:
+                    metrics: Mapping[str, Any], step_fn: Any = None) -> int:
     """Step the schedulers of ``interval`` that are due; returns how many stepped.
 
     ``counter`` is the 1-based count of that interval: batches in the epoch for ``step`` (0.9
-    rule, spec §3.6) or epochs done for ``epoch``.
+    rule, spec §3.6) or epochs done for ``epoch``. ``step_fn(scheduler, metric)`` does the
+    stepping (the module's 2.x ``lr_scheduler_step`` when it overrides it); ``metric`` is
+    None except for ReduceLROnPlateau.
     """
+    step_fn = step_fn or _step_scheduler
     stepped = 0
     for config in configs:
         if config.interval != interval or counter % config.frequency != 0:
@@ -178,9 +189,9 @@ def step_schedulers(configs: list[LRSchedulerConfig], interval: str, counter: in
                     f"available. Available metrics are: {sorted(metrics)}. Set 'monitor' in the "
                     "scheduler dict to one of them."
                 )
-            config.scheduler.step(float(value))
+            step_fn(config.scheduler, float(value))
         else:
-            config.scheduler.step()
+            step_fn(config.scheduler, None)
         stepped += 1
     return stepped
 
@@ -206,6 +217,7 @@ class Precision:
         self.dtype = {16: torch.float16, "16": torch.float16, "16-mixed": torch.float16,
                       "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}.get(precision)
         self.scaler = None
+        self._unscaled: set[int] = set()  # optimizers unscaled since the last scaler update
         if self.dtype is torch.float16 and device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
 
@@ -218,8 +230,12 @@ class Precision:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def unscale(self, optimizer: Optimizer) -> None:
-        if self.scaler is not None:
+        """Unscale ``optimizer``'s gradients once per step (the loop does it before
+        ``on_before_optimizer_step``; a ``clip_gradients`` call after it must not again:
+        GradScaler refuses a second unscale)."""
+        if self.scaler is not None and id(optimizer) not in self._unscaled:
             self.scaler.unscale_(optimizer)
+            self._unscaled.add(id(optimizer))
 
     def step(self, optimizer: Optimizer, step_fn: Any) -> None:
         """Run ``step_fn`` (the module's ``optimizer_step``) through the scaler when one is used."""
@@ -243,6 +259,7 @@ class Precision:
         finally:
             optimizer.__dict__.pop("step", None)
         self.scaler.update()
+        self._unscaled.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict() if self.scaler is not None else {}
@@ -272,3 +289,43 @@ def accumulation_for_epoch(value: int | dict, epoch: int) -> int:
         if epoch >= start:
             current = value[start]
     return current
+
+
+@contextlib.contextmanager
+def torch_flags(deterministic: bool | str | None, benchmark: bool | None) -> Iterator[None]:
+    """``Trainer(deterministic=..., benchmark=...)`` for the length of a stage, in every
+    process that runs the loop (in process, and each Ray worker); the previous settings come
+    back afterwards, so a notebook's next cell is unaffected.
+
+    ``deterministic=True`` turns on ``torch.use_deterministic_algorithms`` (an op with no
+    deterministic implementation raises), ``"warn"`` the same with ``warn_only=True``; both
+    set cuDNN to deterministic, non-benchmarking kernels and ``CUBLAS_WORKSPACE_CONFIG``
+    (cuBLAS needs it for reproducible results on CUDA; it is left alone when already set).
+    ``benchmark`` sets ``cudnn.benchmark`` when given (2.x; ``None`` leaves it, except that
+    determinism turns it off).
+    """
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if deterministic not in (None, False, True, "warn"):
+        raise MisconfigurationException(
+            f"deterministic={deterministic!r}: use True, False or 'warn'.")
+    try:
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
+            cudnn.deterministic = True
+            # cuBLAS reads this when its handle is made: set before the first CUDA matmul
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if benchmark is not None:
+            cudnn.benchmark = bool(benchmark)
+        elif deterministic:
+            cudnn.benchmark = False
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]

@@ -30,6 +30,9 @@ class EventSink:
     def print(self, text: str) -> None: ...
     def finalize(self, status: str) -> None: ...
     def report(self, metrics: dict[str, float], checkpoint_uri: str) -> None: ...
+    # a call on ``logger.experiment`` made in rank 0 (``worker.logger_proxy``): the logger's
+    # index in ``trainer.loggers`` and the pickled ``(method, args, kwargs)``
+    def experiment_call(self, logger_index: int, call: bytes) -> None: ...
 
     def wants_progress(self, n_done: int) -> bool:
         """Whether the loop should compute the progress-bar metrics for this batch."""
@@ -93,6 +96,9 @@ class RecordingSink(EventSink):
 
     def report(self, metrics: dict[str, float], checkpoint_uri: str) -> None:
         self._add("report", dict(metrics), checkpoint_uri)
+
+    def experiment_call(self, logger_index: int, call: bytes) -> None:
+        self._add("experiment_call", logger_index, call)
 
     def drain(self) -> list[tuple[str, tuple]]:
         with self._lock:

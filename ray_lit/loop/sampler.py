@@ -275,13 +275,15 @@ def shard_dataloader(loader: DataLoader, *, world_rank: int, world_size: int, tr
         seed: the sampler seed, identical on every rank (the run's global seed).
 
     Returns:
-        The rebuilt loader; unchanged for an ``IterableDataset`` or a loader that already has a
-        ``DistributedSampler``.
+        The rebuilt loader; unchanged for an ``IterableDataset``, a loader that already has a
+        ``DistributedSampler``, or an iterable of batches that is not a ``DataLoader``.
 
     Raises:
         MisconfigurationException: a ``DataLoader`` subclass whose ``__init__`` takes an
             argument that is not stored as an attribute of the same name.
     """
+    if not isinstance(loader, DataLoader):
+        return loader  # any other iterable of batches is used as given (0.9), like below
     dataset = loader.dataset
     if isinstance(dataset, IterableDataset):
         return loader  # the user shards iterable datasets themselves

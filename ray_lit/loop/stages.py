@@ -56,7 +56,7 @@ def prepare_and_setup(trainer: Any, stage: str) -> None:
         if dm is not None:
             dm._run_prepare_data()
         trainer._hooks.module("prepare_data")
-    host.barrier()  # COLLECTIVE: every rank waits until its node's data is prepared
+    host.strategy.barrier()  # COLLECTIVE: every rank waits until its node's data is prepared
     if dm is not None:
         dm._run_setup(stage)
     trainer._hooks.callbacks("setup", stage)
@@ -65,11 +65,18 @@ def prepare_and_setup(trainer: Any, stage: str) -> None:
 
 @contextlib.contextmanager
 def _guarded(trainer: Any, stage: str) -> Iterator[None]:
-    """Teardown on success, error and Ctrl-C; Ctrl-C ends the stage quietly (0.9)."""
+    """Teardown on success, error and Ctrl-C; Ctrl-C ends the stage quietly (0.9). The
+    Trainer's ``deterministic`` / ``benchmark`` torch flags hold for the stage."""
+    from ray_lit.loop.optimization import torch_flags
+    from ray_lit.loop.trainer_state import TrainerState
+
+    config = trainer.config
     try:
-        yield
+        with torch_flags(config.deterministic, config.benchmark):
+            yield
     except KeyboardInterrupt:
         trainer.interrupted = True
+        trainer._end_run(TrainerState.INTERRUPTED)
         trainer._hooks.callbacks("on_keyboard_interrupt")
         trainer._hooks.callbacks("on_exception", KeyboardInterrupt())
         trainer._sink.finalize("interrupted")
@@ -77,11 +84,15 @@ def _guarded(trainer: Any, stage: str) -> Iterator[None]:
             return
         raise
     except BaseException as err:
+        trainer._end_run(TrainerState.INTERRUPTED)  # 2.x: a failed stage is interrupted
         trainer._hooks.callbacks("on_exception", err)
         trainer._sink.finalize("failed")
         raise
+    else:
+        trainer._end_run(TrainerState.FINISHED)
     finally:
         trainer.training = trainer.validating = trainer.testing = False
+        trainer.predicting = False
         trainer.sanity_checking = False
         with contextlib.suppress(Exception):
             trainer._sink.run_end()
@@ -89,7 +100,7 @@ def _guarded(trainer: Any, stage: str) -> Iterator[None]:
         trainer.lightning_module.teardown(stage)
         if trainer.datamodule is not None:
             trainer.datamodule.teardown(stage)
-        trainer._host.teardown_module()
+        trainer.strategy.teardown_module()
 
 
 def _setup_optimizers(trainer: Any) -> None:
@@ -132,6 +143,9 @@ def _train_data(trainer: Any, train_loaders: Any, val_loaders: Any) -> None:
     else:
         vals = resolve_loaders(val_loaders, dm, module, "val_dataloader")
     trainer._val_loaders = [host.prepare_loader(v, train=False) for v in vals]
+    # 0.9 names: the loaders this fit uses (this rank's copies in a Ray worker)
+    trainer.train_dataloader = trainer._train_loader
+    trainer.val_dataloaders = list(trainer._val_loaders)
     trainer.num_val_batches = [limit_batches(loader_length(v), config.limit_val_batches,
                                              "limit_val_batches") for v in trainer._val_loaders]
     has_step = is_overridden("validation_step", module, LightningModule)
@@ -150,9 +164,18 @@ def _train_data(trainer: Any, train_loaders: Any, val_loaders: Any) -> None:
                 f"val_check_interval={interval} is more than the {total} training batches of an "
                 "epoch. Use a smaller int, a float fraction, or check_val_every_n_epoch=None.")
         trainer._val_check_batch = interval
+    elif loader_length(trainer._train_loader) == float("inf"):
+        # a loader without a length has no fraction of an epoch: 1.0 validates at its end
+        # (``_val_check_batch`` inf), an int every that many batches; anything else is an
+        # error (0.9), even under an int limit_train_batches
+        if interval != 1.0:
+            raise MisconfigurationException(
+                f"val_check_interval={interval} is a fraction of an epoch, but the train "
+                "dataloader has no length (an IterableDataset). Use 1.0 (validate at the end "
+                "of the loader) or an int k (validate every k training batches).")
+        trainer._val_check_batch = float("inf")
     else:
-        trainer._val_check_batch = total if total == float("inf") else max(1, int(total *
-                                                                                 interval))
+        trainer._val_check_batch = max(1, int(total * interval))
 
 
 def _sanity_check(trainer: Any) -> None:
@@ -178,19 +201,31 @@ def run_fit(trainer: Any, module: LightningModule, train_loaders: Any, val_loade
             datamodule: Any, checkpoint: dict | None) -> None:
     """Fit in this process (one rank); ``checkpoint`` is an already loaded dict to resume."""
     attach(trainer, module, datamodule)
+    trainer._start_run("fit")
     trainer.training = True
     trainer._resumed = checkpoint is not None
     hooks = trainer._hooks
     with _guarded(trainer, "fit"):
-        from ray_lit.core.hparams import clean_hparams_for_fit
+        from ray_lit.core.hparams import clean_hparams_for_fit, stash_callables_for_checkpoint
 
+        stash_callables_for_checkpoint(module)  # checkpoints save them by import path
         clean_hparams_for_fit(module.hparams)
         prepare_and_setup(trainer, "fit")
-        trainer._host.setup_module(module, trainer._find_unused_parameters(),
+        trainer._hooks.module("configure_model")  # 2.x: layers built before wrapping
+        trainer.strategy.setup_module(module, trainer._find_unused_parameters(),
                                    trainer.config.sync_batchnorm)
-        _setup_optimizers(trainer)
+        # configure_optimizers may read trainer.estimated_stepping_batches, which sets the
+        # training data up early (2.x does the same); otherwise it is set up right after
+        trainer._pending_train_data = lambda: _train_data(trainer, train_loaders, val_loaders)
+        try:
+            # 2.6: freeze or inspect parameters before the optimizers take them
+            hooks.both("on_before_optimizer_setup")
+            _setup_optimizers(trainer)
+        finally:
+            pending, trainer._pending_train_data = trainer._pending_train_data, None
         trainer._precision = Precision(trainer.config.precision, trainer._host.device)
-        _train_data(trainer, train_loaders, val_loaders)
+        if pending is not None:
+            pending()
         if checkpoint is not None:
             from ray_lit.loop.checkpoint_state import restore_module, restore_training
 
@@ -221,13 +256,15 @@ def run_evaluation(trainer: Any, stage: str, module: LightningModule, loaders: A
     if not is_overridden(step, module, LightningModule):
         raise MisconfigurationException(
             f"trainer.{stage}() needs `{step}` on the module; define it.")
+    trainer._start_run(stage)
     setattr(trainer, "testing" if stage == "test" else "validating", True)
     results: list[dict[str, float]] = []
     with _guarded(trainer, stage):
         prepare_and_setup(trainer, stage)
+        trainer._hooks.module("configure_model")  # 2.x: before the weights and the wrapper
         if weights is not None:
             module.load_state_dict(weights["state_dict"])
-        trainer._host.setup_module(module)
+        trainer.strategy.setup_module(module)
         trainer._precision = Precision(trainer.config.precision, trainer._host.device)
         hook = "test_dataloader" if stage == "test" else "val_dataloader"
         found = resolve_loaders(loaders, trainer.datamodule, module, hook)
@@ -242,8 +279,10 @@ def run_evaluation(trainer: Any, stage: str, module: LightningModule, loaders: A
             "validate", "val")) for dl in prepared]
         if stage == "test":
             trainer.num_test_batches = counts
+            trainer.test_dataloaders = prepared
         else:
             trainer.num_val_batches = counts
+            trainer.val_dataloaders = prepared
         trainer._sink.run_start(stage)
         results = EvalLoop(trainer, stage).run(prepared, counts)
         trainer._sink.finalize("success")

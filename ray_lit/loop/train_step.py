@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ray_lit.core.results import TrainResult
+from ray_lit.loop.dispatch import positional_count
 from ray_lit.loop.optimization import clip_gradients
 from ray_lit.loop.outputs import StepOutput, training_output
 
@@ -30,6 +31,21 @@ def active_optimizers(trainer: Any, total_batch_idx: int) -> list[tuple[int, Any
             return [(idx, optimizers[idx])]
         position -= freq
     return [(0, optimizers[0])]
+
+
+def check_finite_loss(loss: torch.Tensor) -> None:
+    """``terminate_on_nan``: raise ``ValueError`` when the loss is nan or inf."""
+    if not torch.isfinite(loss).all():
+        raise ValueError("The loss returned in `training_step` is nan or inf.")
+
+
+def check_finite_parameters(module: torch.nn.Module) -> None:
+    """``terminate_on_nan``: raise ``ValueError`` naming the first parameter that holds a nan
+    or inf (checked after each optimizer step, 0.9)."""
+    for name, param in module.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ValueError(f"Detected nan and/or inf values in `{name}`. Check your forward "
+                             "pass for numerically unstable operations.")
 
 
 class TrainingBatch:
@@ -70,7 +86,7 @@ class TrainingBatch:
         trainer, hooks = self.trainer, self.trainer._hooks
         args = (batch, batch_idx, opt_idx) if several else (batch, batch_idx)
         # DDP syncs gradients only at the accumulation boundary (no_sync before it)
-        sync = contextlib.nullcontext() if should_step else trainer._host.no_sync()
+        sync = contextlib.nullcontext() if should_step else trainer.strategy.no_sync()
         with sync:
             with trainer._precision.autocast():
                 raw = trainer._call_step("training_step", *args)
@@ -80,6 +96,9 @@ class TrainingBatch:
             out = training_output(raw)
             if out.loss is None:
                 return out
+            if trainer.config.terminate_on_nan:
+                # before backward and the step, so the weights stay as they were (0.9)
+                check_finite_loss(out.loss)
             loss = out.loss / trainer._accumulation if trainer._accumulation > 1 else out.loss
             hooks.both("on_before_backward", loss)
             scaled = trainer._precision.scale(loss)
@@ -87,7 +106,11 @@ class TrainingBatch:
             if names[:1] == ("trainer",):  # 0.9: backward(trainer, loss, optimizer, optimizer_idx)
                 trainer._hooks.module("backward", trainer, scaled, optimizer, opt_idx)
             else:
-                trainer._hooks.module("backward", scaled, optimizer, opt_idx)
+                # 2.x backward(loss, *args, **kwargs) gets the loss alone; 1.x named
+                # (loss, optimizer, optimizer_idx)
+                fn = trainer.lightning_module.backward
+                args = (scaled, optimizer, opt_idx)[: max(positional_count(fn, 0, 1), 1)]
+                trainer._hooks.module("backward", *args)
             hooks.both("on_after_backward")
         return out
 
@@ -115,26 +138,47 @@ class TrainingBatch:
                 return cached
 
         config = trainer.config
-        if config.gradient_clip_val and not lbfgs:
+        if not lbfgs:
+            # the hook sees the true (unscaled) gradients, before clipping (2.x order)
             trainer._precision.unscale(optimizer)
-            clip_gradients(trainer.lightning_module.parameters(), config.gradient_clip_val,
-                           config.gradient_clip_algorithm)
-        hooks.callbacks("on_before_optimizer_step", optimizer, opt_idx)
-        hooks.module("on_before_optimizer_step", optimizer, opt_idx)
+        # 2.x on_before_optimizer_step(optimizer); 1.x also took optimizer_idx
+        hooks.both_by_arity("on_before_optimizer_step", (optimizer, opt_idx), 1)
+        if not lbfgs:
+            self._clip(optimizer, opt_idx)
         trainer._precision.step(optimizer, lambda: self._optimizer_step(batch_idx, optimizer,
                                                                          opt_idx, closure))
         if lbfgs:
             out = holder.get("out")
+        if config.terminate_on_nan:
+            check_finite_parameters(trainer.lightning_module)
         hooks.callbacks("on_before_zero_grad", optimizer)
         hooks.module("on_before_zero_grad", optimizer)
         self._zero_grad(batch_idx, optimizer, opt_idx)
         return out
 
+    def _clip(self, optimizer: Any, opt_idx: int) -> None:
+        """Clip before the step: the module's ``configure_gradient_clipping`` when it has one
+        (2.x; it gets the Trainer's settings), else the Trainer's clipping of every parameter
+        (0.9)."""
+        trainer, config = self.trainer, self.trainer.config
+        if trainer._hooks.overridden("configure_gradient_clipping"):
+            names = trainer._hooks.parameter_names("configure_gradient_clipping")
+            # 1.x: (optimizer, optimizer_idx, gradient_clip_val, gradient_clip_algorithm)
+            head = (optimizer, opt_idx) if "optimizer_idx" in names else (optimizer,)
+            trainer._hooks.module("configure_gradient_clipping", *head,
+                                  config.gradient_clip_val or None,
+                                  config.gradient_clip_algorithm)
+        elif config.gradient_clip_val:
+            clip_gradients(trainer.lightning_module.parameters(), config.gradient_clip_val,
+                           config.gradient_clip_algorithm)
+
     def _optimizer_step(self, batch_idx: int, optimizer: Any, opt_idx: int, closure: Any) -> None:
         trainer = self.trainer
         epoch = trainer.current_epoch
         if not trainer._hooks.overridden("optimizer_step"):
-            optimizer.step(closure=closure)
+            from ray_lit.core.module import step_optimizer
+
+            step_optimizer(optimizer, closure)  # no closure for 0.9 wrappers' step(self)
             return
         names = trainer._hooks.parameter_names("optimizer_step")
         if "optimizer_idx" in names or len(names) > 4:  # 0.9 signature

@@ -9,7 +9,12 @@ stages.
 from __future__ import annotations
 
 import collections
+import contextlib
+import math
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -21,11 +26,84 @@ from ray_lit.loop.outputs import floats, to_float, training_output
 from ray_lit.loop.progress import Progress
 
 
+class TrainerState(str, Enum):
+    """Where a run is (0.9 ``TrainerState``; 2.x calls these values ``TrainerStatus``).
+
+    Compare ``trainer.state == TrainerState.FINISHED``; ``trainer.state.status`` is the member.
+    """
+
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+
+
+TrainerStatus = TrainerState
+
+
+class TrainerFn(str, Enum):
+    """What the user called (2.x ``TrainerFn``)."""
+
+    FITTING = "fit"
+    VALIDATING = "validate"
+    TESTING = "test"
+    PREDICTING = "predict"
+
+
+class RunningStage(str, Enum):
+    """The loop that is running now (2.x ``RunningStage``)."""
+
+    TRAINING = "train"
+    SANITY_CHECKING = "sanity_check"
+    VALIDATING = "validate"
+    TESTING = "test"
+    PREDICTING = "predict"
+
+
+@dataclass(frozen=True, eq=False)
+class RunState:
+    """``trainer.state``: equal to the 0.9 ``TrainerState`` member of its ``status``, and
+    carrying 2.x's ``fn``, ``status`` and ``stage``.
+
+    A snapshot: the trainer makes a new one at each read, so a state kept by a callback
+    during a run still says RUNNING afterwards, as 0.9's enum member did.
+    """
+
+    status: TrainerState = TrainerState.INITIALIZING
+    fn: TrainerFn | None = None
+    stage: RunningStage | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RunState):
+            return (self.status, self.fn, self.stage) == (other.status, other.fn, other.stage)
+        if isinstance(other, str):  # a TrainerState member (a str) or its value
+            return self.status == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.status)  # equal objects (a RunState and its status) hash alike
+
+    @property
+    def finished(self) -> bool:
+        return self.status is TrainerState.FINISHED
+
+    @property
+    def stopped(self) -> bool:
+        return self.status in (TrainerState.FINISHED, TrainerState.INTERRUPTED)
+
+
 class LoopState:
     """Counters, metric dictionaries and loop services shared by the fit and eval loops."""
 
     def _init_loop_state(self) -> None:
         self._progress = Progress()
+        self._beats = 0  # batches started in any stage: a rank's liveness (loop/liveness.py)
+        self._run_state = RunState()
+        # 0.9 names for the loaders the last stage used (None until one ran)
+        self.train_dataloader: Any = None
+        self.val_dataloaders: list[Any] | None = None
+        self.test_dataloaders: list[Any] | None = None
+        self.batch_idx = 0  # the training batch in progress (index within the epoch)
         self.callback_metrics: dict[str, Any] = {}
         self.logged_metrics: dict[str, Any] = {}
         self._pbar_raw: dict[str, Any] = {}
@@ -36,6 +114,8 @@ class LoopState:
         self.should_stop = False
         self.sanity_checking = False
         self.training = self.validating = self.testing = False
+        self.predicting = False  # 2.x: inside trainer.predict
+        self.predict_loop: Any = None  # the last predict run's loop (``loop.predict_loop``)
         self.interrupted = False
         self._val_ran_this_epoch = False
         self._val_enabled = False
@@ -45,6 +125,59 @@ class LoopState:
         self.num_training_batches: float = 0
         self.num_val_batches: list[float] = []
         self.num_test_batches: list[float] = []
+        self.num_predict_batches: list[float] = []
+        self.predict_dataloaders: list[Any] | None = None
+
+    @property
+    def strategy(self) -> Any:
+        """How the ranks train one model together (``ray_lit.strategies.Strategy``): the
+        module's wrapper, ``barrier()``, ``broadcast()``, ``all_gather()``, ``root_device``."""
+        return self._host.strategy
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """Optimizer steps the whole fit will take (2.x), for schedulers such as OneCycleLR:
+        ``ceil(batches per epoch / accumulate_grad_batches)`` summed over ``max_epochs``,
+        capped by ``max_steps``; ``inf`` when neither bounds the run.
+
+        Batches per epoch are this rank's (on Ray workers each rank sees its shard of the
+        data) after ``limit_train_batches``. Readable from ``configure_optimizers``: the
+        training data is then set up before the optimizers (every rank, the same way).
+        """
+        pending = getattr(self, "_pending_train_data", None)
+        if pending is not None:  # inside configure_optimizers: set the data up now
+            self._pending_train_data = None
+            pending()
+        max_steps = self.config.max_steps
+        capped = max_steps is not None and max_steps != -1
+        max_epochs = self.config.max_epochs
+        batches = self.num_training_batches
+        if max_epochs is None or max_epochs == -1 or batches == float("inf"):
+            return max_steps if capped else float("inf")
+        epochs = max(max_epochs, 1)
+        schedule = self.config.accumulate_grad_batches
+        if isinstance(schedule, int):
+            total = math.ceil(batches / schedule) * epochs
+        else:  # 0.9 schedule {epoch: factor}: epoch by epoch, until max_steps caps it
+            total = 0
+            for epoch in range(epochs):
+                total += math.ceil(batches / self._accumulation_for_epoch(epoch))
+                if capped and total >= max_steps:
+                    break
+        return min(total, max_steps) if capped else total
+
+    @property
+    def num_devices(self) -> int:
+        """Devices (ranks) per node (2.x): 1 in process; on Ray workers, the workers this
+        rank's node runs."""
+        ranks = getattr(self._host, "ranks", None)
+        return int(getattr(ranks, "local_world_size", 1) or 1)
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes the run spans (2.x): 1 in process; on Ray workers, world size over the
+        workers per node (rounded up when Ray placed them unevenly)."""
+        return max(1, math.ceil(self._host.world_size / self.num_devices))
 
     # --- counters as Lightning names them ---------------------------------------------------
     @property
@@ -58,6 +191,52 @@ class LoopState:
     @property
     def running_sanity_check(self) -> bool:
         return self.sanity_checking
+
+    @property
+    def state(self) -> RunState:
+        """``trainer.state == TrainerState.FINISHED`` (0.9); ``.fn``, ``.status``, ``.stage``
+        (2.x)."""
+        if self.sanity_checking:
+            stage = RunningStage.SANITY_CHECKING
+        elif self.testing:
+            stage = RunningStage.TESTING
+        elif self.predicting:
+            stage = RunningStage.PREDICTING
+        elif self.validating:
+            stage = RunningStage.VALIDATING
+        elif self.training:
+            stage = RunningStage.TRAINING
+        else:
+            stage = None
+        return RunState(self._run_state.status, self._run_state.fn, stage)
+
+    @state.setter
+    def state(self, value: RunState | TrainerState) -> None:
+        """0.9 code (and its tests) assign a ``TrainerState`` member; a ``RunState`` works."""
+        if isinstance(value, RunState):
+            self._run_state = RunState(value.status, value.fn)
+        else:
+            self._run_state = RunState(TrainerState(value), self._run_state.fn)
+
+    def _start_run(self, fn: str) -> None:
+        """A stage starts: status RUNNING for ``fn`` (``"fit"``, ``"validate"``, ``"test"``,
+        ``"predict"``)."""
+        self._run_state = RunState(TrainerState.RUNNING, TrainerFn(fn))
+
+    def _end_run(self, status: TrainerState) -> None:
+        self._run_state = RunState(status, self._run_state.fn)
+
+    @contextlib.contextmanager
+    def _driver_run(self, fn: str) -> Iterator[None]:
+        """``trainer.state`` on the driver around a run on Ray workers (the loop that sets
+        it runs in the workers): RUNNING, then FINISHED, or INTERRUPTED on Ctrl-C or error."""
+        self._start_run(fn)
+        try:
+            yield
+        except BaseException:
+            self._end_run(TrainerState.INTERRUPTED)
+            raise
+        self._end_run(TrainerState.INTERRUPTED if self.interrupted else TrainerState.FINISHED)
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
@@ -76,6 +255,7 @@ class LoopState:
     def _transfer_batch(self, batch: Any, dataloader_idx: int) -> Any:
         """``on_before_batch_transfer`` -> ``transfer_batch_to_device`` ->
         ``on_after_batch_transfer`` (datamodule hooks win over the module's)."""
+        self._beats += 1
         module, dm, device = self.lightning_module, self.datamodule, self._host.device
         owner = module
         if dm is not None and type(dm).transfer_batch_to_device is not \
@@ -104,9 +284,20 @@ class LoopState:
         previous = module._current_fx_name
         module.__dict__["_current_fx_name"] = name
         try:
-            return self._host.call_step(name, *args)
+            return self.strategy.call_step(name, *args)
         finally:
             module.__dict__["_current_fx_name"] = previous
+
+    def _lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step one scheduler that is due (every rank): the module's 2.x
+        ``lr_scheduler_step(scheduler, metric)`` when it overrides it (a scheduler that is
+        not torch's), else ``scheduler.step()`` (``step(metric)`` for ReduceLROnPlateau)."""
+        if self._hooks.overridden("lr_scheduler_step"):
+            self._hooks.module("lr_scheduler_step", scheduler, metric)
+        elif metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     def _training_step_end(self, raw: Any) -> Any:
         """``training_step_end``: each rank's own output, or (``gather_step_outputs=True``,
@@ -115,7 +306,7 @@ class LoopState:
         if not self._hooks.overridden("training_step_end"):
             return raw
         if self.config.gather_step_outputs:
-            raw = _gather_tree(raw, self._host.all_gather)
+            raw = _gather_tree(raw, self.strategy.all_gather)
         return self._hooks.module("training_step_end", raw)
 
     def _manual_training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -127,7 +318,19 @@ class LoopState:
         return training_output(raw)
 
     def _manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """``self.manual_backward(loss)`` (every rank, inside the training step): the
+        ``on_before_backward`` / ``on_after_backward`` hooks around the backward, as 2.x
+        runs them, and the strategy readies gradient sync first (``DDPStrategy.pre_backward``).
+
+        0.9 wrote ``manual_backward(loss, optimizer)``: an optimizer among the positional
+        arguments is dropped, the rest go to ``Tensor.backward``.
+        """
+        args = tuple(a for a in args if not isinstance(a, torch.optim.Optimizer))
+        hooks = self._hooks
+        hooks.both("on_before_backward", loss)
+        self.strategy.pre_backward(loss)
         self._precision.scale(loss).backward(*args, **kwargs)
+        hooks.both("on_after_backward")
 
     def _record_loss(self, loss: torch.Tensor) -> None:
         self._running_losses.append(loss)
@@ -204,7 +407,7 @@ class LoopState:
 
         EvalLoop(self, "validate").run(self._val_loaders, self.num_val_batches)
         self._val_ran_this_epoch = True
-        self.should_stop = self._host.agree_on_rank_zero(self.should_stop)  # COLLECTIVE
+        self.should_stop = self.strategy.agree_on_rank_zero(self.should_stop)  # COLLECTIVE
 
     def _refresh_epoch_length(self) -> None:
         """Batches this epoch runs (a resumed epoch may have been re-sharded)."""
@@ -215,10 +418,15 @@ class LoopState:
                                                   "limit_train_batches")
 
     def _after_train_step(self, is_last: bool) -> None:
-        if self.config.terminate_on_nan and self._running_losses:
-            last = self._running_losses[-1]
-            if not torch.isfinite(last).all():
-                raise ValueError("The loss returned in `training_step` is nan or inf.")
+        module = self.lightning_module
+        if self.config.terminate_on_nan and not module.automatic_optimization:
+            # automatic optimisation checks before backward and after each step
+            # (``loop.train_step``); a manual step can only be checked once it is done
+            from ray_lit.loop.train_step import check_finite_loss, check_finite_parameters
+
+            if self._running_losses:
+                check_finite_loss(self._running_losses[-1])
+            check_finite_parameters(module)
         self._host.after_train_step(self, is_last)
 
     def _after_epoch(self) -> None:

@@ -13,6 +13,7 @@ PBT the new config's learning rate replaces the restored one in the optimizers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -54,7 +55,8 @@ class TuneReportCallback(Callback):
                 "of these.")
         metrics.update(epoch=trainer.current_epoch, global_step=trainer.global_step)
         self._reports += 1
-        uri = f"{trainer._tune_checkpoint_root.rstrip('/')}/report-{self._reports:05d}.ckpt"
+        uri = f"{trainer.config.tune.checkpoint_root.rstrip('/')}/" \
+              f"report-{self._reports:05d}.ckpt"
         trainer.save_checkpoint(uri)
         if trainer.is_global_zero:
             trainer._sink.report(metrics, uri)
@@ -110,7 +112,7 @@ def trainable(build: Callable[[dict], Any], train_dataloaders: Any = None,
     """
     from ray import tune
 
-    from ray_lit.config import TrainerConfig
+    from ray_lit.config import TrainerConfig, TuneSpec
 
     TrainerConfig.from_options(dict(trainer_options))  # bad options fail before any trial
     options = dict(trainer_options)
@@ -129,15 +131,15 @@ def trainable(build: Callable[[dict], Any], train_dataloaders: Any = None,
         trial_options.setdefault("storage_path", os.path.join(trial_dir, "ray_lit"))
         trial_options.setdefault("run_name", "run")
         trainer = Trainer(callbacks=callbacks, **trial_options)
-        trainer._tune_checkpoint_root = os.path.join(trial_dir, "reports")
-        trainer._inside_tune = True
-        trainer._report_fn = _report_to_tune
         ckpt_path = None
         restored = tune.get_checkpoint()
         if restored is not None:
             local = restored.to_directory(os.path.join(trial_dir, "restored"))
             ckpt_path = os.path.join(local, _CKPT_FILE)
-            trainer._keep_configured_lr = True  # PBT: the new config's lr wins
+        # a declared, typed part of the config the workers get; PBT: the new config's lr wins
+        trainer.config = dataclasses.replace(trainer.config, tune=TuneSpec(
+            checkpoint_root=os.path.join(trial_dir, "reports"), report_fn=_report_to_tune,
+            restore_lr_from_config=restored is not None))
         trainer.fit(module, train_dataloaders=train_dataloaders,
                     val_dataloaders=val_dataloaders, datamodule=datamodule, ckpt_path=ckpt_path)
 

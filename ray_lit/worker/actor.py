@@ -17,10 +17,12 @@ from typing import Any
 import cloudpickle
 import torch
 
+from ray_lit.loop.liveness import in_long_phase
 from ray_lit.messages import (
     HandedOver,
     Job,
     LeftBehind,
+    RankStacks,
     WorkerFailure,
     WorkerState,
     WorkerStatus,
@@ -48,9 +50,11 @@ class Worker:
         self._result: Any = None
         self._sink: Any = None
         self._trainer: Any = None
+        self._predictions: Any = None  # predict: the rank's ChunkOutbox (``worker.job``)
         self._lock = threading.Lock()
         self._last_progress = time.monotonic()
-        self._steps = -1
+        self._beats = -1  # batches started in any stage, as last seen by a poll
+        self._slowest_s = 0.0  # the longest a batch took, as polls see it
         self.outbox: list[HandedOver] = []
         # set when the driver should hear at once (a state change, a checkpoint part, a
         # SIGTERM): it ends a waiting ``poll`` early
@@ -96,6 +100,13 @@ class Worker:
               timeout_s: float, env: dict[str, str], num_threads: int | None) -> None:
         """Join the process group (COLLECTIVE across the group)."""
         os.environ.update(env)
+        for hook in filter(None, env.get("RAY_LIT_WORKER_SETUP", "").split(",")):
+            # "module:function" hooks run before anything of the run is unpickled here, e.g.
+            # the Lightning import aliases of `python -m ray_lit` (ray_lit.compat)
+            import importlib
+
+            module_name, _, function = hook.partition(":")
+            getattr(importlib.import_module(module_name), function)()
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
         from ray_lit.worker.process_group import init_process_group
@@ -113,6 +124,12 @@ class Worker:
         # Ray resolves a top-level reference argument itself: this is usually the pickled
         # payload already (a read-only view of the object store's shared memory)
         payload = ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef) else payload_ref
+        if self._state is not WorkerState.IDLE:
+            # a kept group's next call (fit, then validate, ...): the process group stays, the
+            # last run's state goes
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("ray_lit: a worker was asked to run while its loop runs")
+            self._reset()
         self._state = WorkerState.RUNNING
         # handed over in a box the loop empties, so the pickled bytes are released once
         # unpickled, and the job's references (a peer snapshot) once the restore is loaded
@@ -173,22 +190,49 @@ class Worker:
             self._sink, "drain") else []
         trainer = self._trainer
         steps = trainer._progress.total_batch_idx if trainer is not None else -1
-        if steps != self._steps:
-            self._steps, self._last_progress = steps, time.monotonic()
+        self._note_progress(trainer)
         with self._lock:
             outbox, self.outbox = self.outbox, []
+        # predict: a bounded share of the batch outputs per status; what is left makes the
+        # next poll return at once
+        chunks = self._predictions.take() if self._predictions is not None else ()
+        if chunks and self._predictions.pending():
+            self._news.set()
         state = self._state
         out = WorkerStatus(
             state=state, events=events, handed_over=tuple(outbox),
             idle_s=time.monotonic() - self._last_progress,
             global_step=trainer.global_step if trainer is not None else 0,
             steps=max(steps, 0) - self._first_steps if self._first_steps is not None else 0,
-            sigterm=self._sigterm,
+            sigterm=self._sigterm, slowest_step_s=self._slowest_s,
+            long_phase=in_long_phase(),
             failure=self._failure if state is WorkerState.FAILED else None,
-            result=self._result if state is WorkerState.DONE else None)
+            result=self._result if state is WorkerState.DONE else None,
+            predictions=chunks)
         if self._first_steps is None and steps >= 0:
             self._first_steps = steps
         return out
+
+    def _note_progress(self, trainer: Any) -> None:
+        """Liveness: the batches started in any stage (``trainer._beats``). When the count
+        moved, the idle clock restarts, and the time per batch since the last move (after the
+        attempt's first batches) updates the slowest step the hang timeout scales with."""
+        beats = trainer._beats if trainer is not None else -1
+        if beats == self._beats:
+            return
+        now = time.monotonic()
+        if self._beats > 0 and beats > self._beats:
+            self._slowest_s = max(self._slowest_s,
+                                  (now - self._last_progress) / (beats - self._beats))
+        self._beats, self._last_progress = beats, now
+
+    def dump_stacks(self) -> RankStacks:
+        """Every thread's stack, and whether the loop waits in a collective (the driver
+        diagnosing a hang; answered while the loop thread is blocked)."""
+        from ray_lit.worker.stacks import rank_stacks
+
+        ranks = getattr(self, "_ranks", None)
+        return rank_stacks(ranks.world_rank if ranks is not None else -1, self._thread)
 
     def request_stop_at(self, step: int) -> None:
         """Preemption: checkpoint at optimizer step ``step`` (the same on every rank), then
@@ -255,8 +299,9 @@ class Worker:
     def _reset(self) -> None:
         self._thread, self._state = None, WorkerState.IDLE
         self._failure = self._result = None
-        self._sink = self._trainer = None
-        self._last_progress, self._steps = time.monotonic(), -1
+        self._sink = self._trainer = self._predictions = None
+        self._last_progress = time.monotonic()
+        self._beats, self._slowest_s = -1, 0.0
         self.outbox, self.stop_at_step, self._first_steps = [], None, None
         self._sigterm = False
         self.aborting = False

@@ -1,35 +1,21 @@
-"""``WorkerHost``: the loop's host inside a Ray worker (one DDP rank).
+"""``WorkerHost``: the loop's host inside a Ray worker (one rank of the group).
 
-Same methods as ``ray_lit.loop.host.LocalHost``, implemented with torch.distributed: the module
-is wrapped in DDP, the training step goes through the wrapper so gradients are all-reduced, each
-dataloader is rebuilt with a per-rank resumable sampler, and stop decisions are broadcast from
-rank 0. Every method marked COLLECTIVE must be reached by every rank in the same order.
+Same methods as ``ray_lit.loop.host.LocalHost``, for one rank of an initialised process group:
+each dataloader is rebuilt with a per-rank resumable sampler, and the fault-tolerance
+checkpoints go through the worker's ``CheckpointWriter``. How the module is wrapped and how the
+ranks agree is the ``strategy``'s (``DDPStrategy`` unless the Trainer names another).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from ray_lit.loop.sampler import loader_batch_size, sampler_of, shard_dataloader
+from ray_lit.strategies import DDPStrategy, Strategy
 from ray_lit.worker.ranks import WorkerRanks
-
-
-class _StepModule(nn.Module):
-    """What DDP wraps: ``forward(name, *args)`` runs ``module.<name>(*args)``, so
-    ``training_step`` goes through DDP's forward and its gradients are synchronised."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, name: str, *args: Any) -> Any:
-        return getattr(self.module, name)(*args)
 
 
 class WorkerHost:
@@ -38,7 +24,7 @@ class WorkerHost:
     reraise_interrupt = True
 
     def __init__(self, ranks: WorkerRanks, device: torch.device, seed: int,
-                 checkpointer: Any = None) -> None:
+                 checkpointer: Any = None, strategy: Strategy | None = None) -> None:
         self.ranks = ranks
         self.world_rank = ranks.world_rank
         self.world_size = ranks.world_size
@@ -47,8 +33,10 @@ class WorkerHost:
         self.device = device
         self.seed = seed
         self.checkpointer = checkpointer
-        self._module: nn.Module | None = None
-        self._ddp: Any = None
+        self.strategy = strategy if strategy is not None else DDPStrategy()
+        self.strategy.connect(global_rank=ranks.world_rank, world_size=ranks.world_size,
+                              local_rank=ranks.local_rank, node_rank=ranks.node_rank,
+                              device=device)
         self._train_loader: Any = None
         self._epoch = 0
         self._pending_sampler_state: dict | None = None
@@ -56,31 +44,6 @@ class WorkerHost:
     @property
     def is_global_zero(self) -> bool:
         return self.world_rank == 0
-
-    # --- model ---------------------------------------------------------------------------------
-    def setup_module(self, module: nn.Module, find_unused_parameters: bool = False,
-                     sync_batchnorm: bool = False) -> None:
-        if sync_batchnorm:
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        module.to(self.device)
-        self._module = module
-        if self.world_size > 1 and any(p.requires_grad for p in module.parameters()):
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # DDP broadcasts rank 0's parameters and buffers here: all replicas start identical
-            self._ddp = nn.parallel.DistributedDataParallel(
-                _StepModule(module), device_ids=device_ids,
-                find_unused_parameters=find_unused_parameters)
-
-    def call_step(self, name: str, *args: Any) -> Any:
-        if name == "training_step" and self._ddp is not None and torch.is_grad_enabled():
-            return self._ddp(name, *args)
-        return getattr(self._module, name)(*args)
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
-
-    def teardown_module(self) -> None:
-        self._ddp = None
 
     # --- data ----------------------------------------------------------------------------------
     def prepare_loader(self, loader: Any, train: bool) -> Any:
@@ -146,37 +109,6 @@ class WorkerHost:
             return
         sampler.load_state_dict(state)
         self._pending_sampler_state = None
-
-    # --- collectives ---------------------------------------------------------------------------
-    def agree_on_rank_zero(self, flag: bool, needed: bool = True) -> bool:
-        """COLLECTIVE (when ``needed``): rank 0's ``flag`` for every rank."""
-        if not needed or self.world_size == 1:
-            return bool(flag)
-        tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._comm_device())
-        dist.broadcast(tensor, src=0)
-        return bool(tensor.item())
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """COLLECTIVE: every rank's tensor stacked on a new dim 0 (differentiable)."""
-        if self.world_size == 1:
-            return tensor.unsqueeze(0)
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.stack(all_gather(tensor.contiguous()))
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if self.world_size == 1:
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     # --- fault tolerance ---------------------------------------------------------------------
     def after_train_step(self, trainer: Any, is_last: bool) -> None:

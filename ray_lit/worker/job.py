@@ -20,6 +20,7 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     from ray_lit.checkpoint.writer import CheckpointWriter
     from ray_lit.core.seed import seed_everything
     from ray_lit.loop.reporting import NullSink, RecordingSink
+    from ray_lit.strategies import resolve_strategy
     from ray_lit.worker.host import WorkerHost
 
     ranks = worker._ranks
@@ -40,14 +41,17 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     checkpointer = None
     if job.checkpointing is not None:
         checkpointer = CheckpointWriter.from_spec(job.checkpointing)
-        checkpointer.attach(worker, ranks, attempt=job.attempt)
-    host = WorkerHost(ranks, device, seed=job.sampler_seed, checkpointer=checkpointer)
+        checkpointer.attach(worker, ranks, attempt=job.attempt, fence=job.fence)
+    strategy = resolve_strategy(trainer.config.strategy, distributed=True)
+    host = WorkerHost(ranks, device, seed=job.sampler_seed, checkpointer=checkpointer,
+                      strategy=strategy)
     sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
     for logger in trainer.loggers:
         logger.sink = sink
     trainer._host, trainer._sink = host, sink
     worker._sink, worker._trainer = sink, trainer
     stage, weights = job.stage, resolve(job.weights)
+    return_predictions = job.return_predictions
     checkpoint = resolve(job.checkpoint)
     if job.restore is not None:
         checkpoint = load_restore(job.restore, ranks.world_rank)
@@ -56,7 +60,9 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     del job
     from ray_lit.loop.stages import run_evaluation, run_fit
 
-    if stage == "fit":
+    if stage == "predict":
+        results = _run_predict(worker, trainer, module, payload, weights, return_predictions)
+    elif stage == "fit":
         run_fit(trainer, module, payload.get("train"), payload.get("val"), payload.get("dm"),
                 checkpoint)
         if checkpointer is not None:
@@ -65,9 +71,34 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     else:
         results = run_evaluation(trainer, stage, module, payload.get("loaders"),
                                  payload.get("dm"), weights)
+    gathered = None
+    if trainer.strategy.shards_state:
+        # each rank holds a shard: the gather is COLLECTIVE, every rank joins it, rank 0 keeps it
+        gathered = trainer.strategy.lightning_module_state_dict(trainer.lightning_module)
     if ranks.world_rank != 0:
         return None
-    return cloudpickle.dumps(final_state(trainer, results))
+    return cloudpickle.dumps(final_state(trainer, results, gathered))
+
+
+def _run_predict(worker: Any, trainer: Any, module: Any, payload: dict[str, Any],
+                 weights: dict | None, return_predictions: bool) -> list[int | None]:
+    """``trainer.predict`` on this rank: each batch output is streamed to the driver through
+    the worker's polls (``ChunkOutbox``) as the rank goes. Returns each predict loader's batch
+    count over all ranks (rank 0's ``FinalState.results``).
+
+    The stage ends only once the polls took every chunk: the driver must hold all of this
+    rank's outputs when it sees the rank DONE."""
+    from ray_lit.loop.predict_loop import ChunkOutbox, run_predict
+
+    outbox = None
+    if return_predictions:
+        outbox = ChunkOutbox(notify=worker.wake, cancelled=lambda: worker.aborting)
+        worker._predictions = outbox
+    loop = run_predict(trainer, module, payload.get("loaders"), payload.get("dm"), weights,
+                       return_predictions=return_predictions, outbox=outbox)
+    if outbox is not None:
+        outbox.drain()
+    return loop.totals
 
 
 def load_restore(restore: Restore, world_rank: int) -> dict[str, Any]:
@@ -87,11 +118,16 @@ def load_restore(restore: Restore, world_rank: int) -> dict[str, Any]:
     return checkpoint
 
 
-def final_state(trainer: Any, results: Any) -> FinalState:
-    """Rank 0's view of the run, sent back to the driver's Trainer."""
+def final_state(trainer: Any, results: Any,
+                state_dict: dict[str, Any] | None = None) -> FinalState:
+    """Rank 0's view of the run, sent back to the driver's Trainer. ``state_dict``: the
+    module's full state when a sharded strategy gathered it (on every rank); else rank 0's
+    own ``state_dict`` is the full one."""
     module = trainer.lightning_module
+    if state_dict is None:
+        state_dict = module.state_dict()
     return FinalState(
-        state_dict={k: v.detach().cpu() for k, v in module.state_dict().items()},
+        state_dict={k: v.detach().cpu() for k, v in state_dict.items()},
         hparams=module.__dict__.get("_hparams"),
         callback_metrics=_cpu(trainer.callback_metrics),
         logged_metrics=_cpu(trainer.logged_metrics),

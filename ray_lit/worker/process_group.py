@@ -19,7 +19,6 @@ __all__ = [
     "choose_backend",
     "destroy_process_group",
     "find_free_port",
-    "get_node_ip",
     "init_process_group",
 ]
 
@@ -53,24 +52,13 @@ def choose_backend(device_type: str) -> str:
         "'xla' (accelerator='cpu', 'gpu' or 'tpu').")
 
 
-def get_node_ip() -> str:
-    """This process's node IP as Ray knows it, or 127.0.0.1 outside Ray."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:  # Ray absent or not connected: single-machine default
-        pass
-    return "127.0.0.1"
-
-
 def find_free_port(host: str = "") -> int:
     """A TCP port that is free now on this node (called by world rank 0's actor).
 
     Binds the wildcard address by default because the TCP store listens on every interface:
     a port free on one address but taken on another would still fail there. Another process
-    may take the port before the store binds it; the controller retries the group then.
+    could take the port in the moment before the store binds it; forming the group then
+    fails with the bind error (nothing retries it: the window is a few milliseconds).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import ray_lit
-from ray_lit.errors import MisconfigurationException, TrainingFailedError
+from ray_lit.errors import MisconfigurationException, PreemptionStop, TrainingFailedError
 from ray_lit.messages import (
     FromPeers,
     FromStorage,
@@ -73,9 +73,9 @@ def test_a_user_error_is_raised_as_itself_without_restart() -> None:
     assert "raised on ray_lit worker rank 0" in "".join(getattr(info.value, "__notes__", []))
 
 
-def test_a_rank_without_progress_counts_as_failed() -> None:
+def test_a_rank_without_progress_counts_as_failed(tmp_path) -> None:
     groups = FakeWorkerGroups([ScriptedAttempt(hang=(1, 2)), ScriptedAttempt()])
-    trainer = _trainer(max_failures=1)
+    trainer = _trainer(max_failures=1, default_root_dir=str(tmp_path))  # the stacks go there
     controller = controller_for(trainer, groups, hang_timeout_s=60)
     controller.run()
     assert trainer.num_restarts == 1
@@ -105,7 +105,7 @@ def test_a_drain_of_the_driver_node_stops_the_run() -> None:
     drain = {1: lambda: cluster.draining.update({"head": 0})}
     groups = FakeWorkerGroups([ScriptedAttempt(steps=10, at_step=drain)],
                               nodes=["head", "other"])
-    with pytest.raises(SystemExit, match="preemption checkpoint"):
+    with pytest.raises(PreemptionStop, match="preemption checkpoint"):
         controller_for(_trainer(), groups, cluster).run()
     assert groups.groups[0].stop_at is not None
 
@@ -375,8 +375,8 @@ def test_a_node_a_probe_missed_once_is_asked_again_and_the_group_grows_back(tmp_
         ScriptedAttempt()], nodes=["node-a", "node-b"])
     trainer = _trainer(num_workers=(1, 2), max_failures=1)
     controller = controller_for(trainer, groups, cluster,
-                                manager=CheckpointManager(str(tmp_path / "run")))
-    controller.lost_recheck_s = 0.0
+                                manager=CheckpointManager(str(tmp_path / "run")),
+                                lost_recheck_s=0.0)
     controller.run()
     assert trainer.world_size_history == [2, 1, 2]
     assert groups.created[2] == {"num_workers": 2, "kept": 1, "fill": [1]}
@@ -415,3 +415,133 @@ def test_a_ctrl_c_swallowed_on_its_way_up_is_raised_again(default_sigint) -> Non
         controller_for(_trainer(), groups).run()
     assert groups.groups[0].step == 3  # not one more step after the Ctrl-C
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+# --- the controller as a state machine: the sequence of states each scenario goes through ----
+def _states(scripts, trainer=None, cluster=None, expect=None, **kw) -> list[str]:
+    groups = FakeWorkerGroups(scripts, nodes=kw.pop("nodes", None))
+    controller = controller_for(trainer or _trainer(max_failures=1), groups, cluster, **kw)
+    if expect is None:
+        controller.run()
+    else:
+        with pytest.raises(expect):
+            controller.run()
+    return controller.states
+
+
+def test_states_of_a_clean_run() -> None:
+    assert _states([ScriptedAttempt()]) == ["Starting", "Running", "Salvaging", "Finished"]
+
+
+def test_states_of_a_lost_worker_then_a_restart() -> None:
+    assert _states([ScriptedAttempt(die=(1, 2)), ScriptedAttempt()]) == [
+        "Starting", "Running", "Salvaging", "Restarting", "Starting", "Running", "Salvaging",
+        "Finished"]
+
+
+def test_states_of_a_user_error() -> None:
+    assert _states([ScriptedAttempt(user_error=(0, 2, ValueError("bad")))],
+                   expect=ValueError) == ["Starting", "Running", "Salvaging", "Errored"]
+
+
+def test_states_of_a_drain_notice_stop_and_continue() -> None:
+    cluster = FakeCluster(driver="head")
+    drain = {2: lambda: cluster.draining.update({"spot-1": 0})}
+    assert _states([ScriptedAttempt(steps=10, at_step=drain),
+                    ScriptedAttempt(nodes=["head", "spot-2"])], cluster=cluster,
+                   nodes=["head", "spot-1"]) == [
+        "Starting", "Running", "Stopping", "Salvaging", "Starting", "Running", "Salvaging",
+        "Finished"]
+
+
+def test_states_of_a_driver_sigterm_stop(tmp_path) -> None:
+    groups = FakeWorkerGroups([ScriptedAttempt(steps=10)])
+    controller = controller_for(_trainer(), groups)
+    groups.attempts[0].at_step[2] = controller._preempt.set  # SIGTERM to the driver at step 2
+    with pytest.raises(PreemptionStop):
+        controller.run()
+    assert controller.states == ["Starting", "Running", "Stopping", "Salvaging", "Errored"]
+    # two steps ahead of the furthest rank (the fake moves a step with the poll that reads it)
+    assert groups.groups[0].stop_at in (4, 5)
+
+
+def test_states_of_an_elastic_group_growing_at_a_checkpoint(tmp_path) -> None:
+    from ray_lit.checkpoint.manager import CheckpointManager
+
+    cluster = FakeCluster(free=[{"CPU": 1.0}])  # room for one worker at the start
+    room = {3: lambda: setattr(cluster, "free", [{"CPU": 8.0}])}
+    trainer = _trainer(num_workers=(1, 2))
+    states = _states([ScriptedAttempt(steps=10, at_step=room), ScriptedAttempt()],
+                     trainer=trainer, cluster=cluster,
+                     manager=CheckpointManager(str(tmp_path / "run")))
+    assert states == ["Starting", "Running", "Stopping", "Salvaging", "Starting", "Running",
+                      "Salvaging", "Finished"]
+    assert trainer.world_size_history == [1, 2]
+
+
+def test_a_ctrl_c_while_running_releases_the_group() -> None:
+    groups = FakeWorkerGroups([ScriptedAttempt(steps=10)])
+    controller = controller_for(_trainer(), groups)
+    groups.attempts[0].at_step[2] = controller._interrupted.set  # a swallowed Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        controller.run()
+    assert groups.groups[0].shut_down
+    assert controller.states == ["Starting", "Running"]
+
+
+def test_supervision_settings_live_in_one_config() -> None:
+    from ray_lit.driver.supervision import SupervisionConfig
+
+    controller = controller_for(_trainer(), FakeWorkerGroups([ScriptedAttempt()]),
+                                lost_recheck_s=7.0)
+    assert controller.supervision == SupervisionConfig.fast(lost_recheck_s=7.0)
+    assert SupervisionConfig().poll_wait_s == 0.5 and SupervisionConfig().poll_timeout_s == 30
+
+
+# --- one worker group per Trainer: a finished group is kept and the next call runs on it -----
+def test_a_finished_group_is_kept_and_the_next_call_runs_on_it() -> None:
+    trainer = _trainer()
+    first = FakeWorkerGroups([ScriptedAttempt(result=b"fit")])
+    controller = controller_for(trainer, first, keep_group=True)
+    assert controller.run() == b"fit"
+    kept = controller.kept_group
+    assert kept is first.groups[0] and not kept.shut_down  # not released
+    kept.reset_for_reuse(ScriptedAttempt(result=b"test"))
+    second = FakeWorkerGroups([ScriptedAttempt(result=b"never")])
+    again = controller_for(trainer, second, stage="test", reuse=kept, keep_group=True)
+    assert again.run() == b"test"
+    assert second.created == [] and again.kept_group is kept  # nothing new was formed
+
+
+def test_a_kept_group_with_a_dead_worker_is_replaced() -> None:
+    trainer = _trainer()
+    first = FakeWorkerGroups([ScriptedAttempt()])
+    controller = controller_for(trainer, first, keep_group=True)
+    controller.run()
+    kept = controller.kept_group
+    kept.dead = True  # a node went while the group idled
+    second = FakeWorkerGroups([ScriptedAttempt(result=b"fresh")])
+    again = controller_for(trainer, second, stage="test", reuse=kept, keep_group=True)
+    assert again.run() == b"fresh"
+    assert kept.shut_down and len(second.created) == 1
+
+
+def test_a_failed_run_keeps_no_group() -> None:
+    groups = FakeWorkerGroups([ScriptedAttempt(user_error=(0, 2, ValueError("bad")))])
+    controller = controller_for(_trainer(), groups, keep_group=True)
+    with pytest.raises(ValueError):
+        controller.run()
+    assert controller.kept_group is None and groups.groups[0].shut_down
+
+
+def test_a_kept_group_not_started_on_is_released() -> None:
+    trainer = _trainer()
+    first = FakeWorkerGroups([ScriptedAttempt()])
+    controller = controller_for(trainer, first, keep_group=True)
+    controller.run()
+    kept = controller.kept_group
+    interrupted = controller_for(trainer, FakeWorkerGroups([ScriptedAttempt()]), reuse=kept)
+    interrupted._interrupted.set()  # a Ctrl-C before the first poll
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    assert kept.shut_down

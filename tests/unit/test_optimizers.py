@@ -346,10 +346,12 @@ class GradNorms(DeterministicModel):
         self.norms = []
         self.max_abs = []
 
-    def on_before_optimizer_step(self, optimizer, optimizer_idx=0):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        # the gradients the step uses: clipping runs after on_before_optimizer_step (2.x)
         grad = self.l1.weight.grad
         self.norms.append(float(grad.norm()))
         self.max_abs.append(float(grad.abs().max()))
+        optimizer.step(closure=optimizer_closure)
 
 
 def test_no_clipping_control(make_trainer):

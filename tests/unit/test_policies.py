@@ -16,7 +16,6 @@ from ray_lit.driver.policies import (
     ResizeDecision,
     WaitDecision,
     WorkerError,
-    accumulation_for_world_size,
     decide_accumulation,
     decide_departure,
     scaling_policy,
@@ -78,8 +77,6 @@ def test_fixed_scaling():
     policy = FixedScaling(4)
     assert policy.decide_start(8) == ResizeDecision(4, policy.decide_start(8).reason)
     assert isinstance(policy.decide_start(3), WaitDecision)
-    assert policy.decide_after_loss(4).num_workers == 4
-    assert isinstance(policy.decide_after_loss(2), WaitDecision)
     assert isinstance(policy.decide_grow(4, 10), NoopDecision)
     with pytest.raises(MisconfigurationException, match="num_workers=0"):
         FixedScaling(0)
@@ -91,8 +88,6 @@ def test_elastic_start_after_loss_and_grow():
     assert policy.decide_start(3).num_workers == 3
     wait = policy.decide_start(1)
     assert isinstance(wait, WaitDecision) and "at least 2" in wait.reason
-    assert policy.decide_after_loss(2).num_workers == 2
-    assert isinstance(policy.decide_after_loss(1), WaitDecision)
     grow = policy.decide_grow(2, 5)
     assert isinstance(grow, ResizeDecision) and grow.num_workers == 4 and "2 -> 4" in grow.reason
     assert policy.decide_grow(2, 1).num_workers == 3
@@ -115,25 +110,24 @@ def test_scaling_policy_from_the_option():
 
 # --- accumulation --------------------------------------------------------------------------
 def test_keep_global_batch_when_it_divides():
-    assert accumulation_for_world_size(4, 2, 2) == 4
-    assert accumulation_for_world_size(4, 2, 8) == 1
+    assert decide_accumulation(4, 2, 2).accumulate == 4
+    assert decide_accumulation(4, 2, 8).accumulate == 1
     assert decide_accumulation(4, 3, 6).exact
 
 
-def test_nearest_value_with_a_warning_when_it_does_not_divide():
-    with pytest.warns(UserWarning, match="do not divide over 3 workers"):
-        assert accumulation_for_world_size(4, 1, 3) == 1
-    with pytest.warns(UserWarning):
-        assert accumulation_for_world_size(8, 1, 3) == 3  # 2.67 -> 3
-    with pytest.warns(UserWarning):
-        assert accumulation_for_world_size(2, 1, 8) == 1  # never below 1
+def test_nearest_value_with_a_reason_when_it_does_not_divide():
+    inexact = decide_accumulation(4, 1, 3)
+    assert inexact.accumulate == 1 and not inexact.exact
+    assert "do not divide over 3 workers" in inexact.reason
+    assert decide_accumulation(8, 1, 3).accumulate == 3  # 2.67 -> 3
+    assert decide_accumulation(2, 1, 8).accumulate == 1  # never below 1
     assert not decide_accumulation(8, 1, 3).exact
 
 
 def test_keep_per_worker_and_bad_modes():
-    assert accumulation_for_world_size(4, 2, 3, mode="keep_per_worker") == 2
+    assert decide_accumulation(4, 2, 3, mode="keep_per_worker").accumulate == 2
     with pytest.raises(MisconfigurationException, match="keep_global_batch"):
-        accumulation_for_world_size(4, 2, 3, mode="linear")
+        decide_accumulation(4, 2, 3, mode="linear")
     with pytest.raises(MisconfigurationException, match=">= 1"):
         decide_accumulation(0, 1, 2)
 
@@ -169,7 +163,7 @@ def test_restore_picks_the_newest_complete_held_snapshot_newer_than_the_commit()
     from ray_lit.driver.policies import decide_restore
 
     decision = decide_restore(4, [(0, 6), (0, 8)], {0: [(0, 6), (0, 8)], 2: [(0, 8)]})
-    assert (decision.key, decision.holder) == ((0, 8), 0)
+    assert (decision.key, decision.holders[0]) == ((0, 8), 0)
     assert "4 step(s) newer" in decision.reason
 
 
@@ -179,7 +173,7 @@ def test_restore_uses_storage_when_the_snapshot_is_not_newer_or_not_held():
     assert decide_restore(8, [(0, 8)], {0: [(0, 8)]}).key is None  # the commit is as new
     assert decide_restore(2, [(0, 8)], {0: [(0, 6)]}).key is None  # complete != held
     assert decide_restore(2, [], {0: [(0, 8)]}).key is None  # a lost rank's part is missing
-    assert decide_restore(None, [(1, 3)], {1: [(1, 3)], 0: []}).holder == 1
+    assert decide_restore(None, [(1, 3)], {1: [(1, 3)], 0: []}).holders == (1,)
     # the lost rank's part of the latest snapshot never arrived: the one before is used
     assert decide_restore(2, [(0, 7)], {0: [(0, 7), (0, 8)]}).key == (0, 7)
 

@@ -1,0 +1,272 @@
+"""Real Lightning 0.9-era code, unchanged, on ray_lit (issue 14).
+
+bolts 0.2.2 (written against pytorch-lightning 0.9.0) imports ``pytorch_lightning``; with
+``ray_lit.compat`` those imports resolve to ray_lit. The models are bolts' own; only the data is
+generated here (no downloads).
+
+The wheels come from PyPI with ``pip download --no-deps`` into ``RAY_LIT_CORPUS_DIR`` (default
+``~/.cache/ray_lit/corpus``; ``.ci/run`` fills it first). A test skips only when a wheel can be
+neither found there nor downloaded.
+
+bolts 0.2.2's package ``__init__`` files import every model, and with them torchvision datasets
+and ``torch._six`` (gone since torch 2.0); torchvision has no build for this CPU-only torch. So
+the harness unpacks ``pl_bolts`` and empties those three aggregate ``__init__`` files: the
+model and datamodule modules the tests import run exactly as shipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import zipfile
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import ray_lit
+import ray_lit.compat
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# (the fixtures live here, not in a conftest.py: tests/unit imports its own ``conftest`` by name)
+CORPUS_DIR = pathlib.Path(os.environ.get("RAY_LIT_CORPUS_DIR",
+                                         pathlib.Path.home() / ".cache" / "ray_lit" / "corpus"))
+WHEELS = {
+    "bolts": ("pytorch-lightning-bolts==0.2.2", "pytorch_lightning_bolts-0.2.2-py3-none-any.whl"),
+    "lightning09": ("pytorch-lightning==0.9.0", "pytorch_lightning-0.9.0-py3-none-any.whl"),
+}
+# aggregate __init__s that import torchvision-only models; emptied, see the module docstring
+_EMPTIED = ("pl_bolts/__init__.py", "pl_bolts/models/__init__.py",
+            "pl_bolts/datamodules/__init__.py")
+
+
+def corpus_wheel(key: str) -> pathlib.Path:
+    """The wheel for ``key``, downloaded on first use; skips the test if it cannot be had."""
+    spec, filename = WHEELS[key]
+    path = CORPUS_DIR / filename
+    if not path.exists():
+        CORPUS_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                            "--dest", str(CORPUS_DIR), spec], check=True, timeout=300,
+                           capture_output=True)
+        except (subprocess.SubprocessError, OSError) as err:
+            pytest.skip(f"cannot download {spec}: {err}")
+    if not path.exists():
+        pytest.skip(f"pip download {spec} produced no {filename}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bolts_root(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A folder holding bolts 0.2.2's ``pl_bolts`` package (put it on ``sys.path``)."""
+    root = tmp_path_factory.mktemp("bolts022")
+    with zipfile.ZipFile(corpus_wheel("bolts")) as wheel:
+        wheel.extractall(root, [n for n in wheel.namelist() if n.startswith("pl_bolts/")])
+    for name in _EMPTIED:
+        (root / name).write_text("")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pl_examples_root(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A folder holding Lightning 0.9.0's ``pl_examples`` (from the 0.9.0 wheel)."""
+    root = tmp_path_factory.mktemp("lightning090")
+    with zipfile.ZipFile(corpus_wheel("lightning09")) as wheel:
+        wheel.extractall(root, [n for n in wheel.namelist() if n.startswith("pl_examples/")])
+    return root
+
+
+@pytest.fixture
+def bolts(bolts_root):
+    """bolts' regression models and sklearn datamodule, imported with Lightning -> ray_lit."""
+    sys.path.insert(0, str(bolts_root))
+    ray_lit.compat.install()
+    try:
+        yield (importlib.import_module("pl_bolts.models.regression"),
+               importlib.import_module("pl_bolts.datamodules.sklearn_datamodule"))
+    finally:
+        ray_lit.compat.uninstall()
+        sys.path.remove(str(bolts_root))
+        for name in [n for n in sys.modules if n == "pl_bolts" or n.startswith("pl_bolts.")]:
+            del sys.modules[name]
+
+
+class ValLosses(ray_lit.Callback):
+    """Records ``val_loss`` after every validation run (sanity check excluded)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_validation_end(self, trainer: Any, module: Any) -> None:
+        if not trainer.running_sanity_check:
+            self.values.append(float(trainer.callback_metrics["val_loss"]))
+
+
+def _regression_data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    y = x @ np.array([1.0, -2.0, 3.0, 0.5]) + 0.1 * rng.normal(size=n)
+    return x, y[:, None]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                   b.state_dict().values()))
+
+
+def test_bolts_linear_regression_with_sklearn_datamodule(bolts, tmp_path):
+    regression, sklearn_dm = bolts
+    import pytorch_lightning as pl
+
+    pl.seed_everything(1234)
+    x, y = _regression_data()
+    loaders = sklearn_dm.SklearnDataModule(x, y, num_workers=0)
+    model = regression.LinearRegression(input_dim=4, learning_rate=0.05,
+                                        optimizer=torch.optim.SGD)
+    losses = ValLosses()
+    trainer = pl.Trainer(max_epochs=4, default_root_dir=str(tmp_path), callbacks=[losses],
+                         enable_progress_bar=False)
+    assert trainer.fit(model, loaders.train_dataloader(32), loaders.val_dataloader(32)) == 1
+    assert len(losses.values) == 4 and losses.values[-1] < losses.values[0] / 2
+    # the 0.9 dict-return keys: 'log' and 'progress_bar' entries, the epoch-end 'val_loss'
+    assert {"train_mse_loss", "val_loss", "val_mse_loss"} <= set(trainer.callback_metrics)
+    assert "val_mse_loss" in trainer.logged_metrics  # train rows: every 50 batches (0.9)
+    results = trainer.test(test_dataloaders=loaders.test_dataloader(16), verbose=False)
+    assert set(results[0]) >= {"test_loss", "test_mse_loss"}
+    best = trainer.checkpoint_callback.best_model_path
+    assert best and os.path.exists(best)
+    reloaded = regression.LinearRegression.load_from_checkpoint(best)
+    trainer.test(model, loaders.test_dataloader(16), ckpt_path=best, verbose=False)
+    assert _same_weights(reloaded, model) or reloaded.hparams.input_dim == 4
+    assert reloaded.optimizer is torch.optim.SGD  # the class hparam came back by import path
+
+
+def test_bolts_logistic_regression_learns_and_reloads(bolts, tmp_path):
+    regression, _ = bolts
+    import pytorch_lightning as pl
+
+    pl.seed_everything(7)
+    x = torch.randn(480, 4)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # 3 classes
+    train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=32)
+    model = regression.LogisticRegression(input_dim=4, num_classes=3, learning_rate=0.05)
+    trainer = pl.Trainer(max_epochs=5, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    trainer.fit(model, train, val)
+    assert trainer.callback_metrics["val_acc"] > 0.7  # from bolts' accuracy via pl.metrics
+    trainer.save_checkpoint(str(tmp_path / "final.ckpt"))
+    reloaded = regression.LogisticRegression.load_from_checkpoint(str(tmp_path / "final.ckpt"))
+    assert _same_weights(reloaded, model)
+    assert reloaded.hparams.num_classes == 3 and reloaded.optimizer is torch.optim.Adam
+    results = trainer.test(model, val, ckpt_path=None, verbose=False)
+    assert results[0]["test_acc"] > 0.7 and "test_loss" in results[0]
+
+
+CLI = """
+# bolts 0.2.2's LinearRegression cli_main, with generated data instead of load_boston (gone
+# from scikit-learn) and the script's own --num_workers for its DataLoaders
+import json
+from argparse import ArgumentParser
+import numpy as np
+import pytorch_lightning as pl
+from pl_bolts.datamodules.sklearn_datamodule import SklearnDataModule
+from pl_bolts.models.regression import LinearRegression
+
+pl.seed_everything(1234)
+rng = np.random.default_rng(0)
+X = rng.normal(size=(300, 13))
+y = X @ rng.normal(size=13) + 0.1 * rng.normal(size=300)
+parser = ArgumentParser()
+parser.add_argument("--num_workers", type=int, default=2)
+parser = LinearRegression.add_model_specific_args(parser)
+parser = pl.Trainer.add_argparse_args(parser)
+args = parser.parse_args()
+loaders = SklearnDataModule(X, y[:, None], num_workers=args.num_workers)
+model = LinearRegression(input_dim=13, l1_strength=1, l2_strength=1)
+trainer = pl.Trainer.from_argparse_args(args)
+trainer.fit(model, loaders.train_dataloader(args.batch_size),
+            loaders.val_dataloader(args.batch_size))
+print("RESULT " + json.dumps({"epoch": trainer.current_epoch, "steps": trainer.global_step,
+                              "workers": trainer.config.num_workers,
+                              "val_loss": float(trainer.callback_metrics["val_loss"])}))
+"""
+
+
+def _run_cli(bolts_root: Any, tmp_path: Any, ray_lit_args: list[str],
+             script_args: list[str], timeout: int) -> dict[str, Any]:
+    script = tmp_path / "bolts_linear_cli.py"
+    script.write_text(textwrap.dedent(CLI))
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONPATH=os.pathsep.join(
+        [REPO, str(bolts_root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "ray_lit", *ray_lit_args, str(script),
+                          *script_args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_bolts_cli_through_python_m_ray_lit_in_process(bolts_root, tmp_path):
+    result = _run_cli(bolts_root, tmp_path, ["--workers", "0"],
+                      ["--max_epochs", "2", "--batch_size", "16", "--num_workers", "0",
+                       "--progress_bar_refresh_rate", "0"], timeout=300)
+    assert result["workers"] == 0
+    assert result["steps"] == 2 * (210 // 16)  # drop_last loaders: 210 training rows
+
+
+@pytest.mark.ray
+def test_bolts_cli_on_two_ray_workers(bolts_root, tmp_path):
+    result = _run_cli(bolts_root, tmp_path,
+                      ["--workers", "2", "--gpus-per-worker", "0", "--storage-path",
+                       str(tmp_path / "runs")],
+                      ["--max_epochs", "2", "--batch_size", "16", "--num_workers", "0",
+                       "--progress_bar_refresh_rate", "0"], timeout=600)
+    assert result["workers"] == 2
+    assert result["steps"] == 2 * ((210 // 16) // 2)  # each rank takes half the batches
+
+
+def _torchvision_works() -> bool:
+    """torchvision imports with its operators (it fails at import where no build matches the
+    installed torch, as with a CPU-only torch 2.13 here)."""
+    probe = subprocess.run([sys.executable, "-c", "import torchvision.datasets"],
+                           capture_output=True, timeout=120)
+    return probe.returncode == 0
+
+
+def _write_idx(path: Any, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header, uint8 data), as torchvision's MNIST reads it."""
+    dims = array.shape
+    header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_pl_examples_cpu_template_through_python_m_ray_lit(pl_examples_root, tmp_path):
+    """Lightning 0.9.0's ``pl_examples/basic_examples/cpu_template.py``, unchanged, on a tiny
+    generated MNIST (so ``prepare_data``'s download finds the files and fetches nothing)."""
+    if not _torchvision_works():
+        pytest.skip("pl_examples import torchvision, which cannot be installed for this torch")
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    script = pl_examples_root / "pl_examples" / "basic_examples" / "cpu_template.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO, str(pl_examples_root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "ray_lit", "--workers", "0", str(script),
+         "--data_root", str(tmp_path / "mnist"), "--hidden_dim", "16", "--batch_size", "8",
+         "--num_workers", "0", "--max_epochs", "1", "--limit_train_batches", "3",
+         "--limit_val_batches", "2", "--default_root_dir", str(tmp_path / "logs")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert list((tmp_path / "logs").rglob("*.ckpt"))
