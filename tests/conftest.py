@@ -19,14 +19,30 @@ def default_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.fixture(autouse=True)
-def no_seed_leaks_between_tests():
-    """``seed_everything`` stores the seed in the process environment (it travels to Ray
-    workers from there): a test that seeds must not change the sampler seed of the next."""
-    saved = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    yield
+_SEED_KEYS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def _restore(saved: dict) -> None:
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def no_seed_leaks_between_tests():
+    """``seed_everything`` stores the seed in the process environment (it travels to Ray
+    workers from there): a test that seeds must not change the sampler seed of the next."""
+    saved = {k: os.environ.get(k) for k in _SEED_KEYS}
+    yield
+    _restore(saved)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_seed_leaks_between_modules():
+    """The same for a module-scoped fixture that seeds (it runs before the per-test guard
+    saves the environment): the next module starts unseeded."""
+    saved = {k: os.environ.get(k) for k in _SEED_KEYS}
+    yield
+    _restore(saved)
