@@ -253,8 +253,9 @@ class LeftBehind:
 class FinalState:
     """Rank 0's view of the run, applied to the driver's module and Trainer.
 
-    ``callbacks`` maps each callback's ``state_key`` to the picklable part of its
-    ``__dict__``: matched by key on the driver, never by position. ``results``: one dict of
+    ``callbacks`` maps each callback's key (the tag the driver gave the callbacks it shipped,
+    else its ``state_key``) to the picklable part of its ``__dict__``: matched by key on the
+    driver, never by position. ``results``: one dict of
     floats per dataloader (``validate``/``test``); for ``predict``, each predict dataloader's
     batch count over all ranks (None for a loader ray_lit did not shard), which the driver
     checks the chunks it received against.

@@ -66,6 +66,11 @@ def _worker_trainer(trainer: Any) -> Any:
     from ray_lit.loop.reporting import NullSink
     from ray_lit.worker.logger_proxy import LoggerProxy
 
+    for i, callback in enumerate(trainer.callbacks):
+        # the key rank 0's state comes back under (``FinalState.callbacks``): it travels with
+        # the pickled copy, where ``state_key`` may not (a class pickled by value loses its
+        # ``__qualname__``)
+        callback.__dict__["_ray_lit_key"] = f"driver-callback-{i}"
     clone = copy.copy(trainer)
     # the index says which driver logger a rank-0 ``logger.experiment`` call is applied to
     clone.loggers = [LoggerProxy.of(logger, i) for i, logger in enumerate(trainer.loggers)]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ray_lit.messages import FinalState
+from ray_lit.worker.job import callback_key
 
 
 def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: FinalState,
@@ -42,8 +43,9 @@ def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: FinalSt
         trainer.num_val_batches = state.num_val_batches
     else:
         trainer.num_test_batches = state.num_test_batches
-    # matched by ``state_key``, never by position: a worker's list differs from the driver's
-    # when ``configure_callbacks`` replaced or added callbacks (REVIEW 5.1)
+    # matched by key (the driver's tag, else ``state_key``), never by position: a worker's
+    # list differs from the driver's when ``configure_callbacks`` replaced or added callbacks
+    # (REVIEW 5.1)
     from ray_lit.loop.stages import merge_configured_callbacks
 
     trainer.callbacks = merge_configured_callbacks(trainer.callbacks, module)
@@ -51,6 +53,6 @@ def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: FinalSt
     for callback in trainer.callbacks:
         if isinstance(callback, ProgressBar):
             continue
-        remote_state = remote.get(callback.state_key)
+        remote_state = remote.get(callback_key(callback))
         if remote_state is not None:
             callback.__dict__.update(remote_state)

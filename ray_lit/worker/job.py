@@ -134,13 +134,19 @@ def final_state(trainer: Any, results: Any,
         pbar=dict(trainer.progress_bar_metrics),
         progress=trainer._progress.state_dict(),
         should_stop=trainer.should_stop,
-        callbacks={cb.state_key: _picklable_state(cb) for cb in trainer.callbacks},
+        callbacks={callback_key(cb): _picklable_state(cb) for cb in trainer.callbacks},
         num_training_batches=trainer.num_training_batches,
         num_val_batches=trainer.num_val_batches,
         num_test_batches=trainer.num_test_batches,
         results=results,
         interrupted=trainer.interrupted,
     )
+
+
+def callback_key(callback: Any) -> str:
+    """The key a callback's state travels under: the driver's tag for a callback the driver
+    shipped, else its ``state_key`` (one ``configure_callbacks`` made on both sides)."""
+    return callback.__dict__.get("_ray_lit_key") or callback.state_key
 
 
 def _picklable_state(obj: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import cloudpickle
 import torch
 from conftest import DeterministicModel
 
+from ray_lit.callbacks.base import Callback
 from ray_lit.callbacks.early_stopping import EarlyStopping
 from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
 from ray_lit.driver.results import apply_final_state
@@ -64,3 +65,31 @@ def test_a_final_state_pickles_without_the_trainer_or_module(make_trainer) -> No
     blob = cloudpickle.dumps(state)
     assert b"LightningModule" not in blob and len(blob) < 50_000
     assert set(state.state_dict) == set(trainer.lightning_module.state_dict())
+
+
+def test_a_callback_whose_class_is_pickled_by_value_still_gets_its_state(make_trainer):
+    """A callback class defined in a function (or in ``__main__``) travels by value, and the
+    copy's class loses its ``__qualname__``: the state comes back by the driver's tag."""
+    from ray_lit.driver.launch import _worker_trainer
+
+    class StartStep(Callback):
+        start_step = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.start_step = trainer.global_step + 100
+
+    probe = StartStep()
+    driver = make_trainer(callbacks=[probe])
+    shipped = cloudpickle.loads(cloudpickle.dumps(_worker_trainer(driver).callbacks))[0]
+    # in a Ray worker the class arrives rebuilt, named "StartStep" only (in this process
+    # cloudpickle hands back the original class, so the rebuilt one is made by hand)
+    rebuilt = type("StartStep", (StartStep,), {})
+    on_worker = rebuilt.__new__(rebuilt)
+    on_worker.__dict__.update(shipped.__dict__)
+    assert on_worker.state_key != probe.state_key  # what broke the match
+    worker = make_trainer(callbacks=[on_worker], max_epochs=1, limit_train_batches=2,
+                          num_sanity_val_steps=0)
+    worker.fit(DeterministicModel())
+    apply_final_state(driver, DeterministicModel(), None,
+                      cloudpickle.loads(cloudpickle.dumps(final_state(worker, None))))
+    assert probe.start_step == 100
