@@ -5,6 +5,7 @@ names the rank that is not waiting in a collective."""
 
 from __future__ import annotations
 
+import datetime
 import pathlib
 import threading
 import time
@@ -91,8 +92,9 @@ def _stacks_on_rank(rank: int, port: int, out: dict) -> None:
 
     from ray_lit.worker.stacks import rank_stacks
 
+    # a rank that fails leaves the other in a collective: time it out instead of hanging
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+                            world_size=2, timeout=datetime.timedelta(seconds=120))
 
     def stuck_in_user_code() -> None:
         time.sleep(3.0)
@@ -119,7 +121,7 @@ def test_stacks_tell_the_rank_in_user_code_from_the_rank_in_a_collective() -> No
     with mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_stacks_on_rank, args=(find_free_port(), out), nprocs=2,
-                           start_method="fork")
+                           start_method="spawn")
         results = dict(out)
     in_collective_0, _, named_0 = results[0]
     in_collective_1, where_1, named_1 = results[1]

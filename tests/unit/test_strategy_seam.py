@@ -4,6 +4,8 @@ state only through it, so a new strategy plugs in without touching the loop."""
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 from conftest import DeterministicModel
@@ -121,8 +123,9 @@ def test_every_strategy_method_is_in_the_documented_base() -> None:
 def _collectives_on_rank(rank: int, port: int, out: dict) -> None:
     import torch.distributed as dist
 
+    # a rank that fails leaves the other in a collective: time it out instead of hanging
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+                            world_size=2, timeout=datetime.timedelta(seconds=120))
     try:
         strategy = DDPStrategy()
         strategy.connect(global_rank=rank, world_size=2, local_rank=rank, node_rank=0,
@@ -150,7 +153,7 @@ def test_ddp_collectives_agree_across_two_gloo_ranks() -> None:
     with mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_collectives_on_rank, args=(find_free_port(), out), nprocs=2,
-                           start_method="fork")
+                           start_method="spawn")
         results = dict(out)
     for rank in (0, 1):
         assert results[rank] == {"broadcast": {"from": 0}, "gather": [1.0, 2.0], "sum": 3.0,
