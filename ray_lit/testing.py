@@ -57,6 +57,7 @@ class ScriptedAttempt:
             group (``salvage`` hands them over).
         held_snapshots: the in-memory snapshot keys ``(attempt, step)`` every survivor holds.
         stuck: ranks whose loop does not end when the group is salvaged (alive, replaced).
+        long_phase: ``(rank, step)``: the rank is in a ``ray_lit.long_phase`` from that step on.
     """
 
     steps: int = 4
@@ -71,6 +72,7 @@ class ScriptedAttempt:
     leftover_confirmations: list[HandedOver] = field(default_factory=list)
     held_snapshots: list[tuple[int, int]] = field(default_factory=list)
     stuck: tuple[int, ...] = ()
+    long_phase: tuple[int, int] | None = None
 
 
 @dataclass
@@ -160,7 +162,9 @@ class FakeWorkerGroup:
         status = WorkerStatus(WorkerState.RUNNING, handed_over=tuple(reported),
                               global_step=step, steps=step,
                               sigterm=bool(script.sigterm and script.sigterm[0] == rank
-                                           and step >= script.sigterm[1]))
+                                           and step >= script.sigterm[1]),
+                              long_phase=bool(script.long_phase and script.long_phase[0] == rank
+                                              and step >= script.long_phase[1]))
         if script.die and step >= script.die[1]:
             if rank == script.die[0]:
                 return WorkerGone("actor_died", f"The actor of rank {rank} died unexpectedly")

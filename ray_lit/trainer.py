@@ -475,12 +475,15 @@ class Trainer(LoopState):
         """Write the run's checkpoint to ``filepath`` (global rank 0 writes; every rank may
         call). Atomic: a reader never sees a half-written file."""
         from ray_lit.loop.checkpoint_state import dump_checkpoint
+        from ray_lit.loop.liveness import long_phase
 
-        checkpoint = dump_checkpoint(self, weights_only)
-        if self.is_global_zero:
-            from ray_lit.storage.checkpoint_io import save_checkpoint
+        # a large model to slow storage can take longer than the hang timeout: not a hang
+        with long_phase("checkpoint save"):
+            checkpoint = dump_checkpoint(self, weights_only)
+            if self.is_global_zero:
+                from ray_lit.storage.checkpoint_io import save_checkpoint
 
-            save_checkpoint(checkpoint, os.fspath(filepath))
+                save_checkpoint(checkpoint, os.fspath(filepath))
 
 
 def _print_results(stage: str, results: list[dict[str, float]]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ray_lit.checkpoint.host_copy import HostSnapshot
 from ray_lit.checkpoint.layout import checkpoint_name, part_uri
+from ray_lit.loop.liveness import long_phase
 from ray_lit.messages import CheckpointSpec, PartWritten, SnapshotPart
 
 log = logging.getLogger("ray_lit")
@@ -118,7 +119,8 @@ class CheckpointWriter:
     def finish(self, trainer: Any) -> None:
         if trainer.global_step != self._last_step_taken:
             self.take(trainer)
-        self.wait()
+        with long_phase("the last fault-tolerance checkpoint write"):  # no batches meanwhile
+            self.wait()
         self._snapshot.release()
         peer = self._peer(create=False)
         if peer is not None:  # the run is over: nobody will restore from it
@@ -155,7 +157,8 @@ class CheckpointWriter:
         import time
 
         start = time.perf_counter()
-        self.wait()  # at most one write in flight (waiting for it is part of the stall)
+        with long_phase("the previous checkpoint write"):
+            self.wait()  # at most one write in flight (waiting for it is part of the stall)
         progress = trainer._progress
         state = self._snapshot.capture(self._rank_state(trainer), trainer.optimizers,
                                        deferred=self.overlap_copy)

@@ -382,6 +382,7 @@ class Controller:
         sigterm_ranks: list[int] = []
         done = dict(state.done)
         hung: dict[int, float] = {}  # rank -> seconds without progress
+        long_phase = False
         for rank, status in enumerate(self._poll_all(group, wait_s=self.supervision.poll_wait_s)):
             if isinstance(status, AttemptOutcome):
                 failures.append(status)
@@ -394,8 +395,13 @@ class Controller:
                 done[rank] = (status.state, status.result)
             elif self._is_hung(status):
                 hung[rank] = status.idle_s
+            long_phase = long_phase or status.long_phase
             if rank == 0:
                 self._note_recovery(status)
+        if long_phase:
+            # one rank in a long phase (a big checkpoint write) keeps the others waiting for it
+            # in a collective: nobody is hung then
+            hung = {}
         if hung and not failures:
             failures.append(self._diagnose_hang(group, hung))
         if failures:

@@ -127,3 +127,43 @@ def test_stacks_tell_the_rank_in_user_code_from_the_rank_in_a_collective() -> No
     in_collective_1, where_1, named_1 = results[1]
     assert in_collective_0 and not in_collective_1
     assert "stuck_in_user_code" in where_1 and named_0 and named_1
+
+
+def test_a_rank_in_a_long_phase_keeps_its_waiting_peers_from_being_hung(tmp_path) -> None:
+    """Rank 0 writes a big checkpoint (a long phase) while rank 1 waits for it in a
+    collective: nobody is hung. Without the long phase rank 1 would be."""
+    from ray_lit.driver.states import Running, Starting
+
+    trainer = _trainer(tmp_path, max_failures=0)
+    # rank 1 stops at step 3 and never finishes: step the state machine a bounded number
+    # of times instead of running it to the end
+    for phase, expected in (((0, 3), Running), (None, type(None))):
+        groups = FakeWorkerGroups([ScriptedAttempt(steps=100, hang=(1, 3),
+                                                   long_phase=phase)])
+        controller = controller_for(trainer, groups, hang_timeout_s="auto", hang_floor_s=0.5)
+        state = controller.step(Starting())
+        for _ in range(10):
+            state = controller.step(state)
+            if not isinstance(state, Running):
+                break
+        if expected is Running:
+            assert isinstance(state, Running)  # still training: nobody is hung
+        else:
+            assert state.outcome.error.kind == "hang" and state.outcome.error.world_rank == 1
+        groups.groups[0].shutdown()
+
+
+def test_checkpoint_saves_and_writes_are_long_phases(make_trainer, tmp_path) -> None:
+    from conftest import DeterministicModel
+
+    seen = []
+
+    class Probe(ray_lit.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            seen.append(in_long_phase())
+
+    trainer = make_trainer(callbacks=[Probe()], max_epochs=1, limit_train_batches=2,
+                           num_sanity_val_steps=0)
+    trainer.fit(DeterministicModel())
+    trainer.save_checkpoint(str(tmp_path / "x.ckpt"))
+    assert seen == [True] and not in_long_phase()
