@@ -10,6 +10,10 @@ builds, over the script's own. Everything after ``SCRIPT.py`` is the script's: i
 Example::
 
     python -m ray_lit --workers 2 --storage-path /tmp/runs train.py --max_epochs 3
+
+``python -m ray_lit consolidate SRC_DIR DST_FILE`` writes a sharded checkpoint directory
+(``FSDPStrategy(state_dict_type="sharded")``) as one ordinary checkpoint file
+(``ray_lit.checkpoint.sharded.consolidate``); a first argument ``consolidate`` selects it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an unchanged PyTorch Lightning script with ray_lit: pytorch_lightning "
                     "and lightning.pytorch resolve to ray_lit, and these options apply to every "
                     "Trainer the script builds.",
-        usage="python -m ray_lit [options] SCRIPT.py [script args]")
+        usage="python -m ray_lit [options] SCRIPT.py [script args]\n"
+              "       python -m ray_lit consolidate SRC_DIR DST_FILE")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="Ray workers (DDP ranks) per Trainer; 0 trains in this process "
                              "(default: what the script asks for)")
@@ -80,9 +85,44 @@ def trainer_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _consolidate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_lit consolidate",
+        description="Write a sharded checkpoint directory (FSDPStrategy(state_dict_type="
+                    "'sharded')) as one ordinary checkpoint file that load_from_checkpoint "
+                    "and Trainer.fit(ckpt_path=...) read. Needs no GPU, Ray or process group.")
+    parser.add_argument("src", metavar="SRC_DIR", help="the sharded checkpoint directory "
+                                                        "(local path or storage URI)")
+    parser.add_argument("dst", metavar="DST_FILE", help="the checkpoint file to write "
+                                                        "(local path or storage URI)")
+    return parser
+
+
+def consolidate_main(argv: list[str]) -> None:
+    """``python -m ray_lit consolidate SRC_DIR DST_FILE``.
+
+    Raises:
+        SystemExit: bad arguments, or the source cannot be consolidated (the message says why).
+    """
+    args = _consolidate_parser().parse_args(argv)
+    from ray_lit.checkpoint.sharded import consolidate
+    from ray_lit.errors import MisconfigurationException
+
+    try:
+        written = consolidate(args.src, args.dst)
+    except (FileNotFoundError, MisconfigurationException) as err:
+        raise SystemExit(f"python -m ray_lit consolidate: {err}") from err
+    print(f"wrote {written}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse ray_lit's options, install the Lightning aliases, run the script as ``__main__``."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    """Parse ray_lit's options, install the Lightning aliases, run the script as ``__main__``
+    (or consolidate a sharded checkpoint when the first argument is ``consolidate``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "consolidate":
+        consolidate_main(argv[1:])
+        return
+    args = _parser().parse_args(argv)
     from ray_lit import compat
 
     compat.install(**trainer_options(args))

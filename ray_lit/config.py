@@ -135,6 +135,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = None
     snapshot_every_n_steps: int | None = None
     keep_checkpoints: int = 2
+    storage_retry_timeout_s: float = 300.0
     find_unused_parameters: bool = False
     gather_step_outputs: bool = False
     process_group_timeout_s: float = 300.0
@@ -289,6 +290,13 @@ class TrainerConfig:
             raise MisconfigurationException(
                 f"keep_checkpoints={keep!r}: use an int >= 1 (committed fault-tolerance "
                 "checkpoints kept; the newest is never deleted).")
+        retry = self.storage_retry_timeout_s
+        if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not \
+                0 <= retry < float("inf"):
+            raise MisconfigurationException(
+                f"storage_retry_timeout_s={retry!r}: use a number of seconds >= 0 (how long "
+                "checkpoint writes retry a failing storage_path before the run stops; 0 "
+                "tries once).")
         if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
             raise MisconfigurationException(
                 f"resume={self.resume!r}: use 'auto' (the latest committed checkpoint of "

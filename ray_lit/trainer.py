@@ -21,6 +21,7 @@ from ray_lit.core.hooks import is_overridden
 from ray_lit.core.module import LightningModule
 from ray_lit.driver.reporting import DriverSink
 from ray_lit.errors import MisconfigurationException
+from ray_lit.loop.data import as_loader_list
 from ray_lit.loop.host import LocalHost
 from ray_lit.loop.reporting import NullSink
 from ray_lit.loop.trainer_state import LoopState
@@ -282,6 +283,7 @@ class Trainer(LoopState):
     def _split_datamodule(loaders: Any, datamodule: Any, stage: str) -> tuple[Any, Any]:
         if isinstance(loaders, LightningDataModule):
             return None, loaders
+        as_loader_list(loaders)  # a bare ray.data.Dataset is refused before workers start
         if loaders is not None and datamodule is not None:
             raise MisconfigurationException(
                 f"trainer.{stage}() got both dataloaders and a datamodule; pass one.")
@@ -313,6 +315,7 @@ class Trainer(LoopState):
         if val_dataloaders is not None and datamodule is not None:
             raise MisconfigurationException(
                 "trainer.fit() got both val_dataloaders and a datamodule; pass one.")
+        as_loader_list(val_dataloaders)
         ckpt_path = ckpt_path or self.config.resume_from_checkpoint
         self.should_stop = False
         if self.config.distributed:
@@ -484,6 +487,15 @@ class Trainer(LoopState):
                 from ray_lit.storage.checkpoint_io import save_checkpoint
 
                 save_checkpoint(checkpoint, os.fspath(filepath))
+
+    def _save_sharded_checkpoint(self, dirpath: str, weights_only: bool = False) -> None:
+        """ModelCheckpoint's save under ``FSDPStrategy(state_dict_type="sharded")``: a
+        ``torch.distributed.checkpoint`` directory, each rank writing its own shards
+        (COLLECTIVE: every rank calls it at the same point). ``save_checkpoint`` stays one full
+        file."""
+        from ray_lit.checkpoint.sharded import save_sharded
+
+        save_sharded(self, dirpath, weights_only)
 
 
 def _print_results(stage: str, results: list[dict[str, float]]) -> None:

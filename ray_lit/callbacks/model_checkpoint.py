@@ -1,9 +1,12 @@
 """``ModelCheckpoint``: keep the best ``save_top_k`` checkpoints of a monitored metric.
 
-Runs in every process like any callback; files are written by global rank 0 only. It checks at
-each validation end (never in the sanity check), at each training epoch end when the run has no
-validation loop, and every ``every_n_train_steps`` optimizer steps. With 0.9 Results it monitors
-``val_checkpoint_on`` / ``checkpoint_on`` when the user's monitor is not logged (spec §1.7).
+Runs in every process like any callback; files are written by global rank 0 only (with
+``FSDPStrategy(state_dict_type="sharded")`` every rank writes its shards into a checkpoint
+directory of the same name, ``trainer._save_sharded_checkpoint``; rank 0 alone removes old
+ones). It checks at each validation end (never in the sanity check), at each training epoch end
+when the run has no validation loop, and every ``every_n_train_steps`` optimizer steps. With
+0.9 Results it monitors ``val_checkpoint_on`` / ``checkpoint_on`` when the user's monitor is not
+logged (spec §1.7).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def _to_float(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().mean().item())
     return float(value)
+
+
+def _writes_sharded(trainer: Any) -> bool:
+    """Whether the run's strategy makes checkpoints directories of every rank's shards
+    (``FSDPStrategy(state_dict_type="sharded")``; asked of the object: callbacks sit below
+    strategies and do not import them)."""
+    strategy = getattr(trainer, "strategy", None)
+    return getattr(strategy, "state_dict_type", "full") == "sharded"
 
 
 class ModelCheckpoint(Callback):
@@ -232,7 +243,7 @@ class ModelCheckpoint(Callback):
     def _save_new(self, trainer: Any, current: float | None, metrics: dict[str, Any],
                   keep_only_latest: bool = False) -> None:
         path = self._unique_path(trainer, metrics)
-        trainer.save_checkpoint(path, self.save_weights_only)
+        self._write(trainer, path)
         self.saved_paths.append(path)
         if keep_only_latest:
             for old in list(self.best_k_models):
@@ -264,8 +275,16 @@ class ModelCheckpoint(Callback):
     def _save_last(self, trainer: Any, metrics: dict[str, Any]) -> None:
         path = self._join(self.dirpath, f"{self.prefix}{self.CHECKPOINT_NAME_LAST}"
                                         f"{self.FILE_EXTENSION}")
-        trainer.save_checkpoint(path, self.save_weights_only)
+        self._write(trainer, path)
         self.last_model_path = path
+
+    def _write(self, trainer: Any, path: str) -> None:
+        """Every rank: a file (rank 0 writes) or, for a sharded strategy, a directory of
+        every rank's shards (COLLECTIVE)."""
+        if _writes_sharded(trainer):
+            trainer._save_sharded_checkpoint(path, self.save_weights_only)
+        else:
+            trainer.save_checkpoint(path, self.save_weights_only)
 
     # --- file names -----------------------------------------------------------------------------
     def format_checkpoint_name(self, epoch: int, step: int, metrics: dict[str, Any],
@@ -304,6 +323,10 @@ class ModelCheckpoint(Callback):
             path = self._join(self.dirpath,
                               self.format_checkpoint_name(epoch, step, merged, ver=version))
             version += 1
+        if _writes_sharded(trainer):
+            # every rank writes into this directory: rank 0's name (it alone looked at what
+            # exists) for all (COLLECTIVE, as the save that follows)
+            path = trainer.strategy.broadcast(path)
         return path
 
     @staticmethod

@@ -4,11 +4,19 @@ A checkpoint exists only once its manifest does (names in ``checkpoint.layout``)
 writes the manifest after every rank confirmed its part, so "latest" means latest committed,
 and a directory without a manifest is an interrupted write that is never read and is removed by
 ``clean``.
+
+Storage faults: every list, read and the manifest write are retried with backoff
+(``storage/retry.py``) until storage has been failing for ``retry_timeout_s``; past that the
+commit raises ``StorageUnavailableError`` and the checkpoint stays uncommitted. A rank confirms
+its part only after the part's write (retries included) succeeded, and parts and manifest are
+written atomically, so a half checkpoint is never committed nor read. Retention is best effort:
+a prune that fails is tried again after the next commit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +24,9 @@ from typing import Any
 from ray_lit.checkpoint import layout
 from ray_lit.checkpoint.layout import MANIFEST, checkpoint_name, part_name, part_rank
 from ray_lit.storage.filesystem import Storage
+from ray_lit.storage.retry import DEFAULT_TIMEOUT_S, StorageRetry
+
+log = logging.getLogger("ray_lit")
 
 __all__ = ["MANIFEST", "CheckpointManager", "CommittedCheckpoint", "checkpoint_name",
            "part_name"]
@@ -45,11 +56,14 @@ class CheckpointManager:
     Args:
         run_uri: ``storage_path/run_name`` (local path or pyarrow.fs URI).
         keep: committed fault-tolerance checkpoints kept (ModelCheckpoint files are separate).
+        retry_timeout_s: how long storage may keep failing before a commit or a listing raises
+            ``StorageUnavailableError`` (the ``storage_retry_timeout_s`` option).
     """
 
-    def __init__(self, run_uri: str, keep: int = 2) -> None:
+    def __init__(self, run_uri: str, keep: int = 2,
+                 retry_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.run_uri = run_uri.rstrip("/")
-        self.storage = Storage(self.run_uri)
+        self.storage = Storage(self.run_uri, retry=StorageRetry(retry_timeout_s))
         self.keep = max(1, keep)
         self._pending: dict[str, dict[str, Any]] = {}
         self.commits = 0
@@ -75,15 +89,24 @@ class CheckpointManager:
             entry["meta"] = meta
         if len(entry["ranks"]) < entry["world_size"]:
             return False
-        self._commit(name, entry)
+        committed = self._commit(name, entry)
         del self._pending[(name, fence)]
-        return True
+        return committed
 
-    def _commit(self, name: str, entry: dict[str, Any]) -> None:
+    def _commit(self, name: str, entry: dict[str, Any]) -> bool:
+        """Write the manifest of ``name``, whose parts every rank confirmed written.
+
+        Raises:
+            StorageUnavailableError: storage failed for longer than the retry timeout (the
+                checkpoint stays uncommitted).
+        """
+        # a rank confirms its part only after its write succeeded (retries included), so a
+        # part whose write failed is never listed here
+        parts = [part_name(r, entry["fence"]) for r in sorted(entry["ranks"])]
         manifest = {
             "name": name,
             "world_size": entry["world_size"],
-            "parts": [part_name(r, entry["fence"]) for r in sorted(entry["ranks"])],
+            "parts": parts,
             "global_step": entry["meta"].get("global_step", 0),
             "epoch": entry["meta"].get("epoch", 0),
             "committed_at": time.time(),
@@ -93,25 +116,33 @@ class CheckpointManager:
         self.storage.write_bytes(f"checkpoints/{name}/{MANIFEST}",
                                  json.dumps(manifest, indent=1).encode())
         self.commits += 1
-        self.prune()
+        try:
+            self.prune()
+        except (OSError, RuntimeError) as err:  # storage failed again: the next commit prunes
+            log.warning("ray_lit: pruning old checkpoints of %s failed (%s); tried again after "
+                        "the next commit", self.run_uri, err)
+        return True
 
     def abandon_pending(self) -> None:
         """An attempt ended: its unconfirmed checkpoints will never commit."""
         self._pending.clear()
 
     # --- read -----------------------------------------------------------------------------------
-    def committed(self) -> list[CommittedCheckpoint]:
+    def committed(self, storage: Storage | None = None) -> list[CommittedCheckpoint]:
         """Every committed checkpoint, oldest first; unreadable manifests are skipped."""
+        storage = storage or self.storage
         out = []
-        for name in self.storage.listdir("checkpoints"):
+        for name in storage.listdir("checkpoints"):
             if not name.startswith(layout.PREFIX):
                 continue
             rel = f"checkpoints/{name}/{MANIFEST}"
-            if not self.storage.exists(rel):
+            if not storage.exists(rel):
                 continue
             try:
-                manifest = json.loads(self.storage.read_bytes(rel))
-            except (ValueError, OSError):
+                manifest = json.loads(storage.read_bytes(rel))
+            except (ValueError, FileNotFoundError):
+                # corrupt or pruned meanwhile; an I/O error is retried (skipping the manifest
+                # during an outage would silently pick an older checkpoint as "latest")
                 continue
             out.append(CommittedCheckpoint(
                 name=name, uri=f"{self.checkpoints_uri()}/{name}",
@@ -127,19 +158,21 @@ class CheckpointManager:
     # --- retention ------------------------------------------------------------------------------
     def prune(self) -> None:
         """Keep the newest ``keep`` committed checkpoints; drop uncommitted directories older
-        than the newest commit (interrupted writes)."""
-        committed = self.committed()
+        than the newest commit (interrupted writes). One try per operation (a failure raises
+        and the next commit prunes again): retention must not hold the driver up."""
+        storage = Storage(self.run_uri)
+        committed = self.committed(storage)
         if not committed:
             return
         for old in committed[: -self.keep]:
-            self.storage.delete(f"checkpoints/{old.name}")
+            storage.delete(f"checkpoints/{old.name}")
         newest = committed[-1].name
         committed_names = {c.name for c in committed}
-        for name in self.storage.listdir("checkpoints"):
+        for name in storage.listdir("checkpoints"):
             pending = {n for n, _ in self._pending}
             if name.startswith(layout.PREFIX) and name not in committed_names and name < newest \
                     and name not in pending:
-                self.storage.delete(f"checkpoints/{name}")
+                storage.delete(f"checkpoints/{name}")
 
     def clean_uncommitted(self) -> None:
         """Remove every directory without a manifest (before a new attempt starts)."""

@@ -10,18 +10,28 @@ parameters and optimizer state are copied by a background thread during the next
 backward (``HostSnapshot``: optimizer steps wait for that copy), which then serialises and
 writes this rank's part while training goes on; at most one write is in flight. The driver
 commits the checkpoint once every rank confirmed its part.
+
+Storage faults (``storage/retry.py``): a failed part write is retried with backoff in its
+thread, from an in-memory copy of the serialised part, so the host buffers are free again and
+training goes on. The next checkpoint supersedes a write still retrying (that part is never
+confirmed, so its checkpoint is never committed), and the retry bound
+(``storage_retry_timeout_s``) counts from the outage's first failure across writes; past it the
+loop raises ``StorageUnavailableError``. ``wait`` (end of fit, preemption) waits for the retries.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray_lit.checkpoint.host_copy import HostSnapshot
 from ray_lit.checkpoint.layout import checkpoint_name, part_uri
 from ray_lit.loop.liveness import long_phase
 from ray_lit.messages import CheckpointSpec, PartWritten, SnapshotPart
+from ray_lit.storage.filesystem import Storage
+from ray_lit.storage.retry import DEFAULT_TIMEOUT_S, StorageRetry, is_transient
 
 log = logging.getLogger("ray_lit")
 
@@ -34,8 +44,23 @@ class AttemptAborted(Exception):
     """Raised in a surviving worker's loop when the driver gave the attempt up."""
 
 
+@dataclass
+class _Write:
+    """One part write in its thread: ``released`` once the host buffers are no longer read
+    (the next capture may reuse them), ``cancel`` to stop retrying (superseded)."""
+
+    name: str
+    thread: threading.Thread | None = None
+    released: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
 class CheckpointWriter:
-    """Shipped to every worker with the job; ``attach`` binds it to the worker and its rank."""
+    """Shipped to every worker with the job; ``attach`` binds it to the worker and its rank.
+
+    ``storage`` (a ``Storage`` of ``run_uri`` with the retry policy) is built on first use
+    from the Trainer's ``storage_retry_timeout_s``; tests may set it to a faulty filesystem.
+    """
 
     def __init__(self, run_uri: str, every_n_steps: int | None, asynchronous: bool = True,
                  snapshot_every_n_steps: int | None = None) -> None:
@@ -50,6 +75,9 @@ class CheckpointWriter:
         self._rank = 0
         self._world_size = 1
         self._thread: threading.Thread | None = None
+        self._write_job: _Write | None = None
+        self.storage: Storage | None = None
+        self.superseded = 0  # writes given up for a newer checkpoint while storage failed
         self._error: BaseException | None = None
         self._last_step_taken = -1
         self._last_name: str | None = None
@@ -67,7 +95,7 @@ class CheckpointWriter:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_worker"] = state["_thread"] = None
+        state["_worker"] = state["_thread"] = state["_write_job"] = None
         state["_snapshot"] = None
         state.pop("peer_snapshot", None)  # host memory stays where it was taken
         return state
@@ -158,7 +186,9 @@ class CheckpointWriter:
 
         start = time.perf_counter()
         with long_phase("the previous checkpoint write"):
-            self.wait()  # at most one write in flight (waiting for it is part of the stall)
+            # at most one write in flight (waiting for it is part of the stall); one still
+            # retrying a failing storage is superseded by this one
+            self._settle_previous()
         progress = trainer._progress
         state = self._snapshot.capture(self._rank_state(trainer), trainer.optimizers,
                                        deferred=self.overlap_copy)
@@ -168,14 +198,45 @@ class CheckpointWriter:
         self._last_step_taken = progress.global_step
         self._last_name = name
         uri = part_uri(self.run_uri, name, self._rank, self._fence)
+        job = _Write(name)
+        self._storage(trainer)
         if self.asynchronous:
-            self._thread = threading.Thread(target=self._write, args=(state, uri, name, meta),
-                                            daemon=True, name="ray_lit-ckpt-writer")
-            self._thread.start()
+            job.thread = threading.Thread(target=self._write, args=(state, uri, name, meta, job),
+                                          daemon=True, name="ray_lit-ckpt-writer")
+            self._thread, self._write_job = job.thread, job
+            job.thread.start()
         else:
-            self._write(state, uri, name, meta)
+            self._write(state, uri, name, meta, job)
         if self._error is not None:
             raise self._error
+
+    def _storage(self, trainer: Any = None) -> Storage:
+        """The run directory with this worker's retry policy (built once per writer)."""
+        if self.storage is None:
+            timeout = getattr(getattr(trainer, "config", None), "storage_retry_timeout_s",
+                              DEFAULT_TIMEOUT_S)
+            self.storage = Storage(self.run_uri, retry=StorageRetry(timeout))
+        return self.storage
+
+    def _settle_previous(self) -> None:
+        """Before a new capture: wait until the write in flight no longer reads the host
+        buffers; if it is still retrying a failing storage, give it up for the new one (its
+        part is never confirmed, so its checkpoint never commits)."""
+        job = self._write_job
+        if job is not None and job.thread is not None:
+            job.released.wait()
+            retry = self._storage().retry
+            while job.thread.is_alive():
+                if retry is not None and retry.failing_for_s > 0:
+                    # only a write that is failing: a healthy slow upload is waited for
+                    job.cancel.set()
+                    self.superseded += 1
+                    log.warning("ray_lit: rank %d gives up writing checkpoint %s (storage "
+                                "still failing) for the newer one", self._rank, job.name)
+                    break
+                job.thread.join(0.05)
+            self._thread = self._write_job = None
+        self.wait()
 
     def _rank_state(self, trainer: Any) -> dict[str, Any]:
         """This rank's checkpoint state at the step boundary, tensors where they live: rank 0's
@@ -232,9 +293,8 @@ class CheckpointWriter:
             holder.peer_snapshot = PeerSnapshot()
         return getattr(holder, "peer_snapshot", None)
 
-    def _write(self, state: dict[str, Any], uri: str, name: str, meta: dict[str, Any]) -> None:
-        from ray_lit.storage.checkpoint_io import save_checkpoint
-
+    def _write(self, state: dict[str, Any], uri: str, name: str, meta: dict[str, Any],
+               job: _Write) -> None:
         try:
             if not self._snapshot.copy_deferred():
                 # a parameter changed in place outside optimizer.step during the copy: this
@@ -244,13 +304,45 @@ class CheckpointWriter:
                             "optimizer.step while checkpoint %s was copied; it is skipped and "
                             "later checkpoints copy synchronously", name)
                 return
-            save_checkpoint(state, uri)
+            if not self._save(state, uri, job):
+                return  # superseded by a newer checkpoint while storage failed
         except BaseException as err:  # surfaced on the loop thread at the next take/wait
             self._error = err
             return
+        finally:
+            job.released.set()
         if self._worker is not None:
             self._worker.post(PartWritten(name, self._rank, self._world_size, meta,
                                           self._fence))
+
+    def _save(self, state: dict[str, Any], uri: str, job: _Write) -> bool:
+        """Write this rank's part; False when it was superseded before it got written.
+
+        A local run directory is streamed to disk first (no in-memory copy of the whole part);
+        only after that fails is the part serialised to memory, which frees the host buffers
+        for the next checkpoint, and retried from there.
+        """
+        from ray_lit.storage.checkpoint_io import checkpoint_to_bytes, save_checkpoint
+
+        storage = self._storage()
+        rel = uri[len(self.run_uri) + 1:]
+        if storage.local:
+            try:
+                save_checkpoint(state, uri)
+                if storage.retry is not None:
+                    storage.retry.succeeded(uri)
+                return True
+            except (OSError, RuntimeError) as err:
+                if not is_transient(err) or storage.retry is None:
+                    raise
+                storage.retry.failed(err, what="checkpoint write", uri=uri)
+        data = checkpoint_to_bytes(state)
+        job.released.set()  # the bytes are all the retries need
+        retry, once = storage.retry or StorageRetry(0), storage.once()
+        done = retry.call(lambda: once.write_bytes(rel, data) or True, what="checkpoint write",
+                          uri=uri, cancel=job.cancel)
+        # superseded meanwhile: the writer moved on to a newer checkpoint, do not confirm
+        return done is not None and not job.cancel.is_set()
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error here."""

@@ -95,25 +95,6 @@ def move_data_to_device(batch: Any, device: Any) -> Any:
     return move_to_device(batch, device)
 
 
-class WandbLogger:
-    """Stands in for Lightning's ``WandbLogger`` name so imports succeed.
-
-    ray_lit ships no Weights & Biases logger; constructing one says so (and what to use).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as err:
-            raise ImportError(
-                "WandbLogger needs the `wandb` package (pip install wandb), and ray_lit does "
-                "not provide a Weights & Biases logger: use TensorBoardLogger or CSVLogger, or "
-                "subclass ray_lit.loggers.Logger to call wandb.log yourself.") from err
-        raise NotImplementedError(
-            "ray_lit provides no WandbLogger: use TensorBoardLogger or CSVLogger, or subclass "
-            "ray_lit.loggers.Logger and call wandb.log in log_metrics.")
-
-
 def _version() -> str:
     from ray_lit._version import __version__ as version
 

@@ -32,7 +32,9 @@ def load_from_checkpoint(cls: type[nn.Module], checkpoint_path: str | os.PathLik
 
     Args:
         cls: the ``LightningModule`` subclass.
-        checkpoint_path: local path or storage URI of the checkpoint.
+        checkpoint_path: local path or storage URI of the checkpoint: a file, or a sharded
+            checkpoint directory (``FSDPStrategy(state_dict_type="sharded")``), read whole in
+            this process without a process group.
         map_location: as in ``torch.load``; default ``"cpu"``.
         hparams_file: a ``.yaml`` / ``.yml`` file whose mapping replaces the stored
             hyperparameters.
@@ -46,7 +48,8 @@ def load_from_checkpoint(cls: type[nn.Module], checkpoint_path: str | os.PathLik
 
     Raises:
         FileNotFoundError: no checkpoint at ``checkpoint_path``.
-        MisconfigurationException: the file cannot be loaded or holds no ``state_dict``, or
+        MisconfigurationException: the file cannot be loaded or holds no ``state_dict``, a
+            directory is not a complete sharded checkpoint (``CheckpointLoadError``), or
             ``hparams_file`` is not a YAML mapping.
     """
     location = "cpu" if map_location is None else map_location

@@ -241,7 +241,8 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
     Storage(run_uri).check_writable()  # before any worker starts
     trainer.run_dir = run_uri
     ensure_ray()
-    manager = CheckpointManager(run_uri, keep=config.keep_checkpoints)
+    manager = CheckpointManager(run_uri, keep=config.keep_checkpoints,
+                                retry_timeout_s=config.storage_retry_timeout_s)
     resume_from = None
     if ckpt_path is not None:
         resume_from = ckpt_path

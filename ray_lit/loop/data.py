@@ -14,12 +14,29 @@ from ray_lit.errors import MisconfigurationException
 
 
 def as_loader_list(loaders: Any) -> list[Any]:
-    """None -> [], one loader -> [loader], a list/tuple -> list."""
+    """None -> [], one loader -> [loader], a list/tuple -> list.
+
+    Raises:
+        MisconfigurationException: a bare ``ray.data.Dataset`` among them (it needs the
+            ``RayDataLoader`` wrapper: batch size, collate function, shuffle).
+    """
     if loaders is None:
         return []
-    if isinstance(loaders, (list, tuple)):
-        return [dl for dl in loaders if dl is not None]
-    return [loaders]
+    found = [dl for dl in loaders if dl is not None] if isinstance(loaders, (list, tuple)) \
+        else [loaders]
+    for loader in found:
+        if is_ray_dataset(loader):
+            raise MisconfigurationException(
+                "Got a ray.data.Dataset where a dataloader goes. Wrap it: "
+                "ray_lit.data.RayDataLoader(dataset, batch_size=...), which streams each "
+                "worker its own shard.")
+    return found
+
+
+def is_ray_dataset(obj: Any) -> bool:
+    """Whether ``obj`` is a ``ray.data.Dataset`` (checked without importing Ray Data)."""
+    return any(cls.__module__.startswith("ray.data") and cls.__name__ == "Dataset"
+               for cls in type(obj).__mro__)
 
 
 def loader_length(loader: Any) -> float:

@@ -73,7 +73,9 @@ class FitLoop:
         trainer, hooks, progress = self.trainer, self.trainer._hooks, self.trainer._progress
         module = trainer.lightning_module
         progress.start_epoch(epoch)
-        trainer._host.set_epoch(epoch, progress.batches_done)
+        # a loader that cannot resume mid-epoch (a Ray Data set without a reproducible order)
+        # starts the interrupted epoch again: the host says from which batch it continues
+        progress.batches_done = trainer._host.set_epoch(epoch, progress.batches_done)
         trainer._refresh_epoch_length()
         store = self.store
         trainer._metric_store = store

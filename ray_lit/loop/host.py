@@ -11,6 +11,7 @@ host (``ray_lit.worker.host.WorkerHost``) implements the same methods for one ra
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,10 +44,15 @@ class LocalHost:
 
     # --- data ----------------------------------------------------------------------------------
     def prepare_loader(self, loader: Any, train: bool) -> Any:
+        if hasattr(loader, "shard_for_rank"):  # a RayDataLoader: dealt in this process
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            return loader.shard_for_rank(None, 0, 1, seed, train)
         return loader
 
-    def set_epoch(self, epoch: int, batches_done: int) -> None:
+    def set_epoch(self, epoch: int, batches_done: int) -> int:
+        """Serve ``epoch``; the epoch continues from ``batches_done`` (a resume skips them)."""
         self._epoch = epoch
+        return batches_done
 
     def iterate_train(self, loader: Any, skip: int) -> Iterator[tuple[int, Any]]:
         """Batches of the epoch with their index; a mid-epoch resume skips what was done."""

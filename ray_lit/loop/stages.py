@@ -235,10 +235,11 @@ def run_fit(trainer: Any, module: LightningModule, train_loaders: Any, val_loade
         trainer._sink.run_start("fit")
         if module.__dict__.get("_log_hyperparams", True) and module.hparams:
             trainer._sink.log_hyperparams(dict(module.hparams))
-        if trainer.config.enable_model_summary and trainer.is_global_zero:
+        depth = summary_depth(trainer)
+        if depth and trainer.is_global_zero:
             from ray_lit.core.summary import summarize
 
-            trainer._sink.print(str(summarize(module)))
+            trainer._sink.print(str(summarize(module, max_depth=depth)))
         hooks.both("on_pretrain_routine_start")
         _sanity_check(trainer)
         hooks.both("on_pretrain_routine_end")
@@ -246,6 +247,17 @@ def run_fit(trainer: Any, module: LightningModule, train_loaders: Any, val_loade
         FitLoop(trainer).run()
         hooks.both("on_fit_end")
         trainer._sink.finalize("success")
+
+
+def summary_depth(trainer: Any) -> int:
+    """The depth of the summary table ``fit`` prints (0: none): a ``ModelSummary`` callback's
+    ``max_depth`` (2.x: it replaces the default table), else 1 with ``enable_model_summary``."""
+    from ray_lit.callbacks.model_summary import ModelSummary
+
+    chosen = next((cb for cb in trainer.callbacks if isinstance(cb, ModelSummary)), None)
+    if chosen is not None:
+        return chosen.max_depth
+    return 1 if trainer.config.enable_model_summary else 0
 
 
 def run_evaluation(trainer: Any, stage: str, module: LightningModule, loaders: Any,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ray_lit.errors import MisconfigurationException
-from ray_lit.storage.filesystem import read_file, write_file
+from ray_lit.storage.filesystem import Storage, read_file, split, write_file
 
 # What ray_lit (and a user saving m.hparams or a Path-valued option) puts into checkpoints
 # besides what torch's weights-only unpickler accepts by default (tensors, optimizer and
@@ -86,18 +86,35 @@ def _save_local(checkpoint: dict[str, Any], path: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints are ordinary files
-        os.replace(tmp, path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            _replace_directory(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
 
 
+def _replace_directory(tmp: str, path: str) -> None:
+    """A file where a sharded checkpoint directory of the same name was (``last.ckpt`` of a
+    run resumed with another strategy): a file cannot be renamed over a directory, so the
+    directory steps aside, then goes."""
+    import shutil
+
+    old = f"{path}.old-{os.getpid()}"
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint`` (or by PyTorch Lightning).
+    """Read a checkpoint written by ``save_checkpoint`` (or by PyTorch Lightning), or a sharded
+    checkpoint directory (``FSDPStrategy(state_dict_type="sharded")``), consolidated in this
+    process (``storage.sharded_io``): both kinds load wherever a checkpoint is expected.
 
     Args:
-        path: a local path or a storage URI.
+        path: a local path or a storage URI, of a file or a sharded checkpoint directory.
         map_location: as in ``torch.load`` (a device, a string such as ``"cpu"``, a dict or a
             function).
 
@@ -107,9 +124,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[s
     Raises:
         FileNotFoundError: there is no file at ``path``.
         CheckpointLoadError: the file is truncated or corrupt, or it references code (a class
-            or function not in ``CHECKPOINT_ALLOWLIST``), which is never run.
+            or function not in ``CHECKPOINT_ALLOWLIST``), which is never run; or the directory
+            is not a complete sharded checkpoint.
     """
     name = os.fspath(path)
+    parent, base = split(name)
+    if Storage(parent).isdir(base):
+        from ray_lit.storage.sharded_io import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(name, map_location)
     try:
         data = read_file(name)
     except FileNotFoundError as err:

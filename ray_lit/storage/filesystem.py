@@ -13,10 +13,15 @@ makes the object appear whole.
 A local directory is served by ``os`` alone, and ``pyarrow`` is imported only for a URI: loading
 its libraries costs every process ~25 MiB of resident memory and a fifth of a second, and most
 runs never leave the local disk.
+
+With a ``StorageRetry`` (``Storage(root, retry=...)``) every operation is retried after
+transient errors (``storage/retry.py``); without one it is tried once, as ``check_writable``
+wants (a bad ``storage_path`` must fail in seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -27,8 +32,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ray_lit.errors import MisconfigurationException
+from ray_lit.storage.retry import StorageRetry
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pyarrow.fs as pafs
 
 __all__ = ["Storage", "read_file", "resolve", "split", "write_file"]
@@ -127,20 +135,44 @@ class Storage:
 
     Args:
         root: a local path or a ``pyarrow.fs`` URI (see ``resolve``).
+        retry: retry transient errors of every operation with this policy (None: one try).
+        filesystem: serve ``root`` (a path inside it) through this ``pyarrow`` filesystem
+            instead of resolving it; for wrappers such as a fault-injecting one in tests. It
+            stays in this process: a pickled copy resolves ``root`` again.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, retry: StorageRetry | None = None,
+                 filesystem: pafs.FileSystem | None = None) -> None:
         root = os.fspath(root)
         # absolute now: a Ray worker runs in another working directory
-        self.root = root if _is_uri(root) else os.path.abspath(os.path.expanduser(root))
-        self._resolved: tuple[pafs.FileSystem, str] | None = None
+        self.root = root if _is_uri(root) or filesystem is not None else \
+            os.path.abspath(os.path.expanduser(root))
+        self.retry = retry
+        self._custom = filesystem is not None
+        self._resolved: tuple[pafs.FileSystem, str] | None = \
+            (filesystem, self.root.rstrip("/")) if filesystem is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"root": self.root, "retry": self.retry}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.root = state["root"]
+        self.retry = state.get("retry")
+        self._custom = False
         self._resolved = None
+
+    def once(self) -> Storage:
+        """The same storage (and filesystem) without the retry policy: one try per call."""
+        copy = Storage.__new__(Storage)
+        copy.__dict__.update(self.__dict__)
+        copy.retry = None
+        return copy
+
+    def _retrying(self, what: str, rel: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under the retry policy, or once without one."""
+        if self.retry is None:
+            return fn()
+        return self.retry.call(fn, what=what, uri=self.uri(rel))
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
@@ -149,7 +181,7 @@ class Storage:
     @property
     def local(self) -> bool:
         """Whether the root is a local directory (served by ``os``, without ``pyarrow``)."""
-        return not _is_uri(self.root)
+        return not _is_uri(self.root) and not self._custom
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -170,7 +202,7 @@ class Storage:
     def uri(self, rel: str = "") -> str:
         """The full path or URI of ``rel`` (what users see in logs and ``best_model_path``)."""
         rel = rel.strip("/")
-        if self.local:
+        if not _is_uri(self.root):
             return os.path.join(self.root, rel) if rel else self.root
         base, sep, query = self.root.partition("?")
         full = f"{base.rstrip('/')}/{rel}" if rel else base.rstrip("/")
@@ -184,8 +216,12 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel`` so that readers see the old file or the new one, never half.
 
-        Parent directories are created as needed.
+        Parent directories are created as needed. With a retry policy a failed write (a cut
+        upload, a full disk) is written again whole.
         """
+        self._retrying("write", rel, lambda: self._write_once(rel, data))
+
+    def _write_once(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
         if self.local:
             _atomic_local_write(path, data)
@@ -196,9 +232,13 @@ class Storage:
             if parent:
                 fs.create_dir(parent, recursive=True)
             tmp = f"{parent}/.{path.rpartition('/')[2]}.tmp-{uuid.uuid4().hex}"
-            with fs.open_output_stream(tmp) as out:
-                out.write(data)
-            fs.move(tmp, path)
+            try:
+                with fs.open_output_stream(tmp) as out:
+                    out.write(data)
+                fs.move(tmp, path)
+            except BaseException:
+                _discard(fs, tmp)  # a failed try leaves no temp file behind
+                raise
         else:
             with fs.open_output_stream(path) as out:
                 out.write(data)
@@ -209,6 +249,9 @@ class Storage:
         Raises:
             FileNotFoundError: ``rel`` does not exist (the message names the full URI).
         """
+        return self._retrying("read", rel, lambda: self._read_once(rel))
+
+    def _read_once(self, rel: str) -> bytes:
         path = self._path(rel)
         if self.local:
             try:
@@ -229,6 +272,9 @@ class Storage:
 
     def _kind(self, rel: str) -> str:
         """``"file"``, ``"dir"`` or ``"missing"``."""
+        return self._retrying("stat", rel, lambda: self._kind_once(rel))
+
+    def _kind_once(self, rel: str) -> str:
         path = self._path(rel)
         if self.local:
             try:  # os.stat, not os.path.exists: a path we may not read is an error, not "missing"
@@ -251,6 +297,9 @@ class Storage:
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``, sorted; ``[]`` if it does not exist."""
+        return self._retrying("list", rel, lambda: self._listdir_once(rel))
+
+    def _listdir_once(self, rel: str) -> list[str]:
         path = self._path(rel)
         if self.local:
             try:
@@ -269,7 +318,10 @@ class Storage:
     def delete(self, rel: str) -> None:
         """Remove the file or directory tree ``rel``; a missing path is not an error, because
         retention and cleanup may race with each other after a restart."""
-        path, kind = self._path(rel), self._kind(rel)
+        self._retrying("delete", rel, lambda: self._delete_once(rel))
+
+    def _delete_once(self, rel: str) -> None:
+        path, kind = self._path(rel), self._kind_once(rel)
         if kind == "dir" and self.local:
             _rmtree(path)
         elif kind == "dir":
@@ -285,9 +337,10 @@ class Storage:
     def makedirs(self, rel: str = "") -> None:
         """Create ``rel`` and its parents (a no-op where it exists)."""
         if self.local:
-            os.makedirs(self._path(rel), exist_ok=True)
+            self._retrying("mkdir", rel, lambda: os.makedirs(self._path(rel), exist_ok=True))
         else:
-            self.fs.create_dir(self._path(rel), recursive=True)
+            self._retrying("mkdir", rel,
+                           lambda: self.fs.create_dir(self._path(rel), recursive=True))
 
     def check_writable(self) -> None:
         """Create the root and write, read back and delete a probe file in it.
@@ -327,6 +380,12 @@ def read_file(path_or_uri: str | os.PathLike) -> bytes:
     """
     parent, name = split(path_or_uri)
     return Storage(parent).read_bytes(name)
+
+
+def _discard(fs: pafs.FileSystem, path: str) -> None:
+    """Delete ``path`` if it can be deleted (the storage may be the thing that failed)."""
+    with contextlib.suppress(Exception):  # a leftover temp file is never read
+        fs.delete_file(path)
 
 
 def _rmtree(path: str) -> None:

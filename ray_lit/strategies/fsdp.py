@@ -26,18 +26,31 @@ A world of one (``num_workers=0``, or one Ray worker) shards nothing: the module
 unwrapped and its state is the plain ``state_dict`` (FSDP over one rank only adds copies).
 ``mixed_precision`` then has no effect; ``Trainer(precision="bf16")`` autocasts in every case.
 
-Checkpoint state (``state_dict_type="full"``, the only kind for now): the module's and each
-optimizer's state are gathered to full tensors on host memory on EVERY rank
-(``DTensor.full_tensor``, COLLECTIVE: every rank calls ``lightning_module_state_dict`` and
-``optimizer_state`` at the same point, in the same order). The result is exactly the state a
-plain or DDP run saves (same keys, optimizer state by parameter index), so a checkpoint of an
-FSDP run loads with ``load_from_checkpoint`` in a plain process, resumes a DDP run, and resumes
-an FSDP run at another world size: loading takes each rank's shard of the full tensors
-(``distribute_tensor(..., src_data_rank=None)``: local, no communication).
+Checkpoint state: ``lightning_module_state_dict`` and ``optimizer_state`` gather the module's
+and each optimizer's state to full tensors on host memory on EVERY rank
+(``DTensor.full_tensor``, COLLECTIVE: every rank calls them at the same point, in the same
+order). The result is exactly the state a plain or DDP run saves (same keys, optimizer state by
+parameter index), so a checkpoint of an FSDP run loads with ``load_from_checkpoint`` in a plain
+process, resumes a DDP run, and resumes an FSDP run at another world size: loading takes each
+rank's shard of the full tensors (``distribute_tensor(..., src_data_rank=None)``: local, no
+communication). The fault-tolerance checkpoints, ``trainer.save_checkpoint`` and the driver's
+final weights always use this full state.
+
+``state_dict_type`` decides what ``ModelCheckpoint`` writes:
+
+* ``"full"``: one ordinary file, gathered as above (rank 0 writes).
+* ``"sharded"``: a ``torch.distributed.checkpoint`` directory under the same name
+  (``ray_lit.checkpoint.sharded.save_sharded``): nothing is gathered, each rank writes its own
+  shards (``sharded_state_dicts`` switches the two methods above to the local DTensors for the
+  save), rank 0 the non-tensor rest (``storage.sharded_io``). Everything that reads a checkpoint
+  (``load_from_checkpoint``, ``Trainer.fit(ckpt_path=...)``, ``validate`` / ``test`` /
+  ``predict``) reads such a directory in one process, whole, so full and sharded checkpoints
+  are interchangeable at load, at any world size; ``python -m ray_lit consolidate`` turns one
+  into a file.
 
 Not yet: manual optimisation and meta-device initialisation (both refused at
-``setup_module``), ``state_dict_type="sharded"``, in-memory peer snapshots (refused by the
-Trainer: they assume replicated parameters).
+``setup_module``), in-memory peer snapshots (refused by the Trainer: they assume replicated
+parameters), sharded fault-tolerance checkpoints.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ from ray_lit.strategies.parallel import ParallelStrategy
 WrapPolicy = set[type[nn.Module]] | Callable[[nn.Module], bool] | None
 
 _PRECISIONS = ("bf16", "bf16-mixed", "16", "16-mixed", 16)
+STATE_DICT_TYPES = ("full", "sharded")
 
 
 class _FSDPRoot(nn.Module):
@@ -121,8 +135,10 @@ class FSDPStrategy(ParallelStrategy):
         cpu_offload: keep the sharded parameters, gradients and optimizer state in host
             memory (``CPUOffloadPolicy``); the optimizer steps on the CPU. Nothing to do on
             CPU workers (they are in host memory already).
-        state_dict_type: ``"full"``: checkpoints hold the gathered full state (see the module
-            docstring); the only kind for now.
+        state_dict_type: what ``ModelCheckpoint`` writes: ``"full"``, one ordinary file of
+            the gathered full state; ``"sharded"``, a ``torch.distributed.checkpoint``
+            directory of each rank's shards (no gather; see the module docstring). Both load
+            everywhere.
     """
 
     strategy_name = "fsdp"
@@ -132,10 +148,11 @@ class FSDPStrategy(ParallelStrategy):
                  reshard_after_forward: bool = True, cpu_offload: bool = False,
                  state_dict_type: str = "full") -> None:
         super().__init__()
-        if state_dict_type != "full":
+        if state_dict_type not in STATE_DICT_TYPES:
             raise MisconfigurationException(
-                f"FSDPStrategy(state_dict_type={state_dict_type!r}): only 'full' is supported "
-                "(checkpoints hold the gathered full state).")
+                f"FSDPStrategy(state_dict_type={state_dict_type!r}): use 'full' (checkpoints "
+                "are single files of the gathered state) or 'sharded' (checkpoints are "
+                "torch.distributed.checkpoint directories, one shard file per rank).")
         if not (mixed_precision is None or mixed_precision in _PRECISIONS
                 or type(mixed_precision).__name__ == "MixedPrecisionPolicy"):
             raise MisconfigurationException(
@@ -153,6 +170,7 @@ class FSDPStrategy(ParallelStrategy):
         self.cpu_offload = cpu_offload
         self.state_dict_type = state_dict_type
         self._root: Any = None
+        self._keep_shards = False  # inside sharded_state_dicts: no gathers
 
     # --- the model (every rank) ----------------------------------------------------------------
     def _fsdp_kwargs(self) -> dict[str, Any]:
@@ -283,13 +301,19 @@ class FSDPStrategy(ParallelStrategy):
     def lightning_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
         """COLLECTIVE when sharded (every rank, same point): the full module state, each
         sharded tensor gathered and moved to host memory one at a time (the device holds at
-        most one full tensor more than its shard). Every rank gets the same dict."""
+        most one full tensor more than its shard). Every rank gets the same dict. Inside
+        ``sharded_state_dicts``: each rank's own DTensors, nothing gathered."""
+        if self._keep_shards:
+            return module.state_dict()
         return {k: _full(v) for k, v in module.state_dict().items()}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """COLLECTIVE when sharded: ``optimizer.state_dict()`` with every sharded state tensor
-        gathered to a full host tensor (keyed by parameter index, as a plain run saves it)."""
+        gathered to a full host tensor (keyed by parameter index, as a plain run saves it).
+        Inside ``sharded_state_dicts``: the local DTensor state, nothing gathered."""
         state = optimizer.state_dict()
+        if self._keep_shards:
+            return state
         return {"state": {idx: {k: _full(v) for k, v in entry.items()}
                           for idx, entry in state["state"].items()},
                 "param_groups": state["param_groups"]}
@@ -315,6 +339,21 @@ class FSDPStrategy(ParallelStrategy):
             state[idx] = {k: _shard_like(v, param) if k != "step" else v
                           for k, v in entry.items()}
         optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+
+
+@contextlib.contextmanager
+def sharded_state_dicts(strategy: Any) -> Iterator[None]:
+    """Inside: ``strategy.lightning_module_state_dict`` / ``optimizer_state`` return each
+    rank's own shards (DTensors) without gathering, for a sharded checkpoint save (every
+    rank). A strategy other than ``FSDPStrategy`` holds full state anyway: unchanged."""
+    if not isinstance(strategy, FSDPStrategy):
+        yield
+        return
+    strategy._keep_shards = True
+    try:
+        yield
+    finally:
+        strategy._keep_shards = False
 
 
 def _full(value: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ray_lit.data.loader import RayDataLoader, release_dealers
 from ray_lit.loop.sampler import loader_batch_size, sampler_of, shard_dataloader
 from ray_lit.strategies import DDPStrategy, Strategy
 from ray_lit.worker.ranks import WorkerRanks
@@ -24,7 +25,8 @@ class WorkerHost:
     reraise_interrupt = True
 
     def __init__(self, ranks: WorkerRanks, device: torch.device, seed: int,
-                 checkpointer: Any = None, strategy: Strategy | None = None) -> None:
+                 checkpointer: Any = None, strategy: Strategy | None = None,
+                 data_key: str = "") -> None:
         self.ranks = ranks
         self.world_rank = ranks.world_rank
         self.world_size = ranks.world_size
@@ -40,6 +42,10 @@ class WorkerHost:
         self._train_loader: Any = None
         self._epoch = 0
         self._pending_sampler_state: dict | None = None
+        # names this job's Ray Data dealers: the attempt's fence plus the loader's order
+        self._data_key = data_key or "job"
+        self._data_loaders = 0
+        release_dealers()  # the previous job's, on a kept worker group
 
     @property
     def is_global_zero(self) -> bool:
@@ -47,25 +53,38 @@ class WorkerHost:
 
     # --- data ----------------------------------------------------------------------------------
     def prepare_loader(self, loader: Any, train: bool) -> Any:
-        sharded = shard_dataloader(loader, world_rank=self.world_rank,
-                                   world_size=self.world_size, train=train, seed=self.seed)
+        if isinstance(loader, RayDataLoader):
+            # every rank prepares its loaders in the same order: the count names the dealer
+            self._data_loaders += 1
+            key = f"ray_lit_data:{self._data_key}:{self._data_loaders}"
+            sharded: Any = loader.shard_for_rank(key, self.world_rank, self.world_size, self.seed,
+                                                 train)
+        else:
+            sharded = shard_dataloader(loader, world_rank=self.world_rank,
+                                       world_size=self.world_size, train=train, seed=self.seed)
         if train:
             self._train_loader = sharded
             if self._pending_sampler_state is not None:
                 self.load_sampler_state(self._pending_sampler_state)
         return sharded
 
-    def set_epoch(self, epoch: int, batches_done: int) -> None:
+    def set_epoch(self, epoch: int, batches_done: int) -> int:
+        """Serve ``epoch``; returns the batch the epoch continues from (``batches_done``, or
+        0 where the loader cannot resume mid-epoch and starts the epoch again)."""
         self._epoch = epoch
         sampler = sampler_of(self._train_loader) if self._train_loader is not None else None
         if sampler is not None:
             # the same epoch keeps a restored mid-epoch position; a new epoch starts over
             sampler.set_epoch(epoch)
+            if getattr(sampler, "restarted_epoch", False):
+                sampler.restarted_epoch = False
+                return 0
         elif self._train_loader is not None:
             for inner in (getattr(self._train_loader, "sampler", None),
                           getattr(self._train_loader, "batch_sampler", None)):
                 if hasattr(inner, "set_epoch"):
                     inner.set_epoch(epoch)
+        return batches_done
 
     def iterate_train(self, loader: Any, skip: int) -> Iterator[tuple[int, Any]]:
         # Creating a DataLoader iterator draws a seed for its worker processes from the global

@@ -44,7 +44,7 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
         checkpointer.attach(worker, ranks, attempt=job.attempt, fence=job.fence)
     strategy = resolve_strategy(trainer.config.strategy, distributed=True)
     host = WorkerHost(ranks, device, seed=job.sampler_seed, checkpointer=checkpointer,
-                      strategy=strategy)
+                      strategy=strategy, data_key=job.fence)
     sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
     for logger in trainer.loggers:
         logger.sink = sink

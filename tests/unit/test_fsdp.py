@@ -366,8 +366,8 @@ def test_fsdp_is_a_strategy_name_and_stays_inside_the_protocol() -> None:
 
 
 def test_bad_options_and_peer_snapshots_are_refused_when_the_trainer_is_built() -> None:
-    with pytest.raises(MisconfigurationException, match="state_dict_type='sharded'"):
-        FSDPStrategy(state_dict_type="sharded")
+    with pytest.raises(MisconfigurationException, match="state_dict_type='local'"):
+        FSDPStrategy(state_dict_type="local")
     with pytest.raises(MisconfigurationException, match="mixed_precision='fp8'"):
         FSDPStrategy(mixed_precision="fp8")
     with pytest.raises(MisconfigurationException, match="auto_wrap_policy"):

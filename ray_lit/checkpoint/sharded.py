@@ -1,0 +1,54 @@
+"""Sharded model checkpoints of a run: ``FSDPStrategy(state_dict_type="sharded")``.
+
+``save_sharded`` is what ``ModelCheckpoint`` calls on every rank instead of
+``trainer.save_checkpoint``; ``consolidate`` turns such a directory into one ordinary file
+(``python -m ray_lit consolidate SRC_DIR DST_FILE`` runs it). The directory format, reading and
+storage are ``ray_lit.storage.sharded_io``'s.
+
+Fault-tolerance checkpoints (``checkpoint.writer``) stay full-state files for now.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray_lit.storage.sharded_io import consolidate_checkpoint
+
+__all__ = ["consolidate", "save_sharded"]
+
+
+def save_sharded(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -> None:
+    """Write the run's checkpoint as a sharded checkpoint directory at ``path``.
+
+    COLLECTIVE: every rank calls it at the same point (``ModelCheckpoint`` does), with the same
+    ``path``. Nothing is gathered: each rank writes its own shards of the module and optimizer
+    state, rank 0 the rest (epoch, global_step, callbacks, hparams, loops).
+
+    Args:
+        trainer: the rank's trainer (its strategy holds the shards).
+        path: the checkpoint directory (local path shared by every rank, or a storage URI).
+        weights_only: keep only the module's state (no optimizer, scheduler, callback state).
+    """
+    from ray_lit.loop.checkpoint_state import dump_checkpoint
+    from ray_lit.loop.liveness import long_phase
+    from ray_lit.storage.sharded_io import save_sharded_checkpoint
+    from ray_lit.strategies.fsdp import sharded_state_dicts
+
+    strategy = trainer.strategy
+    # a large model to slow storage can take longer than the hang timeout: not a hang
+    with long_phase("sharded checkpoint save"):
+        with sharded_state_dicts(strategy):
+            # on_device: the shards stay where they are; DCP copies them to host as it writes
+            checkpoint = dump_checkpoint(trainer, weights_only, on_device=True)
+        save_sharded_checkpoint(checkpoint, path, strategy)
+
+
+def consolidate(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Write the sharded checkpoint directory ``src`` as one ordinary checkpoint file ``dst``
+    (any process, no process group); see ``storage.sharded_io.consolidate_checkpoint``.
+
+    Returns:
+        ``dst`` as a string.
+    """
+    return consolidate_checkpoint(src, dst)
