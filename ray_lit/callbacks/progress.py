@@ -161,15 +161,23 @@ class ProgressBar(Callback):
         replayed from workers); the bar redraws when ``n_done`` crosses a multiple of
         ``refresh_rate`` or reaches the total.
         """
+        if self._record(stage, n_done, metrics):
+            self._draw(stage, n_done, metrics)
+
+    def _record(self, stage: str, n_done: int, metrics: dict[str, float | int | str]) -> bool:
+        """Note the stage's progress; True when the bar is due for a redraw."""
         state = self._stages.get(stage)
         if not self.is_enabled or state is None:
-            return
+            return False
         state.n_done = n_done
         state.metrics = dict(metrics)
         due = n_done // self.refresh_rate > state.drawn // self.refresh_rate
         if not (due or n_done == state.total):
-            return
+            return False
         state.drawn = n_done
+        return True
+
+    def _draw(self, stage: str, n_done: int, metrics: dict[str, float | int | str]) -> None:
         bar = self._bars.get(stage)
         if bar is not None:
             bar.n = n_done

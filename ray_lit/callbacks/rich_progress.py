@@ -101,16 +101,9 @@ class RichProgressBar(ProgressBar):
             self._progress.remove_task(task)
         self._tasks[stage] = self._progress.add_task(description, total=total, metrics="")
 
-    def update(self, stage: str, n_done: int, metrics: dict[str, float | int | str]) -> None:
-        state = self._stages.get(stage)
-        if not self.is_enabled or state is None or self._progress is None:
+    def _draw(self, stage: str, n_done: int, metrics: dict[str, float | int | str]) -> None:
+        if self._progress is None:
             return
-        state.n_done = n_done
-        state.metrics = dict(metrics)
-        due = n_done // self.refresh_rate > state.drawn // self.refresh_rate
-        if not (due or n_done == state.total):
-            return
-        state.drawn = n_done
         fields = {"metrics": self._metrics_text(metrics)} if stage == "train" else {}
         self._progress.update(self._tasks[stage], completed=n_done, refresh=True, **fields)
 

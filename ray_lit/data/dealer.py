@@ -14,7 +14,9 @@ Equal shards: a batch is handed out only when its whole round (``world_size`` co
 batches) is known to be full, so every rank gets the same number of batches (a rank that
 stops early would hang DDP's collectives). The last, incomplete round is split into
 ``world_size`` equal batches of ``rows // world_size`` rows (``drop_last=False``; fewer than
-``world_size`` rows are dropped) or dropped (``drop_last=True``).
+``world_size`` rows are dropped) or dropped (``drop_last=True``). Prediction (``whole=True``)
+runs no collective per batch and must see every row: its batches are dealt as the stream cuts
+them, the last one partial, so a rank may run one batch fewer than another.
 
 Where it runs: for a Ray worker group, inside one small actor (``DealerActor``, 0 CPUs, outside
 the workers' placement group so Ray Data's tasks get the cluster's CPUs); in process for
@@ -50,11 +52,13 @@ class BatchDealer:
         train: a train loader (a shard smaller than one batch is an error) or an eval loader.
         deterministic: read the data set in its order (Ray Data's ``preserve_order``, set on
             the data set's own context), so a resume can skip exactly what was trained on.
+        whole: deal every row as the stream cuts it (prediction), not equal shards.
     """
 
     def __init__(self, dataset: Any, batch_size: int, world_size: int,
                  shuffle_buffer: int | None, seed: int, drop_last: bool,
-                 prefetch_batches: int, train: bool, deterministic: bool = True) -> None:
+                 prefetch_batches: int, train: bool, deterministic: bool = True,
+                 whole: bool = False) -> None:
         if deterministic:
             dataset.context.execution_options.preserve_order = True
         self.dataset = dataset
@@ -65,6 +69,7 @@ class BatchDealer:
         self.drop_last = drop_last
         self.prefetch_batches = prefetch_batches
         self.train = train
+        self.whole = whole
         self._stream: tuple[int, int] | None = None  # (epoch, start_batches) being served
         self._source: Iterator[Batch] | None = None
         self._next_index = 0  # global index (after the skip) of the next batch to deal
@@ -135,10 +140,14 @@ class BatchDealer:
             if _rows(batch) < self.batch_size:
                 break  # the stream's last, partial batch
         first = self._next_index
-        if len(batches) == self.world_size and _rows(batches[-1]) == self.batch_size:
+        if self.whole or (len(batches) == self.world_size
+                          and _rows(batches[-1]) == self.batch_size):
             for offset, batch in enumerate(batches):
                 self._pending[first + offset] = batch
             self._next_index += self.world_size
+            if len(batches) < self.world_size or _rows(batches[-1]) < self.batch_size:
+                self.close()
+                return False
             return True
         self.close()  # the last round: split equally (or drop)
         rows = sum(_rows(b) for b in batches)

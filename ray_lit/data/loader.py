@@ -104,10 +104,10 @@ class RayDataLoader:
     def __iter__(self) -> Iterator[Any]:
         """Every batch of one epoch, in this process (as a one-rank shard)."""
         return iter(self.shard_for_rank(key=None, world_rank=0, world_size=1, seed=0,
-                                        train=False))
+                                        train=False, whole=True))
 
     def shard_for_rank(self, key: str | None, world_rank: int, world_size: int, seed: int,
-              train: bool) -> RayDataShard:
+                       train: bool, whole: bool = False) -> RayDataShard:
         """This rank's share (called by the host on every rank, in the same order).
 
         Args:
@@ -117,10 +117,12 @@ class RayDataLoader:
             world_size: ranks in the group.
             seed: the run's sampler seed (the same on every rank).
             train: a train loader (shuffled with the buffer, if any) or an eval loader.
+            whole: a predict loader: every row, batches as the stream cuts them (no equal
+                shards), each batch's global position recorded in ``seen``.
         """
         shuffle = self.local_shuffle_buffer_size if train else None
         args = (self.dataset, self.batch_size, world_size, shuffle, seed, self.drop_last,
-                self.prefetch_batches, train, self.deterministic)
+                self.prefetch_batches, train, self.deterministic, whole)
         if key is None:
             dealer: Any = BatchDealer(*args)
         else:
@@ -167,7 +169,11 @@ class RayDataShard:
 
     ``sampler`` is the stream position (``ray_lit.loop.sampler.sampler_of`` finds it there): the
     loop's ``set_epoch``, checkpoint and resume act on it as on a ``DataLoader``'s sampler.
+    ``seen`` and ``total`` make it the predict loop's batch recorder: ``(position, [])`` of each
+    batch served, ``position`` its place in the epoch's stream (the driver orders by it).
     """
+
+    total = None  # batches of the whole stream: unknown before it is read
 
     def __init__(self, loader: RayDataLoader, dealer: Any, remote: bool,
                  position: StreamPosition) -> None:
@@ -177,6 +183,7 @@ class RayDataShard:
         self.sampler = position
         self._dealer = dealer
         self._remote = remote
+        self.seen: list[tuple[int, list[int]]] = []
 
     def __len__(self) -> int:
         raise TypeError("a RayDataShard has no length before its epoch is read")
@@ -186,15 +193,19 @@ class RayDataShard:
         epoch, start_batches = position.epoch, position.start // self.batch_size
         indices = _count(position.rank, position.num_replicas)
         collate = self.loader.collate_fn or default_collate
-        for table in self._fetch(epoch, start_batches, indices):
+        self.seen = []
+        for index, table in self._fetch(epoch, start_batches, indices):
+            self.seen.append((index, []))
             yield collate(to_numpy(table))
 
     def _fetch(self, epoch: int, start_batches: int, indices: Iterator[int]) -> Iterator[Any]:
         if not self._remote:
             try:
-                while (batch := self._dealer.batch(epoch, start_batches, next(indices))) \
-                        is not None:
-                    yield batch
+                for index in indices:
+                    batch = self._dealer.batch(epoch, start_batches, index)
+                    if batch is None:
+                        break
+                    yield index, batch
             finally:  # the loop left the epoch (its end, a limit, an error): stop reading
                 self._dealer.close()
             return
@@ -208,9 +219,10 @@ class RayDataShard:
         while True:
             while len(ahead) < depth:
                 wanted = [next(indices) for _ in range(CHUNK)]
-                ahead.append(self._dealer.batches.remote(epoch, start_batches, wanted))
-            tables = ray.get(ahead.popleft())
-            yield from tables
+                ahead.append((wanted, self._dealer.batches.remote(epoch, start_batches, wanted)))
+            wanted, ref = ahead.popleft()
+            tables = ray.get(ref)
+            yield from zip(wanted, tables)
             if len(tables) < CHUNK:
                 return
 

@@ -43,10 +43,11 @@ class LocalHost:
         return self.world_rank == 0
 
     # --- data ----------------------------------------------------------------------------------
-    def prepare_loader(self, loader: Any, train: bool) -> Any:
+    def prepare_loader(self, loader: Any, train: bool, whole: bool = False) -> Any:
+        """This rank's copy of ``loader`` (``whole``: a predict loader, every row)."""
         if hasattr(loader, "shard_for_rank"):  # a RayDataLoader: dealt in this process
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            return loader.shard_for_rank(None, 0, 1, seed, train)
+            return loader.shard_for_rank(None, 0, 1, seed, train, whole)
         return loader
 
     def set_epoch(self, epoch: int, batches_done: int) -> int:

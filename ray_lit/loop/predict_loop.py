@@ -366,9 +366,14 @@ def run_predict(trainer: Any, module: LightningModule, loaders: Any, datamodule:
                 "predict_dataloader() on the module or its datamodule.")
         host = trainer._host
         seed = getattr(host, "seed", 0)
-        prepared = [prepare_predict_loader(dl, world_rank=host.world_rank,
-                                           world_size=host.world_size, seed=seed)
-                    for dl in found]
+        prepared = []
+        for dl in found:
+            if hasattr(dl, "shard_for_rank"):  # a RayDataLoader: the host deals it
+                shard = host.prepare_loader(dl, train=False, whole=True)
+                prepared.append((shard, shard))  # the shard records its batches' positions
+            else:
+                prepared.append(prepare_predict_loader(dl, world_rank=host.world_rank,
+                                                       world_size=host.world_size, seed=seed))
         trainer.predict_dataloaders = [dl for dl, _ in prepared]
         trainer.num_predict_batches = [loader_length(dl) for dl, _ in prepared]
         trainer._sink.run_start("predict")

@@ -52,13 +52,14 @@ class WorkerHost:
         return self.world_rank == 0
 
     # --- data ----------------------------------------------------------------------------------
-    def prepare_loader(self, loader: Any, train: bool) -> Any:
+    def prepare_loader(self, loader: Any, train: bool, whole: bool = False) -> Any:
+        """This rank's copy of ``loader`` (``whole``: a predict loader, every row)."""
         if isinstance(loader, RayDataLoader):
             # every rank prepares its loaders in the same order: the count names the dealer
             self._data_loaders += 1
             key = f"ray_lit_data:{self._data_key}:{self._data_loaders}"
             sharded: Any = loader.shard_for_rank(key, self.world_rank, self.world_size, self.seed,
-                                                 train)
+                                                 train, whole)
         else:
             sharded = shard_dataloader(loader, world_rank=self.world_rank,
                                        world_size=self.world_size, train=train, seed=self.seed)

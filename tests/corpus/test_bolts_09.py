@@ -241,6 +241,11 @@ def _torchvision_works() -> bool:
     return probe.returncode == 0
 
 
+# torchvision cannot be installed for this torch: the scripts then import our test double of
+# the few names they use (tests/corpus/torchvision_double, see its docstring)
+TORCHVISION_DOUBLE = os.path.join(os.path.dirname(__file__), "torchvision_double")
+
+
 def _write_idx(path: Any, array: np.ndarray) -> None:
     """An MNIST idx file (big-endian header, uint8 data), as torchvision's MNIST reads it."""
     dims = array.shape
@@ -248,25 +253,67 @@ def _write_idx(path: Any, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def test_pl_examples_cpu_template_through_python_m_ray_lit(pl_examples_root, tmp_path):
-    """Lightning 0.9.0's ``pl_examples/basic_examples/cpu_template.py``, unchanged, on a tiny
-    generated MNIST (so ``prepare_data``'s download finds the files and fetches nothing)."""
-    if not _torchvision_works():
-        pytest.skip("pl_examples import torchvision, which cannot be installed for this torch")
-    raw = tmp_path / "mnist" / "MNIST" / "raw"
+def _tiny_mnist(root: pathlib.Path) -> None:
+    """A generated MNIST in torchvision's layout (so ``download=True`` finds it, fetches
+    nothing)."""
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 64), ("t10k", 32)):
         _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
-    script = pl_examples_root / "pl_examples" / "basic_examples" / "cpu_template.py"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [REPO, str(pl_examples_root), os.environ.get("PYTHONPATH", "")]))
+
+
+def _run_example(pl_examples_root: pathlib.Path, tmp_path: pathlib.Path, script: str,
+                 ray_lit_args: list[str], script_args: list[str]) -> str:
+    paths = [REPO, str(pl_examples_root)]
+    if not _torchvision_works():
+        paths.append(TORCHVISION_DOUBLE)
+    # RAY_ADDRESS=local: the script starts its own Ray, never joins one left running here
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONPATH=os.pathsep.join(
+        paths + [os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(
-        [sys.executable, "-m", "ray_lit", "--workers", "0", str(script),
-         "--data_root", str(tmp_path / "mnist"), "--hidden_dim", "16", "--batch_size", "8",
-         "--num_workers", "0", "--max_epochs", "1", "--limit_train_batches", "3",
-         "--limit_val_batches", "2", "--default_root_dir", str(tmp_path / "logs")],
+        [sys.executable, "-m", "ray_lit", *ray_lit_args,
+         str(pl_examples_root / "pl_examples" / script), *script_args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.ray)])
+def test_pl_examples_cpu_template_through_python_m_ray_lit(pl_examples_root, tmp_path,
+                                                          workers):
+    """Lightning 0.9.0's ``pl_examples/basic_examples/cpu_template.py``, unchanged, on a tiny
+    generated MNIST, in process and on 2 Ray workers."""
+    _tiny_mnist(tmp_path / "mnist")
+    _run_example(pl_examples_root, tmp_path, "basic_examples/cpu_template.py",
+                 ["--workers", str(workers)],
+                 ["--data_root", str(tmp_path / "mnist"), "--hidden_dim", "16",
+                  "--batch_size", "8", "--num_workers", "0", "--max_epochs", "1",
+                  "--limit_train_batches", "3", "--limit_val_batches", "2",
+                  "--default_root_dir", str(tmp_path / "logs")])
     assert list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+@pytest.mark.ray
+def test_pl_examples_gan_on_two_workers(pl_examples_root, tmp_path):
+    """0.9.0's ``domain_templates/generative_adversarial_net.py`` (two optimizers with
+    ``optimizer_idx``, dict returns with ``progress_bar``/``log``, ``self.logger.experiment
+    .add_image`` in a worker, ``on_epoch_end``), unchanged; its bare ``Trainer()`` gets the run's
+    limits from ``python -m ray_lit --trainer-options``."""
+    _tiny_mnist(tmp_path)  # the script reads MNIST from its working directory
+    options = {"max_epochs": 1, "limit_train_batches": 3, "enable_progress_bar": False,
+               "log_every_n_steps": 1}
+    _run_example(pl_examples_root, tmp_path, "domain_templates/generative_adversarial_net.py",
+                 ["--workers", "2", "--trainer-options", json.dumps(options)],
+                 ["--batch_size", "8", "--latent_dim", "16"])
+    events = list((tmp_path / "lightning_logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["images"]) | set(accumulator.Tags()["scalars"])
+    assert {"generated_images", "g_loss", "d_loss"} <= tags, tags

@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 from collections import defaultdict
 
 import cloudpickle
@@ -210,10 +211,66 @@ def test_a_killed_worker_resumes_mid_epoch_seeing_every_sample_once(reference, t
         assert torch.equal(value, model.state_dict()[key]), key
 
 
+class FailsAfterACommit(Recorder):
+    """Rank 0 fails the run at step 3, once the checkpoint after step 3 is committed (a
+    killed driver's run ends like this: its latest committed checkpoint is mid-epoch)."""
+
+    def __init__(self, log_dir: str, run_dir: str) -> None:
+        super().__init__(log_dir)
+        self.run_dir = run_dir
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3 and self.global_rank == 0 and self.run_dir:
+            from ray_lit.checkpoint.manager import CheckpointManager
+
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                latest = CheckpointManager(self.run_dir).latest()
+                if latest is not None and latest.global_step == 3:
+                    raise RuntimeError("the run stops here")
+                time.sleep(0.2)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_rerun_at_three_workers_deals_the_unseen_rest_of_a_two_worker_epoch(data_context,
+                                                                             tmp_path):
+    """The rest of an epoch a 2-worker run left mid-way is re-split over 3 ranks by a rerun."""
+    options = _options(tmp_path, "rerun", checkpoint_every_n_steps=1, max_failures=0)
+    run_dir = str(tmp_path / "runs" / "rerun")
+    pl.seed_everything(3)
+    with pytest.raises(Exception, match="the run stops here"):
+        pl.Trainer(num_workers=2, **options).fit(FailsAfterACommit(str(tmp_path), run_dir),
+                                                 datamodule=RayDataModule(batch_size=8))
+    pl.seed_everything(3)
+    second = pl.Trainer(num_workers=3, **options)
+    second.fit(Recorder(str(tmp_path)), datamodule=RayDataModule(batch_size=8))
+    assert second.world_size_history == [3]
+    # 3 steps of 2 ranks took 48 of the 96 rows; 3 ranks take the other 48 in 2 steps
+    assert second.global_step == 3 + 2 + 4
+    seen = _seen_per_epoch(tmp_path, "train", 3)
+    for epoch in (0, 1):
+        assert sorted(seen[epoch]) == list(range(ROWS)), epoch
+
+
 def test_a_later_validate_on_the_kept_group_reads_the_data_again(reference):
     model, trainer, _ = reference
     results = trainer.validate(model, RayDataLoader(_dataset(40), batch_size=4))
     assert set(results[0]) == {"val_loss"}
+
+
+def test_predict_on_two_workers_returns_every_row_in_order(reference):
+    model, trainer, _ = reference
+
+    class Predictor(Recorder):
+        def predict_step(self, batch, batch_idx, dataloader_idx=0):
+            return batch["id"]
+
+    predictor = Predictor()
+    predictor.load_state_dict(model.state_dict())
+    loader = RayDataLoader(_dataset(45), batch_size=4)
+    got = trainer.predict(predictor, loader)
+    assert torch.cat(got).tolist() == list(range(45))  # 12 batches, the last of 1 row
+    assert [len(b) for b in got] == [4] * 11 + [1]
 
 
 def test_loop_options_count_ray_data_batches_as_dataloader_batches(data_context, tmp_path):

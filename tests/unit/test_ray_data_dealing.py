@@ -39,9 +39,9 @@ class FakeDataset:
 
 
 def _dealer(rows=100, batch_size=8, world_size=2, shuffle=None, drop_last=False, train=True,
-            seed=0):
+            seed=0, whole=False):
     return BatchDealer(FakeDataset(rows), batch_size, world_size, shuffle, seed, drop_last, 1,
-                       train)
+                       train, whole=whole)
 
 
 def _take(dealer, epoch, start_batches, rank, world_size, count=None):
@@ -83,6 +83,16 @@ def test_global_batch_g_goes_to_rank_g_mod_world_size_in_stream_order():
     per_rank = _interleaved(_dealer(rows=96, batch_size=8, world_size=2), 2)
     flat = [b for pair in zip(*per_rank) for b in pair]
     assert [i for b in flat for i in b] == list(range(96))
+
+
+def test_prediction_gets_every_row_in_the_streams_batches():
+    dealer = _dealer(rows=45, batch_size=8, world_size=2, train=False, whole=True)
+    per_rank = [_take(dealer, 0, 0, r, 2) for r in range(2)]
+    assert [len(b) for b in per_rank] == [3, 3]  # batches 0, 2, 4 and 1, 3, 5
+    flat = [b for pair in zip(*per_rank) for b in pair]
+    assert [i for b in flat for i in b] == list(range(45))  # the last batch holds 5 rows
+    dealer = _dealer(rows=40, batch_size=8, world_size=2, train=False, whole=True)
+    assert [len(_take(dealer, 0, 0, r, 2)) for r in range(2)] == [3, 2]  # one batch more
 
 
 def test_drop_last_drops_the_incomplete_round():
