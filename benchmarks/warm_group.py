@@ -1,7 +1,9 @@
 """How long a call takes to reach its first batch, with and without the Trainer's kept group.
 
 One Trainer runs ``fit`` (cold: the group forms), then ``validate``, ``test`` and ``predict``
-(warm: the same actors and process group), then a second Trainer runs ``validate`` (cold again).
+(warm: the same actors and process group), then a second Trainer runs ``validate`` (cold again),
+and a third Trainer's ``fit`` starts on the second's workers, parked in the warm pool when the
+second went without ``teardown()``.
 Each call's time to its first batch is measured in the module (the wall clock when the first
 ``*_step`` of the call runs, minus when the call started on the driver); the tiny model makes
 the rest of the call negligible. Prints one table (2 workers on a local Ray).
@@ -12,6 +14,7 @@ the rest of the call negligible. Prints one table (2 workers on a local Ray).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -87,10 +90,16 @@ def one_round(root: str) -> dict[str, float]:
     out["test after validate (warm)"] = _first_batch_s(
         lambda: trainer.test(model, _loader(), ckpt_path=None, verbose=False), stamps)
     trainer.teardown()
-    other = _trainer(root)
     out["validate, new Trainer (cold)"] = _first_batch_s(
-        lambda: other.validate(model, _loader(), verbose=False), stamps)
-    other.teardown()
+        lambda: _trainer(root).validate(model, _loader(), verbose=False), stamps)
+    # that Trainer went without teardown (a notebook rebinding ``trainer``): its workers are
+    # parked in the warm pool, and the next Trainer's fit starts on them
+    model = Tiny(stamps)
+    gc.collect()
+    third = _trainer(root)
+    out["fit, new Trainer (warm pool)"] = _first_batch_s(
+        lambda: third.fit(model, _loader()), stamps)
+    third.teardown()
     return out
 
 

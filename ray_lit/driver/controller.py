@@ -90,7 +90,7 @@ class Controller:
                  hang_timeout_s: float | None = None,
                  supervision: SupervisionConfig | None = None,
                  create_group: Any = None, cluster: Any = None, reuse: Any = None,
-                 keep_group: bool = False) -> None:
+                 keep_group: bool = False, warm: Survivors | None = None) -> None:
         """``create_group`` (``WorkerGroup.create``) and ``cluster`` (``ClusterView()``) are
         where the controller meets Ray; ``ray_lit.testing`` passes fakes.
 
@@ -98,7 +98,9 @@ class Controller:
         ``hang_timeout_s`` is the user's ``worker_hang_timeout_s``. ``reuse`` is a worker
         group an earlier call of the same Trainer kept: the first attempt runs on it when it
         still fits and is alive. With ``keep_group`` a group whose run finished is not released
-        but left in ``kept_group`` for the Trainer's next call.
+        but left in ``kept_group`` for the Trainer's next call. ``warm``: idle workers of an
+        earlier Trainer (``driver.pool``), placed alike; the first attempt forms its process
+        group on them as on the survivors of a lost worker.
         """
         self.create_group = create_group or WorkerGroup.create
         self.cluster = cluster or ClusterView()
@@ -122,7 +124,8 @@ class Controller:
         self._next_size: int | None = None
         self._attempts = 0
         self._run_token = secrets.token_hex(4)  # tells this driver's attempts from a killed one's
-        self._survivors: Survivors | None = None
+        self._survivors: Survivors | None = warm
+        self._warm = warm is not None  # the first group forms on pooled workers
         self._answered: set[str] = set()  # nodes a probe just reached (after a failure)
         self._unreachable: set[str] = set()  # nodes a probe did not reach (a lost node)
         # every node found lost: Ray lists one as alive (and its bundles as placed there) for
@@ -268,9 +271,13 @@ class Controller:
             accumulate = self._plan_accumulation(size)
             group = self.create_group(**dict(self.group_options, num_workers=size),
                                       survivors=None)
-        if kept:
+        if kept and self._warm:
+            self.sink.print(f"ray_lit: {kept} warm worker(s) of an earlier Trainer, "
+                            f"{size - kept} new; a new process group formed")
+        elif kept:
             self.sink.print(f"ray_lit: kept {kept} worker(s), started {size - kept} new; "
                             f"process group re-formed ({regroup.reason})")
+        self._warm = False
         return group, accumulate
 
 
@@ -425,7 +432,12 @@ class Controller:
         if timeout is None or status.long_phase:
             return False
         if timeout == "auto":
-            if status.steps <= 0:
+            # fit: armed after the attempt's first optimizer steps; validate / test / predict
+            # count no training steps, so there it is armed once polls saw batches go by
+            # (a slowest step was measured)
+            started = status.steps > 0 if self.job.stage == "fit" else \
+                status.slowest_step_s > 0
+            if not started:
                 return False
             cfg = self.supervision
             timeout = max(cfg.hang_floor_s, cfg.hang_step_factor * status.slowest_step_s)
@@ -462,6 +474,12 @@ class Controller:
             if self.manager is not None:
                 self.manager.storage.write_bytes(f"hangs/{name}", body.encode())
                 return f"{self.manager.run_uri}/hangs/{name}"
+            run_dir = getattr(self.trainer, "run_dir", None)
+            if run_dir:  # validate / test / predict after this Trainer's fit: that run's
+                from ray_lit.storage.filesystem import Storage
+
+                Storage(run_dir).write_bytes(f"hangs/{name}", body.encode())
+                return f"{run_dir.rstrip('/')}/hangs/{name}"
             root = getattr(self.trainer, "default_root_dir", None) or "."
             directory = os.path.join(root, "ray_lit_hangs")
             os.makedirs(directory, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import secrets
 import time
 import weakref
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
+from ray_lit.driver.pool import POOL
 from ray_lit.driver.results import apply_final_state
 from ray_lit.errors import MisconfigurationException
 from ray_lit.messages import CheckpointSpec, Job
@@ -137,7 +139,10 @@ def _run_uri(trainer: Any) -> str:
     root = config.storage_path or (config.default_root_dir or os.path.join(os.getcwd(),
                                                                            "ray_lit_runs"))
     if config.run_name is None:
-        config.run_name = time.strftime("ray_lit_%Y%m%d_%H%M%S")
+        # unique: two Trainers started in the same second must not share a run directory
+        # (the second would resume the first's checkpoints); a rerun that should continue a
+        # run names it (``run_name=``)
+        config.run_name = time.strftime("ray_lit_%Y%m%d_%H%M%S") + f"_{secrets.token_hex(2)}"
     root = os.fspath(root)
     if "://" not in root:
         root = os.path.abspath(root)  # workers resolve paths in their own cwd
@@ -146,8 +151,9 @@ def _run_uri(trainer: Any) -> str:
 
 class KeptGroup:
     """The worker group a Trainer keeps between ``fit`` / ``validate`` / ``test`` / ``predict``
-    (driver side). Released by ``trainer.teardown()``, when the Trainer is garbage collected,
-    or at interpreter exit (Ray kills a driver's actors then)."""
+    (driver side). ``trainer.teardown()`` releases it; when the Trainer is garbage collected it
+    is parked in the warm pool for the next Trainer (``driver.pool``); at interpreter exit Ray
+    kills a driver's actors."""
 
     def __init__(self) -> None:
         self.group: Any = None
@@ -175,6 +181,14 @@ class KeptGroup:
         if group is not None and ray.is_initialized():
             group.shutdown()
 
+    def park(self) -> None:
+        """The Trainer went: leave its idle group to the next Trainer (``driver.pool``)."""
+        import ray
+
+        group, self.group = self.group, None
+        if group is not None and ray.is_initialized():
+            POOL.park(group, self.options or {})
+
 
 # every Trainer's kept group in this driver process (alive while its Trainer is)
 _ALL_KEPT: weakref.WeakSet[KeptGroup] = weakref.WeakSet()
@@ -185,9 +199,31 @@ def _kept_group(trainer: Any) -> KeptGroup:
     if kept is None:
         kept = trainer._kept = KeptGroup()
         _ALL_KEPT.add(kept)
-        # released with the Trainer (the finalizer holds the holder, never the Trainer)
-        weakref.finalize(trainer, kept.release)
+        # parked with the Trainer's end (the finalizer holds the holder, never the Trainer)
+        weakref.finalize(trainer, kept.park)
     return kept
+
+
+def _warm_group(options: dict[str, Any], besides: KeptGroup) -> Any:
+    """Workers of an earlier Trainer placed like ``options``, for a call that has no group of
+    its own: a parked group, else another Trainer's idle one (``Survivors``: the controller
+    forms a new process group on them), or None. With None, the idle groups of every shape
+    give their resources back first, so they never block the group about to be placed."""
+    warm = POOL.take(options)
+    if warm is not None:
+        return warm
+    for kept in list(_ALL_KEPT):
+        if kept is not besides and kept.group is not None and kept.options == options:
+            group, kept.group = kept.group, None
+            survivors = group.salvage(abort_timeout_s=5.0)
+            if survivors is not None and len(survivors.actors) == len(survivors.slots):
+                survivors.snapshots, survivors.confirmations = {}, []
+                return survivors
+            if survivors is not None:
+                survivors.release()
+    POOL.drain()
+    _release_idle_groups(besides)
+    return None
 
 
 def _release_idle_groups(besides: KeptGroup) -> None:
@@ -212,11 +248,11 @@ def _run_stage(trainer: Any, job: Job, payload: dict[str, Any], *, manager: Any 
     trainer._sink = sink
     kept = _kept_group(trainer)
     reuse = kept.take(group_options)
-    if reuse is None:
-        _release_idle_groups(besides=kept)
+    warm = _warm_group(group_options, besides=kept) if reuse is None else None
     controller = Controller(trainer=trainer, payload_ref=payload_ref, job=job,
                             group_options=group_options, sink=sink, manager=manager,
-                            hang_timeout_s=hang_timeout_s, reuse=reuse, keep_group=True)
+                            hang_timeout_s=hang_timeout_s, reuse=reuse, keep_group=True,
+                            warm=warm)
     controller.prediction_collector = collector
     trainer._controller = controller
     try:
@@ -281,7 +317,8 @@ def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datam
               accelerator=trainer.config.accelerator,
               weights=ray.put(weights) if weights is not None else None)
     state = _run_stage(trainer, job, {"trainer": _worker_trainer(trainer), "module": module,
-                                      "loaders": loaders, "dm": datamodule})
+                                      "loaders": loaders, "dm": datamodule},
+                       hang_timeout_s=trainer.config.worker_hang_timeout_s)
     apply_final_state(trainer, module, datamodule, state, fitted=False)
     return state.results
 
@@ -309,7 +346,7 @@ def launch_predict(trainer: Any, module: Any, loaders: Any, datamodule: Any,
     trainer._prediction_collector = collector  # what arrived, for tests and diagnostics
     state = _run_stage(trainer, job, {"trainer": _worker_trainer(trainer), "module": module,
                                       "loaders": loaders, "dm": datamodule},
-                       collector=collector)
+                       hang_timeout_s=trainer.config.worker_hang_timeout_s, collector=collector)
     apply_final_state(trainer, module, datamodule, state, fitted=False)
     if not return_predictions:
         return None

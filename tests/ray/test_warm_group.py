@@ -4,7 +4,9 @@ idles is replaced at the next call."""
 
 from __future__ import annotations
 
+import gc
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -113,3 +115,83 @@ def test_a_worker_lost_while_the_group_idles_is_replaced_at_the_next_call(ray_cl
     assert after != before and len(after) == 2
     trainer.teardown()
     assert not any(_alive(handles))
+
+
+# --- the warm pool: a Trainer that goes leaves its workers to the next one ------------------
+class Seeded(Tiny):
+    """Dropout and a shuffled loader: a run that inherited RNG or optimizer state from the
+    workers' earlier run would end with other weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.layer = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3),
+                                         torch.nn.Linear(8, 1))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def _shuffled() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 4, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+
+
+def _fit_seeded(tmp_path, name: str, workers: int = 2) -> tuple[pl.Trainer, Seeded]:
+    pl.seed_everything(9)
+    model = Seeded()
+    trainer = pl.Trainer(num_workers=workers, max_epochs=2, default_root_dir=str(tmp_path),
+                         run_name=name, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False)
+    trainer.fit(model, _shuffled())
+    return trainer, model
+
+
+def test_a_gone_trainers_workers_start_the_next_trainer_with_nothing_of_its_run(ray_cluster,
+                                                                                tmp_path):
+    from ray_lit.driver.pool import POOL
+
+    POOL.drain()
+    first, first_model = _fit_seeded(tmp_path, "first")
+    actors = _actor_ids(first)
+    taken = POOL.taken_total
+    del first, first_model  # the module refers to its Trainer
+    gc.collect()
+    assert len(POOL) == 1  # parked, not killed
+    second, model = _fit_seeded(tmp_path, "second")
+    assert _actor_ids(second) == actors and POOL.taken_total == taken + 1
+    second.teardown()  # an explicit release never parks
+    assert len(POOL) == 0
+    fresh, reference = _fit_seeded(tmp_path, "fresh")  # on new workers
+    assert _actor_ids(fresh) != actors
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    fresh.teardown()
+
+
+def test_another_shape_releases_the_parked_workers_and_an_idle_pool_empties(ray_cluster,
+                                                                            tmp_path):
+    from ray_lit.driver.pool import POOL
+
+    POOL.drain()
+    trainer, model = _fit_seeded(tmp_path, "two")
+    handles = _handles(trainer)
+    del trainer, model
+    gc.collect()
+    assert len(POOL) == 1
+    one, model = _fit_seeded(tmp_path, "one", workers=1)  # another shape: they give way
+    assert len(POOL) == 0 and not any(_alive(handles))
+    handles = _handles(one)
+    saved = POOL.idle_s
+    POOL.idle_s = 0.5
+    try:
+        del one, model
+        gc.collect()
+        assert len(POOL) == 1
+        deadline = time.monotonic() + 30
+        while len(POOL) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(POOL) == 0 and not any(_alive(handles))
+    finally:
+        POOL.idle_s = saved
