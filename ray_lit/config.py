@@ -7,12 +7,18 @@ with a suggestion, and checks every value; its messages name the option and the 
 from __future__ import annotations
 
 import difflib
-import os
+import numbers
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ray_lit.errors import MisconfigurationException
+from ray_lit.option_rules import (
+    ALIAS_RULES,
+    check_option,
+    check_option_values,
+    check_storage_path,
+)
 
 # 0.9 name -> 2.x / ray_lit name
 _ALIASES = {
@@ -50,7 +56,6 @@ _UNSUPPORTED = {
     "val_dataloaders": "dataloaders are not Trainer options; pass them to "
                        "trainer.fit(model, val_dataloaders=...)",
 }
-_PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 # options applied over every Trainer's own for the current run (``python -m ray_lit`` /
 # ``ray_lit.compat.install``): the command line knows where to run, the script does not
@@ -97,6 +102,7 @@ class TrainerConfig:
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
+    limit_predict_batches: int | float = 1.0
     val_check_interval: int | float = 1.0
     check_val_every_n_epoch: int | None = 1
     num_sanity_val_steps: int = 2
@@ -158,32 +164,23 @@ class TrainerConfig:
         options = dict(options)
         values: dict[str, Any] = _map_process_request(options)
         for name, value in options.items():
-            if name in _UNSUPPORTED:
-                if value in (None, False, 0):
-                    continue
-                raise MisconfigurationException(f"Trainer({name}=...): {_UNSUPPORTED[name]}.")
-            if name in _IGNORED:
-                if value not in (None, False):
-                    warnings.warn(f"Trainer({name}={value!r}) has no effect: {_IGNORED[name]}.",
-                                  stacklevel=3)
+            resolved = _resolve_option(name, value, known)
+            if resolved is None:
                 continue
-            if name in _ALIASES:
-                target = _ALIASES[name]
-                value = _translate_alias(name, value)
-                name = target
-                if name is None:
-                    continue
-            if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise MisconfigurationException(f"Trainer got an unknown option {name!r}.{hint}")
+            name, value = resolved
             if name == "num_workers" and values.get("num_workers") not in (None, value):
                 raise MisconfigurationException(
                     f"Trainer(num_workers={value!r}) disagrees with the "
                     f"{values['num_workers']} processes asked for by "
                     f"{_describe_request(options)}; drop one of them.")
             values[name] = value
-        overrides = run_overrides()
+        # the run's options (``python -m ray_lit --trainer-options``) speak the same names,
+        # 0.9 aliases included
+        overrides: dict[str, Any] = {}
+        for name, value in run_overrides().items():
+            resolved = _resolve_option(name, value, known)
+            if resolved is not None:
+                overrides[resolved[0]] = resolved[1]
         if "num_workers" in overrides or "use_gpu" in overrides:
             values.pop("gpus", None)  # the run's placement replaces the script's own
         values.update(overrides)
@@ -192,63 +189,61 @@ class TrainerConfig:
         return config
 
     def validate(self) -> None:
+        """Check every option against its rule (``ray_lit.option_rules``), then normalise
+        (``fast_dev_run``, ``overfit_batches``, 0.9 ``gpus``) and check what relates several
+        options. Runs on the driver when the Trainer is built, before any worker starts.
+
+        Raises:
+            MisconfigurationException: naming the option and the fix.
+        """
+        self._plain_numbers()
+        check_option_values({f.name: getattr(self, f.name) for f in fields(self)
+                             if not f.metadata.get("internal")})
+        check_storage_path(self.storage_path)
         if self.callbacks is None:
             self.callbacks = []
         elif not isinstance(self.callbacks, list):
             self.callbacks = list(self.callbacks) if isinstance(self.callbacks, tuple) else [
                 self.callbacks]
+        if self.gradient_clip_algorithm is None:  # 2.x's default
+            self.gradient_clip_algorithm = "norm"
         if self.fast_dev_run:
             n = 1 if self.fast_dev_run is True else int(self.fast_dev_run)
-            if n < 0:
-                raise MisconfigurationException("fast_dev_run must be a bool or an int >= 0.")
             self.limit_train_batches = self.limit_val_batches = self.limit_test_batches = n
+            self.limit_predict_batches = n
             self.max_epochs, self.num_sanity_val_steps, self.val_check_interval = 1, 0, 1.0
             self.max_steps = n
         if self.max_epochs is None:
             self.max_epochs = 1000 if self.max_steps in (None, -1) else 2**31 - 1
-        for name in ("max_epochs", "log_every_n_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (
-                    0 if name == "max_epochs" else 1):
-                raise MisconfigurationException(f"{name}={value!r} must be a positive int.")
-        if self.max_steps is not None and self.max_steps != -1 and self.max_steps < 0:
-            raise MisconfigurationException(f"max_steps={self.max_steps} must be >= 0 or -1.")
         for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
-                     "overfit_batches"):
-            setattr(self, name, _check_limit(name, getattr(self, name), whole_floats=True))
+                     "limit_predict_batches", "overfit_batches"):
+            setattr(self, name, _whole_count(getattr(self, name)))
         if self.overfit_batches:
             self.limit_train_batches = self.limit_val_batches = self.limit_test_batches = \
                 self.overfit_batches
-        _check_limit("val_check_interval", self.val_check_interval)
-        if self.val_check_interval == 0:
-            raise MisconfigurationException("val_check_interval must be > 0; to turn validation "
-                                            "off set limit_val_batches=0.")
-        if isinstance(self.num_sanity_val_steps, bool) or not isinstance(
-                self.num_sanity_val_steps, int) or self.num_sanity_val_steps < -1:
-            raise MisconfigurationException(
-                f"num_sanity_val_steps={self.num_sanity_val_steps!r}: use an int >= 0, or -1 "
-                "for every validation batch.")
-        _check_accumulation(self.accumulate_grad_batches)
-        if self.gradient_clip_algorithm not in ("norm", "value"):
-            raise MisconfigurationException(
-                f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}: use 'norm' or "
-                "'value'.")
         from ray_lit.loop.optimization import validate_precision
 
         validate_precision(self.precision, "cuda" if self.use_gpu else "cpu")
         self._validate_distributed()
 
+    def _plain_numbers(self) -> None:
+        """NumPy scalars (a Tune search space samples them) become Python numbers: the rules
+        and the loop take ``int`` / ``float``."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+                continue
+            setattr(self, f.name, int(value) if isinstance(value, numbers.Integral)
+                    else float(value))
+
     def _validate_distributed(self) -> None:
         if self.gpus:
             # 0.9: gpus=N means N workers with one GPU each
-            count = self.gpus if isinstance(self.gpus, int) else len(
-                str(self.gpus).split(",")) if str(self.gpus) != "-1" else 1
+            count = len(self.gpus) if isinstance(self.gpus, (list, tuple)) else \
+                self.gpus if isinstance(self.gpus, int) else len(str(self.gpus).split(","))
             if not self.num_workers:
                 self.num_workers = count
             self.use_gpu = True
-        if self.accelerator not in ("auto", "cpu", "gpu", "cuda", "tpu"):
-            raise MisconfigurationException(
-                f"accelerator={self.accelerator!r}: use 'cpu', 'gpu', 'tpu' or 'auto'.")
         if self.accelerator in ("gpu", "cuda"):
             self.use_gpu = True
         if self.accelerator == "cpu" and self.use_gpu:
@@ -258,55 +253,9 @@ class TrainerConfig:
         if self.accelerator == "tpu" and self.use_gpu:
             raise MisconfigurationException("accelerator='tpu' and use_gpu=True exclude each "
                                             "other; pick one.")
-        workers = self.num_workers
-        if isinstance(workers, (tuple, list)):
-            if len(workers) != 2 or not all(isinstance(w, int) for w in workers) or not (
-                    1 <= workers[0] <= workers[1]):
-                raise MisconfigurationException(
-                    f"num_workers={workers!r}: an elastic range is (min, max) with "
-                    "1 <= min <= max.")
-            self.num_workers = tuple(workers)
-        elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise MisconfigurationException(
-                f"num_workers={workers!r}: use 0 (in process), N >= 1 Ray workers, or "
-                "(min, max).")
-        from ray_lit.strategies import check_strategy
-
-        check_strategy(self.strategy)
-        if self.placement_strategy not in _PLACEMENT:
-            raise MisconfigurationException(
-                f"placement_strategy={self.placement_strategy!r}: use one of {_PLACEMENT}.")
-        if not isinstance(self.max_failures, int) or self.max_failures < -1:
-            raise MisconfigurationException(
-                f"max_failures={self.max_failures!r}: use an int >= 0, or -1 for unlimited.")
-        every = self.checkpoint_every_n_steps
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
-                                  or every < 1):
-            raise MisconfigurationException(
-                f"checkpoint_every_n_steps={every!r}: use an int >= 1 (optimizer steps between "
-                "fault-tolerance checkpoints) or None (at epoch ends only).")
-        keep = self.keep_checkpoints
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise MisconfigurationException(
-                f"keep_checkpoints={keep!r}: use an int >= 1 (committed fault-tolerance "
-                "checkpoints kept; the newest is never deleted).")
-        retry = self.storage_retry_timeout_s
-        if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not \
-                0 <= retry < float("inf"):
-            raise MisconfigurationException(
-                f"storage_retry_timeout_s={retry!r}: use a number of seconds >= 0 (how long "
-                "checkpoint writes retry a failing storage_path before the run stops; 0 "
-                "tries once).")
-        if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
-            raise MisconfigurationException(
-                f"resume={self.resume!r}: use 'auto' (the latest committed checkpoint of "
-                "run_name), 'never', or a checkpoint path.")
-        snap = self.snapshot_every_n_steps
-        if snap is not None:
-            if isinstance(snap, bool) or not isinstance(snap, int) or snap < 1:
-                raise MisconfigurationException(
-                    f"snapshot_every_n_steps={snap!r}: use an int >= 1 (optimizer steps between "
-                    "in-memory snapshots) or None.")
+        if isinstance(self.num_workers, list):
+            self.num_workers = tuple(self.num_workers)
+        if self.snapshot_every_n_steps is not None:
             if not self.num_workers:
                 raise MisconfigurationException(
                     "snapshot_every_n_steps keeps in-memory snapshots on Ray workers for "
@@ -322,16 +271,6 @@ class TrainerConfig:
                     "snapshots assume every worker holds the full parameters, and a sharded "
                     "strategy does not. Drop snapshot_every_n_steps (fault-tolerance "
                     "checkpoints in storage, checkpoint_every_n_steps, still work).")
-        hang = self.worker_hang_timeout_s
-        if hang is not None and hang != "auto" and (
-                isinstance(hang, bool) or not isinstance(hang, (int, float)) or hang <= 0):
-            raise MisconfigurationException(
-                f"worker_hang_timeout_s={hang!r}: use 'auto' (max(60 s, 20x the slowest "
-                "step)), a number of seconds > 0, or None (no hang detection).")
-        if self.elastic_batch not in ("keep_global_batch", "keep_per_worker"):
-            raise MisconfigurationException(
-                f"elastic_batch={self.elastic_batch!r}: use 'keep_global_batch' or "
-                "'keep_per_worker'.")
 
     @property
     def distributed(self) -> bool:
@@ -371,6 +310,32 @@ def _count(name: str, value: Any) -> int | None:
             "on a cluster, so say how many: Trainer(num_workers=N) (python -m ray_lit "
             "--workers N).")
     return value
+
+
+def _resolve_option(name: str, value: Any, known: set[str]) -> tuple[str, Any] | None:
+    """One ``Trainer`` option as a config field: a 0.9 alias translated, an ignored one
+    warned about (None), an unsupported one or an unknown name refused."""
+    if name in _UNSUPPORTED:
+        if value in (None, False, 0):
+            return None
+        raise MisconfigurationException(f"Trainer({name}=...): {_UNSUPPORTED[name]}.")
+    if name in _IGNORED:
+        if value not in (None, False):
+            warnings.warn(f"Trainer({name}={value!r}) has no effect: {_IGNORED[name]}.",
+                          stacklevel=4)
+        return None
+    if name in _ALIASES:
+        check_option(name, value, ALIAS_RULES)
+        target = _ALIASES[name]
+        value = _translate_alias(name, value)
+        if target is None:
+            return None
+        name = target
+    if name not in known:
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise MisconfigurationException(f"Trainer got an unknown option {name!r}.{hint}")
+    return name, value
 
 
 def _map_process_request(options: dict[str, Any]) -> dict[str, Any]:
@@ -443,37 +408,12 @@ def _translate_alias(name: str, value: Any) -> Any:
     return value
 
 
-def _check_limit(name: str, value: Any, whole_floats: bool = False) -> int | float:
-    """``value`` checked; with ``whole_floats`` a whole float above 1 becomes that int count
-    (0.9: ``limit_test_batches=1e50`` means "all batches")."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MisconfigurationException(f"{name}={value!r} must be an int or a float.")
-    if whole_floats and isinstance(value, float) and value > 1 and value.is_integer():
+def _whole_count(value: int | float) -> int | float:
+    """A whole float above 1 is that many batches (0.9: ``limit_test_batches=1e50`` means
+    "all batches"); the rule table already refused anything else out of range."""
+    if isinstance(value, float) and value > 1 and value.is_integer():
         return int(value)
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise MisconfigurationException(
-            f"{name}={value} as a float is a fraction in [0.0, 1.0]; use an int for a count.")
-    if isinstance(value, int) and value < 0:
-        raise MisconfigurationException(f"{name}={value} must be >= 0.")
     return value
-
-
-def _check_accumulation(value: Any) -> None:
-    if isinstance(value, dict):
-        if not value:
-            raise TypeError("accumulate_grad_batches as a dict needs at least one {epoch: k}.")
-        for epoch, k in value.items():
-            if not isinstance(epoch, int) or not isinstance(k, int):
-                raise TypeError("accumulate_grad_batches dict keys and values must be ints.")
-            if epoch < 0:
-                raise IndexError(f"accumulate_grad_batches epoch key {epoch} must be >= 0.")
-            if k < 1:
-                raise MisconfigurationException("accumulate_grad_batches values must be >= 1.")
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"accumulate_grad_batches={value!r} must be an int or {{epoch: k}}.")
-    if value < 1:
-        raise MisconfigurationException(f"accumulate_grad_batches={value} must be >= 1.")
 
 
 # --- the command line (0.9 ``Trainer.add_argparse_args``) ---------------------------------------

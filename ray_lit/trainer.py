@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ray_lit.adoption import adopt_callbacks, adopt_datamodule, adopt_module, check_loggers
 from ray_lit.callbacks.base import Callback
 from ray_lit.config import TrainerConfig
 from ray_lit.core.datamodule import LightningDataModule
@@ -41,7 +42,8 @@ class Trainer(LoopState):
         root = os.fspath(config.default_root_dir or os.getcwd())
         # absolute: Ray workers run in their own working directories
         self.default_root_dir = root if "://" in root else os.path.abspath(root)
-        self.callbacks: list[Callback] = list(config.callbacks)
+        # callbacks built on the real Lightning package run adopted (ray_lit.adoption)
+        self.callbacks: list[Callback] = adopt_callbacks(list(config.callbacks))
         self.loggers = self._build_loggers(config.logger)
         self._add_default_callbacks()
         self.lightning_module: LightningModule | None = None
@@ -265,11 +267,16 @@ class Trainer(LoopState):
             return False
 
     # --- checks before anything runs -----------------------------------------------------------
-    def _check_module(self, model: Any, stage: str) -> None:
+    def _check_module(self, model: Any, stage: str) -> LightningModule:
+        """The module ``stage`` runs: ``model`` itself, or for a module built on the real
+        Lightning package its adopted twin sharing ``model``'s state (``ray_lit.adoption``)."""
+        check_loggers(self.loggers)
+        model = adopt_module(model)
         if not isinstance(model, LightningModule):
             raise MisconfigurationException(
-                f"trainer.{stage}() needs a ray_lit.LightningModule, got "
-                f"{type(model).__name__}. Subclass `ray_lit.LightningModule`.")
+                f"trainer.{stage}() needs a LightningModule, got {type(model).__name__}. "
+                "Subclass `ray_lit.LightningModule` (or Lightning 2.x's "
+                "`lightning.pytorch.LightningModule`).")
         if stage == "fit":
             if not is_overridden("training_step", model, LightningModule):
                 raise MisconfigurationException(
@@ -278,9 +285,11 @@ class Trainer(LoopState):
                 raise MisconfigurationException(
                     f"{type(model).__name__} has no `configure_optimizers()`: define it to "
                     "return an optimizer.")
+        return model
 
     @staticmethod
     def _split_datamodule(loaders: Any, datamodule: Any, stage: str) -> tuple[Any, Any]:
+        loaders, datamodule = adopt_datamodule(loaders), adopt_datamodule(datamodule)
         if isinstance(loaders, LightningDataModule):
             return None, loaders
         as_loader_list(loaders)  # a bare ray.data.Dataset is refused before workers start
@@ -307,7 +316,7 @@ class Trainer(LoopState):
                 raise MisconfigurationException(
                     "Pass train_dataloader or train_dataloaders, not both.")
             train_dataloader = train_dataloaders
-        self._check_module(model, "fit")
+        model = self._check_module(model, "fit")
         train_dataloader, datamodule = self._split_datamodule(train_dataloader, datamodule, "fit")
         if datamodule is None and train_dataloader is None and isinstance(
                 getattr(model, "datamodule", None), LightningDataModule):
@@ -317,8 +326,10 @@ class Trainer(LoopState):
                 "trainer.fit() got both val_dataloaders and a datamodule; pass one.")
         as_loader_list(val_dataloaders)
         ckpt_path = ckpt_path or self.config.resume_from_checkpoint
+        self._check_resume_checkpoint(model, ckpt_path)
         self.should_stop = False
         if self.config.distributed:
+            self._probe_remote_storage()
             from ray_lit.driver.launch import launch_fit
 
             with self._driver_run("fit"):
@@ -333,15 +344,75 @@ class Trainer(LoopState):
         run_fit(self, model, train_dataloader, val_dataloaders, datamodule, checkpoint)
         return 1
 
+    def _check_resume_checkpoint(self, model: LightningModule, ckpt_path: str | None) -> None:
+        """Read the checkpoint ``fit`` resumes from (``ckpt_path``, ``resume_from_checkpoint``
+        or, on Ray workers, a ``resume=`` path) on the driver, before any worker starts, and
+        refuse one that is corrupt, not a model checkpoint, or of another model. It is kept
+        for ``_load_resume_checkpoint``, so the file is read once."""
+        resume_from = ckpt_path
+        if resume_from is None and self.config.distributed and \
+                self.config.resume not in ("auto", "never", None):
+            resume_from = self.config.resume
+        self.__dict__.pop("_resume_checkpoint", None)
+        checkpoint = self._load_resume_checkpoint(resume_from)
+        if checkpoint is None:
+            return
+        if "optimizer_states" not in checkpoint or "lr_schedulers" not in checkpoint:
+            raise MisconfigurationException(
+                f"Checkpoint {resume_from} contains only the model (saved with "
+                "weights_only=True, or not by a Trainer); fit cannot resume training from it. "
+                "Load its weights with YourModule.load_from_checkpoint(path) and fit without "
+                "ckpt_path, or resume from a full checkpoint.")
+        self._check_weights_fit(model, checkpoint, resume_from)
+        self._resume_checkpoint = (resume_from, checkpoint)
+
+    def _probe_remote_storage(self) -> None:
+        """A remote ``storage_path`` (or ``default_root_dir`` URI) must take a small write
+        within seconds (driver, before any worker starts): a file system that is not there
+        (``gs://`` without credentials, an endpoint that drops packets) can otherwise keep
+        its client retrying for many minutes."""
+        root = os.fspath(self.config.storage_path or self.config.default_root_dir or "")
+        if "://" not in root or root.lower().startswith("file://"):
+            return  # local disks fail at once, in the launch's own probe
+        from ray_lit.storage.probe import probe_storage
+
+        probe_storage(root)
+
     def _load_resume_checkpoint(self, ckpt_path: str | None) -> dict | None:
         if ckpt_path is None:
             return None
+        kept = self.__dict__.pop("_resume_checkpoint", None)
+        if kept is not None and kept[0] == ckpt_path:
+            return kept[1]
         path = self._resolve_ckpt_path(ckpt_path)
         if path is None:
             return None
+        return self._read_checkpoint(path)
+
+    @staticmethod
+    def _read_checkpoint(path: str) -> dict:
+        """A model checkpoint from ``path`` (driver); a corrupt, foreign or bare-state_dict
+        file is refused with ``MisconfigurationException`` naming it and the fix."""
+        from ray_lit.core.saving import check_model_checkpoint
         from ray_lit.storage.checkpoint_io import load_checkpoint
 
-        return load_checkpoint(path, map_location="cpu")
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        check_model_checkpoint(checkpoint, path)
+        return checkpoint
+
+    @staticmethod
+    def _check_weights_fit(model: Any, checkpoint: dict, path: str) -> None:
+        """The checkpoint's weights fit ``model`` (driver, before workers start). Skipped for
+        a module whose layers ``configure_model`` builds later (on the workers), and for one
+        whose ``on_load_checkpoint`` may still change the weights (renamed keys)."""
+        if not isinstance(model, LightningModule) or any(
+                is_overridden(hook, model, LightningModule)
+                for hook in ("configure_model", "on_load_checkpoint")):
+            return
+        from ray_lit.core.saving import check_state_dict_fits
+
+        check_state_dict_fits(model, checkpoint["state_dict"], path,
+                              strict=bool(getattr(model, "strict_loading", True)))
 
     def _resolve_ckpt_path(self, ckpt_path: str) -> str | None:
         if ckpt_path == "best":
@@ -405,10 +476,9 @@ class Trainer(LoopState):
             ckpt_path = "best" if ckpt_path is None else ckpt_path
         path = self._resolve_ckpt_path(ckpt_path) if ckpt_path is not None else None
         if path is not None:
-            from ray_lit.storage.checkpoint_io import load_checkpoint
-
-            weights = load_checkpoint(path, map_location="cpu")
-        self._check_module(model, "predict")
+            weights = self._read_checkpoint(path)
+            self._check_weights_fit(model, weights, path)
+        model = self._check_module(model, "predict")
         if datamodule is None and model is self.lightning_module:
             datamodule = self.datamodule  # predict() after fit(datamodule=dm) reads dm's loader
         if self.config.distributed:
@@ -438,11 +508,10 @@ class Trainer(LoopState):
                     f"trainer.{stage}() needs a model: pass one, or call fit() first.")
         path = self._resolve_ckpt_path(load_from) if load_from is not None else None
         if path is not None:  # None: "best"/"last" without one (warned), the weights as they are
-            from ray_lit.storage.checkpoint_io import load_checkpoint
-
-            weights = load_checkpoint(path, map_location="cpu")
+            weights = self._read_checkpoint(path)
+            self._check_weights_fit(model, weights, path)
             self.tested_ckpt_path = path
-        self._check_module(model, stage)
+        model = self._check_module(model, stage)
         datamodule = datamodule if datamodule is not None else self.datamodule
         if self.config.distributed:
             from ray_lit.driver.launch import launch_evaluation

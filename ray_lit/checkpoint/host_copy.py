@@ -153,6 +153,9 @@ class HostSnapshot:
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
+    local = getattr(tensor, "_local_tensor", None)  # a DTensor (FSDP): its shard's storage
+    if isinstance(local, torch.Tensor):
+        tensor = local
     try:
         return tensor.untyped_storage().data_ptr()
     except Exception:  # tensors without storage (meta, some wrappers)

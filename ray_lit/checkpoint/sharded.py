@@ -5,7 +5,9 @@
 (``python -m ray_lit consolidate SRC_DIR DST_FILE`` runs it). The directory format, reading and
 storage are ``ray_lit.storage.sharded_io``'s.
 
-Fault-tolerance checkpoints (``checkpoint.writer``) stay full-state files for now.
+Fault-tolerance checkpoints of an FSDP run (``checkpoint.writer``) are sharded the same way
+(standard DCP directories beside the rank parts), but written by each rank's background thread
+without collectives (``storage.dcp_plan``) and restored lazily (``checkpoint.shard_restore``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ backward (``HostSnapshot``: optimizer steps wait for that copy), which then seri
 writes this rank's part while training goes on; at most one write is in flight. The driver
 commits the checkpoint once every rank confirmed its part.
 
+A sharded strategy over several ranks (``FSDPStrategy``) writes sharded checkpoints: every rank
+plans its shards of a DCP directory at the boundary (one small gather of DCP's plans, the only
+collective), its own shards are copied to host like the parameters above, and the thread
+writes its shard file and its part; the driver writes DCP's ``.metadata`` at the commit
+(``storage.dcp_plan``, ``checkpoint.manager``).
+
 Storage faults (``storage/retry.py``): a failed part write is retried with backoff in its
 thread, from an in-memory copy of the serialised part, so the host buffers are free again and
 training goes on. The next checkpoint supersedes a write still retrying (that part is never
@@ -55,6 +61,14 @@ class _Write:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Shards:
+    """A sharded checkpoint's DCP part of this rank: the plan and the directory's name."""
+
+    plan: Any
+    directory: str
+
+
 class CheckpointWriter:
     """Shipped to every worker with the job; ``attach`` binds it to the worker and its rank.
 
@@ -86,6 +100,7 @@ class CheckpointWriter:
         self._announced = False  # the attempt's first step was reported to the driver
         self.overlap_copy = True  # off after a torn copy (a parameter changed outside step)
         self.stall_s: list[float] = []
+        self._shard_planner: Any = None  # the DCP plan of sharded checkpoints, kept
 
     @classmethod
     def from_spec(cls, spec: CheckpointSpec) -> CheckpointWriter:
@@ -96,7 +111,7 @@ class CheckpointWriter:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_worker"] = state["_thread"] = state["_write_job"] = None
-        state["_snapshot"] = None
+        state["_snapshot"] = state["_shard_planner"] = None
         state.pop("peer_snapshot", None)  # host memory stays where it was taken
         return state
 
@@ -164,6 +179,23 @@ class CheckpointWriter:
 
             replicated, _ = split_rank_state({}, trainer.lightning_module, trainer.optimizers)
             self._peer().prepare(replicated)
+        if self._sharded(trainer) and self.asynchronous and self._thread is None:
+            # every rank holds its own shards: each prepares host buffers for them
+            from ray_lit.storage.dcp_plan import flat_local_tensors
+            from ray_lit.storage.sharded_io import split_checkpoint
+            from ray_lit.strategies.fsdp import sharded_state_dicts
+
+            strategy, module = trainer.strategy, trainer.lightning_module
+            with sharded_state_dicts(strategy):  # the tensors only: no user hooks here
+                tensors, _ = split_checkpoint(
+                    {"state_dict": strategy.lightning_module_state_dict(module),
+                     "optimizer_states": [strategy.optimizer_state(o)
+                                          for o in trainer.optimizers]}, self._world_size)
+            state = {"shards": flat_local_tensors(tensors)}
+            self._thread = threading.Thread(target=self._snapshot.prepare, args=(state,),
+                                            daemon=True, name="ray_lit-ckpt-prepare")
+            self._thread.start()
+            return
         if self._rank != 0 or not self.asynchronous or self._thread is not None:
             return  # other ranks' parts are small
         if trainer.strategy.shards_state:
@@ -190,7 +222,12 @@ class CheckpointWriter:
             # retrying a failing storage is superseded by this one
             self._settle_previous()
         progress = trainer._progress
-        state = self._snapshot.capture(self._rank_state(trainer), trainer.optimizers,
+        shards = None
+        if self._sharded(trainer):
+            rank_state, shards = self._plan_shards(trainer)
+        else:
+            rank_state = self._rank_state(trainer)
+        state = self._snapshot.capture(rank_state, trainer.optimizers,
                                        deferred=self.overlap_copy)
         self.stall_s.append(time.perf_counter() - start)
         name = checkpoint_name(progress.global_step, progress.epoch, tag)
@@ -200,13 +237,14 @@ class CheckpointWriter:
         uri = part_uri(self.run_uri, name, self._rank, self._fence)
         job = _Write(name)
         self._storage(trainer)
+        args = (state, uri, name, meta, job, shards)
         if self.asynchronous:
-            job.thread = threading.Thread(target=self._write, args=(state, uri, name, meta, job),
+            job.thread = threading.Thread(target=self._write, args=args,
                                           daemon=True, name="ray_lit-ckpt-writer")
             self._thread, self._write_job = job.thread, job
             job.thread.start()
         else:
-            self._write(state, uri, name, meta, job)
+            self._write(*args)
         if self._error is not None:
             raise self._error
 
@@ -238,7 +276,7 @@ class CheckpointWriter:
             self._thread = self._write_job = None
         self.wait()
 
-    def _rank_state(self, trainer: Any) -> dict[str, Any]:
+    def _rank_state(self, trainer: Any, join_gather: bool = True) -> dict[str, Any]:
         """This rank's checkpoint state at the step boundary, tensors where they live: rank 0's
         whole checkpoint; the other ranks' own loop state (RNG, progress, sampler)."""
         from ray_lit.core.seed import rng_state
@@ -249,13 +287,99 @@ class CheckpointWriter:
             return dump_checkpoint(trainer, on_device=True)
         # a sharded strategy: rank 0's checkpoint is the gathered full state, and every rank
         # takes part in that gather (COLLECTIVE) at this same step boundary
-        join_state_gather(trainer)
+        if join_gather:
+            join_state_gather(trainer)
         state = {"loops": {"progress": progress.state_dict(), "rng": rng_state(),
                            "sampler": trainer._host.sampler_state(progress.batches_done),
                            "world_size": self._world_size}}
         if progress.batches_done >= trainer.num_training_batches:
             state["loops"]["progress"]["epoch_finished"] = True
         return state
+
+    # --- sharded checkpoints (a sharded strategy over several ranks) ---------------------------
+    def _sharded(self, trainer: Any) -> bool:
+        """Each rank writes only its own shards (``FSDPStrategy`` over more than one rank)."""
+        from ray_lit.strategies.fsdp import FSDPStrategy
+
+        # FSDPStrategy hands out its shards without gathering (``sharded_state_dicts``)
+        return isinstance(getattr(trainer, "strategy", None), FSDPStrategy) and \
+            self._world_size > 1
+
+    def _shard_state(self, trainer: Any) -> dict[str, Any]:
+        """Inside ``sharded_state_dicts``: rank 0's whole checkpoint (hooks included), the
+        other ranks' own loop state; every rank's module and optimizer state as its own
+        DTensor shards, on device (nothing gathered)."""
+        if self._rank == 0:
+            from ray_lit.loop.checkpoint_state import dump_checkpoint
+
+            return dump_checkpoint(trainer, on_device=True)
+        strategy, module = trainer.strategy, trainer.lightning_module
+        return {**self._rank_state(trainer, join_gather=False),
+                "state_dict": strategy.lightning_module_state_dict(module),
+                "optimizer_states": [strategy.optimizer_state(o) for o in trainer.optimizers]}
+
+    def _plan_shards(self, trainer: Any) -> tuple[dict[str, Any], _Shards]:
+        """At the step boundary, every rank (COLLECTIVE: DCP's plans are gathered once): this
+        rank's part (rank 0: the checkpoint without the module's and optimizers' tensors;
+        others: their loop state) and its DCP shards, tensors still on device."""
+        from ray_lit.storage.dcp_plan import ShardPlanner
+        from ray_lit.storage.sharded_io import SHARDED_MARKER, split_checkpoint
+        from ray_lit.strategies.fsdp import sharded_state_dicts
+
+        with sharded_state_dicts(trainer.strategy):
+            tensors, meta = split_checkpoint(self._shard_state(trainer), self._world_size)
+        if self._shard_planner is None:  # one per attempt: the layout is the attempt's
+            self._shard_planner = ShardPlanner()
+        plan = self._shard_planner.plan(tensors, self._rank, self._world_size)
+        directory = f"model-{self._fence}" if self._fence else "model"
+        if self._rank == 0:
+            meta[SHARDED_MARKER]["dcp_dir"] = directory
+            part = meta
+        else:
+            part = {"loops": meta["loops"]}
+        # the tensors go through the host copy with the part (paths "part", "shards")
+        return {"part": part, "shards": plan.tensors}, _Shards(plan, directory)
+
+    def _save_sharded(self, state: dict[str, Any], uri: str, name: str, shards: _Shards,
+                      job: _Write) -> list[Any] | None:
+        """Write this rank's DCP shard file and its part; DCP's write results, or None when
+        superseded. A local run directory is written in place; after a failure (or for a URI)
+        the shard file is written to a local temporary directory, the shard and the part are
+        held as bytes (the host buffers are free again) and uploaded with retries."""
+        import os
+        import tempfile
+
+        from ray_lit.storage.checkpoint_io import checkpoint_to_bytes, save_checkpoint
+        from ray_lit.storage.dcp_plan import write_shards
+
+        storage = self._storage()
+        rel_dir = f"checkpoints/{name}/{shards.directory}"
+        if storage.local:
+            try:
+                results = write_shards(shards.plan, state["shards"], storage.uri(rel_dir))
+                save_checkpoint(state["part"], uri)
+                if storage.retry is not None:
+                    storage.retry.succeeded(uri)
+                return results
+            except (OSError, RuntimeError) as err:
+                if not is_transient(err) or storage.retry is None:
+                    raise
+                storage.retry.failed(err, what="checkpoint write", uri=uri)
+        files: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="ray_lit_shards_") as tmp:
+            results = write_shards(shards.plan, state["shards"], tmp)
+            for file in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, file), "rb") as src:
+                    files[f"{rel_dir}/{file}"] = src.read()
+        files[uri[len(self.run_uri) + 1:]] = checkpoint_to_bytes(state["part"])  # the part last
+        job.released.set()  # the bytes are all the retries need
+        retry, once = storage.retry or StorageRetry(0), storage.once()
+        for rel, data in files.items():
+            done = retry.call(lambda rel=rel, data=data: once.write_bytes(rel, data) or True,
+                              what="checkpoint write", uri=storage.uri(rel), cancel=job.cancel)
+            if done is None or job.cancel.is_set():
+                return None
+        return results
 
     def snapshot(self, trainer: Any) -> None:
         """An in-memory snapshot (``peer_snapshot``): the replicated tensors stay in this
@@ -294,7 +418,7 @@ class CheckpointWriter:
         return getattr(holder, "peer_snapshot", None)
 
     def _write(self, state: dict[str, Any], uri: str, name: str, meta: dict[str, Any],
-               job: _Write) -> None:
+               job: _Write, shards: _Shards | None = None) -> None:
         try:
             if not self._snapshot.copy_deferred():
                 # a parameter changed in place outside optimizer.step during the copy: this
@@ -304,7 +428,16 @@ class CheckpointWriter:
                             "optimizer.step while checkpoint %s was copied; it is skipped and "
                             "later checkpoints copy synchronously", name)
                 return
-            if not self._save(state, uri, job):
+            if shards is not None:
+                results = self._save_sharded(state, uri, name, shards, job)
+                if results is None:
+                    return  # superseded by a newer checkpoint while storage failed
+                # the driver writes the DCP directory's .metadata from every rank's results
+                # before it commits the manifest
+                meta = {**meta, "dcp": {"dir": shards.directory, "results": results,
+                                        "metadata": shards.plan.metadata
+                                        if self._rank == 0 else None}}
+            elif not self._save(state, uri, job):
                 return  # superseded by a newer checkpoint while storage failed
         except BaseException as err:  # surfaced on the loop thread at the next take/wait
             self._error = err

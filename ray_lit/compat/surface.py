@@ -74,6 +74,8 @@ TREE: dict[str, list[_Source]] = {
     # 0.9 re-exported the functional metrics here (bolts imports ``accuracy`` from it)
     "metrics.classification": [(_FUNCTIONAL, "*")],
     "metrics.regression": [(_FUNCTIONAL, ("mse", "rmse", "mae"))],
+    # 2.x ``LightningCLI`` (jsonargparse, the ``cli`` extra, is imported when this loads)
+    "cli": [("ray_lit.cli", ("LightningCLI", "LightningArgumentParser", "SaveConfigCallback"))],
     "trainer": [("ray_lit.trainer", ("Trainer",)), ("ray_lit.core.seed", ("seed_everything",))],
     "trainer.trainer": [("ray_lit.trainer", ("Trainer",))],
     "utilities": [_RANK_ZERO, ("ray_lit.core.hparams", ("AttributeDict",)),

@@ -33,7 +33,7 @@ from ray_lit.core.batch import move_to_device
 from ray_lit.core.hooks import _signature_of
 from ray_lit.core.module import LightningModule
 from ray_lit.errors import MisconfigurationException
-from ray_lit.loop.data import loader_length, resolve_loaders
+from ray_lit.loop.data import limit_batches, loader_length, resolve_loaders
 from ray_lit.messages import PredictionChunk
 
 __all__ = ["ChunkOutbox", "PredictBatches", "PredictLoop", "prepare_predict_loader",
@@ -266,7 +266,13 @@ class PredictLoop:
         on_batch, on_epoch = self._writers()
         self._predictions = [[] for _ in loaders]
         self.epoch_batch_indices = [[] for _ in loaders]
-        self.totals = [r.total if r is not None else None for r in recorders]
+        limit = trainer.config.limit_predict_batches
+        counts = [limit_batches(loader_length(dl), limit, "limit_predict_batches")
+                  for dl in loaders]
+        # with a limit each rank stops early: the driver cannot know the whole count, so it
+        # orders what arrived without checking for missing batches
+        limited = not (isinstance(limit, float) and limit == 1.0)
+        self.totals = [r.total if r is not None and not limited else None for r in recorders]
         # outputs stay on the rank only where something there reads them: in process to
         # return them, for an epoch-end writer (2.x keeps them for it too)
         keep = (self.return_predictions and self.outbox is None) or on_epoch
@@ -286,13 +292,15 @@ class PredictLoop:
         module.eval()
         hooks.both("on_predict_start")
         hooks.both("on_predict_epoch_start")
-        total = sum(loader_length(dl) for dl in loaders)
+        total = sum(counts)
         trainer._sink.progress_start("predict", None if total == math.inf else int(total),
                                      trainer.current_epoch, trainer.config.max_epochs)
         done = 0
         with torch.inference_mode():
             for dl_idx, (loader, recorder) in enumerate(zip(loaders, recorders)):
                 for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= counts[dl_idx]:
+                        break
                     position, indices = (recorder.seen[batch_idx] if recorder is not None
                                          else (None, []))
                     if on_batch:
@@ -375,7 +383,9 @@ def run_predict(trainer: Any, module: LightningModule, loaders: Any, datamodule:
                 prepared.append(prepare_predict_loader(dl, world_rank=host.world_rank,
                                                        world_size=host.world_size, seed=seed))
         trainer.predict_dataloaders = [dl for dl, _ in prepared]
-        trainer.num_predict_batches = [loader_length(dl) for dl, _ in prepared]
+        trainer.num_predict_batches = [
+            limit_batches(loader_length(dl), trainer.config.limit_predict_batches,
+                          "limit_predict_batches") for dl, _ in prepared]
         trainer._sink.run_start("predict")
         loop.run([dl for dl, _ in prepared], [rec for _, rec in prepared])
         trainer._sink.finalize("success")

@@ -130,6 +130,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[s
     name = os.fspath(path)
     parent, base = split(name)
     if Storage(parent).isdir(base):
+        _refuse_run_directory(Storage(name), name)
         from ray_lit.storage.sharded_io import load_sharded_checkpoint
 
         return load_sharded_checkpoint(name, map_location)
@@ -138,6 +139,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> dict[s
     except FileNotFoundError as err:
         raise FileNotFoundError(f"Checkpoint not found: {name}") from err
     return checkpoint_from_bytes(data, map_location, name=name)
+
+
+# the names of a run directory (``checkpoint/layout.py`` spells them; this module is a leaf)
+_RUN_CHECKPOINTS = "checkpoints"
+_MANIFEST = "manifest.json"
+
+
+def _refuse_run_directory(storage: Storage, name: str) -> None:
+    """A run directory (``storage_path/run_name``) or one fault-tolerance checkpoint directory
+    passed where one checkpoint is expected: say how to continue that run instead.
+
+    Raises:
+        CheckpointLoadError: naming the directory and the fix.
+    """
+    if storage.isdir(_RUN_CHECKPOINTS):
+        parent, run = split(name)
+        raise CheckpointLoadError(
+            f"{name} is a ray_lit run directory, not a checkpoint. To continue that run from "
+            f"its latest committed checkpoint, pass Trainer(storage_path={parent!r}, "
+            f"run_name={run!r}) (resume='auto' is the default); to load one checkpoint, pass "
+            "a checkpoint file (a ModelCheckpoint .ckpt, or a rank_0 part under "
+            f"{name}/{_RUN_CHECKPOINTS}/).")
+    if storage.exists(_MANIFEST):
+        try:  # the part the manifest commits (a straggler's may lie beside it)
+            import json
+
+            parts = [p for p in json.loads(storage.read_bytes(_MANIFEST))["parts"]
+                     if str(p).startswith(("rank_0-", "rank_0."))]
+        except (ValueError, KeyError, TypeError):
+            parts = []
+        hint = f"{name.rstrip('/')}/{parts[0]}" if parts else f"a rank_0 part file in {name}"
+        raise CheckpointLoadError(
+            f"{name} is one fault-tolerance checkpoint of a ray_lit run (a directory of "
+            f"per-rank parts), not a checkpoint file. Pass its rank 0 part, {hint}, or "
+            "continue the whole run with the same storage_path and run_name.")
 
 
 def checkpoint_to_bytes(checkpoint: dict[str, Any]) -> bytes:
@@ -162,7 +198,9 @@ def checkpoint_from_bytes(data: bytes, map_location: Any = None,
                 "that type is safe to construct, append it to "
                 "ray_lit.storage.checkpoint_io.CHECKPOINT_ALLOWLIST.") from err
         raise _corrupt(name, err) from err
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # nothing in the file ran (weights only): any failure is damage
         raise _corrupt(name, err) from err
 
 
@@ -175,7 +213,9 @@ def _missing_globals() -> list[Any]:
 
 def _refused_global(message: str, data: bytes) -> str | None:
     """What the file asked to call, or None when the unpickling failed for another reason."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    # torch's wording changed over releases: "Unsupported global: GLOBAL m.f" (2.4-2.6),
+    # "unsupported GLOBAL m.f whose module m is blocked" (later)
+    match = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", message, re.IGNORECASE)
     if match:
         return match.group(1)
     if "Trying to call reduce" in message or "Can only build" in message:
@@ -183,12 +223,16 @@ def _refused_global(message: str, data: bytes) -> str | None:
     if not data.startswith(_ZIP_MAGIC):
         # A plain pickle (not torch's zip format) trips the unpickler on its framing before it
         # reaches any global; its opcodes can be listed without executing them.
+        # Only a stream that parses to its end is a pickle asking for code; random or cut
+        # bytes can look like such an opcode on the way to their parse error (corrupt).
+        found = None
         try:
             for opcode, arg, _ in pickletools.genops(data):
-                if opcode.name in _CODE_OPCODES:
-                    return f"a {opcode.name} of {arg}" if arg else "a callable"
+                if found is None and opcode.name in _CODE_OPCODES:
+                    found = f"a {opcode.name} of {arg}" if arg else "a callable"
         except Exception:  # not a pickle at all: corrupt
             return None
+        return found
     return None
 
 

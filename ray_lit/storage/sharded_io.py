@@ -49,13 +49,18 @@ from ray_lit.storage.checkpoint_io import (
 )
 from ray_lit.storage.filesystem import Storage, resolve, split
 
-__all__ = ["DCP_METADATA", "META_NAME", "consolidate_checkpoint", "is_sharded_checkpoint",
-           "load_sharded_checkpoint", "save_sharded_checkpoint"]
+__all__ = ["DCP_METADATA", "META_NAME", "SHARDED_MARKER", "consolidate_checkpoint",
+           "is_sharded_checkpoint", "load_into", "load_sharded_checkpoint", "local_directory",
+           "merge_checkpoint", "read_sharded_tensors", "save_sharded_checkpoint",
+           "split_checkpoint"]
 
 DCP_METADATA = ".metadata"
 META_NAME = "ray_lit_meta.ckpt"
 FORMAT_VERSION = 1
 _MARKER = "ray_lit_sharded"  # in the meta file: the format and what went to DCP
+# the same key, for the fault-tolerance writer: in a rank 0 part it also names the DCP
+# directory (``dcp_dir``) beside the part
+SHARDED_MARKER = _MARKER
 _TENSOR_KEYS = ("state_dict", "optimizer_states")
 
 
@@ -281,7 +286,7 @@ def _load_local(directory: str, map_location: Any, name: str) -> dict[str, Any]:
     if not isinstance(meta, dict) or _MARKER not in meta:
         raise CheckpointLoadError(f"{name}/{META_NAME} is not ray_lit's sharded checkpoint "
                                   "metadata; the directory was not written by ray_lit.")
-    tensors = _read_tensors(directory, name)
+    tensors = read_tensors(directory, name)
     checkpoint = merge_checkpoint(tensors, meta)
     if map_location is None or (isinstance(map_location, (str, torch.device))
                                 and torch.device(map_location).type == "cpu"):
@@ -290,31 +295,88 @@ def _load_local(directory: str, map_location: Any, name: str) -> dict[str, Any]:
     return checkpoint_from_bytes(checkpoint_to_bytes(checkpoint), map_location, name=name)
 
 
-def _read_tensors(directory: str, name: str) -> dict[str, Any]:
-    """Every tensor of the DCP directory, whole, nested as saved (no process group)."""
+def read_metadata(directory: str, name: str) -> Any:
+    """DCP's ``Metadata`` of a local DCP directory (its index of tensors and chunks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(directory)
+    if not os.path.isfile(os.path.join(directory, DCP_METADATA)):
+        raise CheckpointLoadError(
+            f"{name} has no {DCP_METADATA}: the save did not finish, or files were lost. "
+            "Resume from another checkpoint.")
     try:
-        metadata = reader.read_metadata()
+        return dcp.FileSystemReader(directory).read_metadata()
     except Exception as err:  # truncated or foreign .metadata: DCP raises many kinds
         raise CheckpointLoadError(
             f"{name}/{DCP_METADATA} cannot be read ({type(err).__name__}: {err}); the "
             "checkpoint is corrupt. Resume from another checkpoint.") from err
-    flat = {key: torch.empty(item.size, dtype=item.properties.dtype)
-            for key, item in metadata.state_dict_metadata.items()
-            if isinstance(item, TensorStorageMetadata)}
+
+
+def load_into(targets: dict[str, Any], directory: str, name: str) -> None:
+    """Fill ``targets`` (nested dicts of tensors, DCP's keys) in place from the local DCP
+    ``directory``, without a process group: a DTensor reads only the chunks that overlap its
+    own shard (whatever world size wrote them), a plain tensor the whole tensor.
+
+    Raises:
+        OSError: reading a file failed (the caller may retry).
+        CheckpointLoadError: a shard file is missing or truncated, or the index is corrupt.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = dcp.FileSystemReader(directory)
+    read_metadata(directory, name)
     try:
         with _quiet_single_process():
-            dcp.load(flat, storage_reader=reader, no_dist=True)
-    except (CheckpointException, Exception) as err:
-        # DCP wraps a missing or short shard file in CheckpointException, a BaseException
+            dcp.load(targets, storage_reader=reader, no_dist=True)
+    except CheckpointException as wrapped:
+        # DCP wraps every error in CheckpointException, a BaseException: an I/O error
+        # goes back to the caller as itself (retried there), anything else is corruption
+        err = next((exc for exc, _ in wrapped.failures.values()), wrapped)
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            raise err from wrapped
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CheckpointLoadError(
             f"Sharded checkpoint {name} is incomplete or corrupt: a shard file is missing or "
-            f"truncated ({cause}). Resume from another checkpoint.") from err
+            f"truncated ({cause}). Resume from another checkpoint.") from wrapped
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointLoadError(
+            f"Sharded checkpoint {name} cannot be read ({type(err).__name__}: {err}). Resume "
+            "from another checkpoint.") from err
+
+
+@contextlib.contextmanager
+def local_directory(path: str) -> Iterator[str]:
+    """``path`` as a local directory: itself when local, else a temporary download of it
+    (removed on exit)."""
+    if not _is_uri(path):
+        yield os.path.abspath(os.path.expanduser(path))
+        return
+    import pyarrow.fs as pafs
+
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    with tempfile.TemporaryDirectory(prefix="ray_lit_dcp_") as local:
+        pafs.copy_files(inner, local, source_filesystem=fs)
+        yield local
+
+
+def read_sharded_tensors(path: str) -> dict[str, Any]:
+    """Every tensor of the DCP directory ``path`` (local or URI), whole, nested as saved (no
+    process group)."""
+    with local_directory(path) as directory:
+        return read_tensors(directory, path)
+
+
+def read_tensors(directory: str, name: str) -> dict[str, Any]:
+    """Every tensor of the local DCP directory, whole, nested as saved (no process group)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = read_metadata(directory, name)
+    flat = {key: torch.empty(item.size, dtype=item.properties.dtype)
+            for key, item in metadata.state_dict_metadata.items()
+            if isinstance(item, TensorStorageMetadata)}
+    load_into(flat, directory, name)
     nested: dict[str, Any] = {}
     paths = metadata.planner_data or {}
     for key, tensor in flat.items():

@@ -33,8 +33,8 @@ order). The result is exactly the state a plain or DDP run saves (same keys, opt
 parameter index), so a checkpoint of an FSDP run loads with ``load_from_checkpoint`` in a plain
 process, resumes a DDP run, and resumes an FSDP run at another world size: loading takes each
 rank's shard of the full tensors (``distribute_tensor(..., src_data_rank=None)``: local, no
-communication). The fault-tolerance checkpoints, ``trainer.save_checkpoint`` and the driver's
-final weights always use this full state.
+communication). ``trainer.save_checkpoint`` and the driver's final weights always use this
+full state; fault-tolerance checkpoints over several ranks are sharded (below).
 
 ``state_dict_type`` decides what ``ModelCheckpoint`` writes:
 
@@ -50,7 +50,14 @@ final weights always use this full state.
 
 Not yet: manual optimisation and meta-device initialisation (both refused at
 ``setup_module``), in-memory peer snapshots (refused by the Trainer: they assume replicated
-parameters), sharded fault-tolerance checkpoints.
+parameters; a lost worker resumes from the latest committed fault-tolerance checkpoint).
+
+Fault-tolerance checkpoints over several ranks are sharded (``checkpoint.writer``): at each
+one every rank plans its DCP shards inside ``sharded_state_dicts`` (one small gather of the
+plans), its own shards are copied to host memory (overlapped with the next step) and written
+by its background thread; the restore reads each rank's own chunks into its DTensors
+(``load_model_state_dict`` / ``load_optimizer_state_dict`` with ``checkpoint.shard_restore``'s
+lazy state), at any world size.
 """
 
 from __future__ import annotations
@@ -321,7 +328,11 @@ class FSDPStrategy(ParallelStrategy):
     def load_model_state_dict(self, module: nn.Module, state_dict: dict[str, Any],
                               strict: bool = True) -> Any:
         """Every rank: each sharded parameter takes its own shard of the full tensor (no
-        communication); plain tensors load as they are. Works before and after sharding."""
+        communication); plain tensors load as they are. Works before and after sharding.
+        A sharded fault-tolerance checkpoint's lazy state (``checkpoint.shard_restore``) reads
+        only the chunks of this rank's own shards from storage instead."""
+        if hasattr(state_dict, "load_into_module"):  # checkpoint.shard_restore's lazy state
+            return state_dict.load_into_module(module, strict=strict)
         current = module.state_dict()
         local = {k: _shard_like(v, current.get(k)) for k, v in state_dict.items()}
         return module.load_state_dict(local, strict=strict)
@@ -329,7 +340,11 @@ class FSDPStrategy(ParallelStrategy):
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer,
                                   state_dict: dict[str, Any]) -> None:
         """Every rank: the full (or plain) optimizer state, each tensor shaped like its
-        parameter cut to this rank's shard, then loaded."""
+        parameter cut to this rank's shard, then loaded. A sharded fault-tolerance
+        checkpoint's lazy state reads only this rank's shards of each state tensor."""
+        if hasattr(state_dict, "load_into_optimizer"):  # checkpoint.shard_restore's lazy state
+            state_dict.load_into_optimizer(optimizer)
+            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         indices = [i for group in state_dict["param_groups"] for i in group["params"]]
         by_index = dict(zip(indices, params))

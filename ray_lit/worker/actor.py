@@ -27,8 +27,11 @@ from ray_lit.messages import (
     WorkerState,
     WorkerStatus,
 )
+from ray_lit.worker import IMPORT_STARTED_AT
 from ray_lit.worker._ray_compat import serialization_context_without_arrow, warm_imports
 from ray_lit.worker.job import run_job
+
+_IMPORTED_AT = time.time()  # this module's imports (torch among them) are done
 
 
 def _node_info() -> dict[str, Any]:
@@ -44,6 +47,9 @@ class Worker:
 
     def __init__(self) -> None:
         serialization_context_without_arrow()  # before anything else can build it
+        # wall-clock start-up stamps (``startup_timings``): where a group's start-up time goes
+        self.timings: dict[str, float] = {"import_start": IMPORT_STARTED_AT,
+                                          "imported": _IMPORTED_AT, "init_start": time.time()}
         self._thread: threading.Thread | None = None
         self._state = WorkerState.IDLE
         self._failure: WorkerFailure | None = None
@@ -70,7 +76,25 @@ class Worker:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         # DDP's constructor imports torch._dynamo (~1.5 s): import it while the group forms
         # and the payload ships, not on the way to the first step
-        threading.Thread(target=warm_imports, daemon=True, name="ray_lit-warm").start()
+        threading.Thread(target=self._warm_imports, daemon=True, name="ray_lit-warm").start()
+        self.timings["init_done"] = time.time()
+
+    def _warm_imports(self) -> None:
+        warm_imports()
+        self.timings["warm_imports_done"] = time.time()
+
+    def startup_timings(self) -> dict[str, float]:
+        """This worker's start-up as wall-clock stamps (``time.time()`` on its node), for
+        benchmarks and diagnostics; nothing decides on them. Any rank, any time.
+
+        Returns:
+            A copy, by name: ``import_start`` / ``imported`` (the actor module's imports),
+            ``init_start`` / ``init_done`` (the constructor), ``warm_imports_done`` (DDP's
+            imports on the side thread), ``setup_start`` / ``process_group_joined`` (``setup``:
+            the rendezvous), ``run_start`` (the latest ``run``: its payload had arrived) and
+            ``payload_unpickled``. A stamp is absent until its step happened.
+        """
+        return dict(self.timings)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         """A SIGTERM to a training worker (its node is being reclaimed) is a notice: the next
@@ -99,6 +123,7 @@ class Worker:
     def setup(self, *, ranks: Any, master_addr: str, master_port: int, backend: str,
               timeout_s: float, env: dict[str, str], num_threads: int | None) -> None:
         """Join the process group (COLLECTIVE across the group)."""
+        self.timings["setup_start"] = time.time()
         os.environ.update(env)
         for hook in filter(None, env.get("RAY_LIT_WORKER_SETUP", "").split(",")):
             # "module:function" hooks run before anything of the run is unpickled here, e.g.
@@ -116,11 +141,13 @@ class Worker:
                            timeout_s=timeout_s, local_rank=ranks.local_rank)
         self._ranks = ranks
         self._backend = backend
+        self.timings["process_group_joined"] = time.time()
 
     def run(self, payload_ref: Any, job: Job) -> None:
         """Start the loop in a thread; ``poll`` reports how it goes."""
         import ray
 
+        self.timings["run_start"] = time.time()
         # Ray resolves a top-level reference argument itself: this is usually the pickled
         # payload already (a read-only view of the object store's shared memory)
         payload = ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef) else payload_ref
@@ -146,6 +173,7 @@ class Worker:
     def _run_loop(self, box: list[Any]) -> None:
         try:
             unpacked = cloudpickle.loads(box.pop(0))
+            self.timings["payload_unpickled"] = time.time()
             self._result = run_job(self, unpacked, box.pop())  # run_job holds the only ref
             self._state = WorkerState.DONE
         except BaseException as err:  # reported to the driver, which decides

@@ -54,7 +54,10 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     return_predictions = job.return_predictions
     checkpoint = resolve(job.checkpoint)
     if job.restore is not None:
-        checkpoint = load_restore(job.restore, ranks.world_rank)
+        checkpoint = load_restore(
+            job.restore, ranks.world_rank,
+            retry_timeout_s=getattr(trainer.config, "storage_retry_timeout_s", None),
+            sharded=strategy.shards_state)
     # the last reference to the job (the worker handed it over in a box): a peer snapshot's
     # ObjectRef in it no longer pins the object once every rank has loaded it
     del job
@@ -101,19 +104,43 @@ def _run_predict(worker: Any, trainer: Any, module: Any, payload: dict[str, Any]
     return loop.totals
 
 
-def load_restore(restore: Restore, world_rank: int) -> dict[str, Any]:
+def load_restore(restore: Restore, world_rank: int, retry_timeout_s: float | None = None,
+                 sharded: bool = False) -> dict[str, Any]:
     """Rank 0's full checkpoint, with this rank's own RNG and loop state where it has a part
-    (from storage, or from a surviving worker's memory: ``peer_snapshot``)."""
+    (from storage, or from a surviving worker's memory: ``peer_snapshot``). Every rank calls
+    it before its stage starts.
+
+    Storage reads are retried like the writes (``storage_retry_timeout_s``, default 300 s).
+    A sharded checkpoint (written by ``FSDPStrategy`` ranks, ``checkpoint.shard_restore``) is
+    read lazily when ``sharded`` (the strategy loads each rank's own shards after sharding),
+    else whole.
+    """
     from ray_lit.storage.checkpoint_io import load_checkpoint
+    from ray_lit.storage.retry import DEFAULT_TIMEOUT_S, StorageRetry
 
     if isinstance(restore, FromPeers):
         from ray_lit.checkpoint.peer import restore_checkpoint
 
         return restore_checkpoint(restore, world_rank)
-    checkpoint = load_checkpoint(restore.rank0_uri, map_location="cpu")
+    retry = StorageRetry(DEFAULT_TIMEOUT_S if retry_timeout_s is None else retry_timeout_s)
+
+    def read(uri: str) -> dict[str, Any]:
+        return retry.call(lambda: load_checkpoint(uri, map_location="cpu"),
+                          what="checkpoint read", uri=uri)
+
+    checkpoint = read(restore.rank0_uri)
+    from ray_lit.checkpoint.shard_restore import restore_checkpoint as restore_shards
+    from ray_lit.checkpoint.shard_restore import sharded_dir
+
+    directory = sharded_dir(checkpoint)
+    if directory is not None:
+        from ray_lit.storage.filesystem import Storage, split
+
+        dcp_uri = Storage(split(restore.rank0_uri)[0]).uri(directory)  # beside the part
+        checkpoint = restore_shards(checkpoint, dcp_uri, lazy=sharded, retry=retry)
     own = restore.parts.get(world_rank)
     if world_rank != 0 and own is not None:
-        part = load_checkpoint(own, map_location="cpu")
+        part = read(own)
         checkpoint["loops"]["rng"] = part["loops"]["rng"]
     return checkpoint
 

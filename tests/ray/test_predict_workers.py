@@ -114,3 +114,16 @@ def test_a_writer_on_two_ranks_writes_disjoint_shards_covering_the_dataset(ray_c
         shards.append(indices)
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(N))
+
+
+def test_limit_predict_batches_counts_per_rank_like_the_other_limits(ray_cluster, tmp_path):
+    """Each rank stops after its first 2 batches (as ``limit_test_batches`` does): the driver
+    gets the first 2 x 2 batches of the loader, in order."""
+    data = _data()
+    loader = DataLoader(data, batch_size=4)
+    expected = _trainer().predict(Wide(), loader)
+    trainer = _trainer(num_workers=2, default_root_dir=str(tmp_path), limit_predict_batches=2)
+    got = trainer.predict(Wide(), loader)
+    assert len(got) == 4
+    assert all(torch.equal(g, e) for g, e in zip(got, expected[:4]))
+    trainer.teardown()

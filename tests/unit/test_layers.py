@@ -20,9 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "ray_lit"
 # and any package on a lower floor
 LAYERS: list[set[str]] = [
     {"__main__"},  # the command line: it installs compat, then runs a script
-    {"tune", "testing", "compat", "strategies_cli"},
+    {"tune", "testing", "compat", "strategies_cli", "cli"},
     {"trainer", "__init__"},
+    {"adoption"},  # modules and callbacks built on the real Lightning, adopted for the Trainer
     {"config"},
+    {"option_rules"},  # the rule of every Trainer option (config checks values with it)
     {"driver"},
     {"worker"},
     {"checkpoint"},

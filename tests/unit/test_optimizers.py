@@ -330,10 +330,10 @@ def test_accumulation_keeps_unnormalised_checkpoint_on_and_pbar_loss(make_traine
     assert bar["v_num"] == 12345
 
 
-@pytest.mark.parametrize("schedule, error", [({-1: 2}, IndexError), ({}, TypeError),
-                                             ([2], TypeError), (2.5, TypeError)])
-def test_bad_accumulation_schedules(make_trainer, schedule, error):
-    with pytest.raises(error):
+@pytest.mark.parametrize("schedule", [{-1: 2}, {}, [2], 2.5])
+def test_bad_accumulation_schedules(make_trainer, schedule):
+    # issue 19: a named MisconfigurationException (0.9 raised TypeError / IndexError here)
+    with pytest.raises(pl.MisconfigurationException, match="accumulate_grad_batches="):
         make_trainer(accumulate_grad_batches=schedule)
 
 

@@ -1,0 +1,327 @@
+"""``LightningCLI``: a command line and YAML configs for a module, a datamodule and the Trainer.
+
+Lightning 2.x's CLI, built on the same library (``jsonargparse``, the optional extra ``cli``:
+``pip install "ray_lit[cli]"``, imported only when a ``LightningCLI`` is built)::
+
+    # train.py
+    from ray_lit.cli import LightningCLI
+    LightningCLI(MyModel, MyDataModule)
+
+    python train.py fit --trainer.max_epochs 3 --trainer.num_workers 2 --model.lr 0.01
+    python train.py fit --config config.yaml --print_config
+    python train.py test --config config.yaml --ckpt_path best.ckpt
+
+The model and datamodule arguments come from their classes' ``__init__`` signatures
+(``--model.<arg>``, ``--data.<arg>``); the Trainer's are every ray_lit Trainer option
+(``--trainer.<option>``, ``--trainer.num_workers`` included). Runs on the driver: the Trainer
+it builds starts the Ray workers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+from ray_lit.errors import MisconfigurationException
+
+# ``LightningArgumentParser`` is served by the module ``__getattr__`` (it needs jsonargparse)
+__all__ = ["LightningCLI", "SaveConfigCallback"]
+
+# Trainer.<subcommand> arguments the CLI exposes besides the model and the data
+_SUBCOMMANDS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "fit": {"ckpt_path": (str | None, None)},
+    "validate": {"ckpt_path": (str | None, None), "verbose": (bool, True)},
+    "test": {"ckpt_path": (str | None, None), "verbose": (bool, True)},
+    "predict": {"ckpt_path": (str | None, None),
+                "return_predictions": (bool | None, None)},
+}
+_PARSER_CLASS: list[type] = []
+
+
+def _jsonargparse() -> Any:
+    try:
+        import jsonargparse
+    except ImportError as err:
+        raise MisconfigurationException(
+            "LightningCLI needs jsonargparse: pip install 'ray_lit[cli]' (or "
+            "'jsonargparse[signatures]').") from err
+    return jsonargparse
+
+
+def _trainer_types() -> dict[str, Any]:
+    """Types jsonargparse can parse for the Trainer options whose annotation is too loose."""
+    from ray_lit.callbacks.base import Callback
+    from ray_lit.loggers.base import Logger
+
+    return {
+        "num_workers": int | tuple[int, int],
+        "callbacks": list[Callback] | Callback | None,
+        "logger": bool | Logger | list[Logger] | None,
+        "early_stop_callback": bool,
+        "accumulate_grad_batches": int | dict[int, int],
+        "resources_per_worker": dict[str, float] | None,
+        "strategy": Any,
+    }
+
+
+def _parser_class() -> type:
+    """``LightningArgumentParser`` (built on first use: it subclasses jsonargparse's parser)."""
+    if _PARSER_CLASS:
+        return _PARSER_CLASS[0]
+    jsonargparse = _jsonargparse()
+
+    class LightningArgumentParser(jsonargparse.ArgumentParser):
+        """jsonargparse's parser plus ``add_trainer_arguments`` (every ray_lit Trainer
+        option as ``--<nested_key>.<option>``)."""
+
+        def add_trainer_arguments(self, nested_key: str = "trainer",
+                                  defaults: dict[str, Any] | None = None) -> None:
+            from ray_lit.config import TrainerConfig
+
+            hints = typing.get_type_hints(TrainerConfig)
+            overrides = _trainer_types()
+            group = self.add_argument_group(f"ray_lit Trainer options ({nested_key})")
+            defaults = defaults or {}
+            for field in fields(TrainerConfig):
+                if field.metadata.get("internal"):
+                    continue
+                default = (field.default if field.default is not MISSING else
+                           field.default_factory() if field.default_factory is not MISSING
+                           else None)
+                default = defaults.get(field.name, default)
+                hint = overrides.get(field.name, hints.get(field.name, Any))
+                try:
+                    group.add_argument(f"--{nested_key}.{field.name}", type=hint,
+                                       default=default)
+                except Exception:  # a type jsonargparse cannot parse: take any YAML value
+                    group.add_argument(f"--{nested_key}.{field.name}", type=Any,
+                                       default=default)
+
+    LightningArgumentParser.__module__ = __name__
+    _PARSER_CLASS.append(LightningArgumentParser)
+    return LightningArgumentParser
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LightningArgumentParser":
+        return _parser_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class SaveConfigCallback:
+    """Writes the parsed config as YAML next to the run's logs when ``fit`` starts (driver).
+
+    Args:
+        parser: the parser that read the config.
+        config: the parsed config of the subcommand.
+        config_filename: the file name under ``trainer.log_dir``.
+        overwrite: replace an existing file (otherwise an existing one is an error, so a
+            second run does not silently lose the first run's config).
+    """
+
+    def __init__(self, parser: Any, config: Any, config_filename: str = "config.yaml",
+                 overwrite: bool = False) -> None:
+        self.parser = parser
+        self.config = config
+        self.config_filename = config_filename
+        self.overwrite = overwrite
+
+    def save(self, trainer: Any) -> str:
+        """Write the config; returns its path."""
+        log_dir = trainer.log_dir
+        path = os.path.join(log_dir, self.config_filename)
+        if os.path.exists(path) and not self.overwrite:
+            raise MisconfigurationException(
+                f"LightningCLI: {path} already exists; pass save_config_kwargs="
+                "{'overwrite': True}, or another trainer.default_root_dir.")
+        os.makedirs(log_dir, exist_ok=True)
+        self.parser.save(self.config, path, overwrite=True, multifile=False)
+        return path
+
+
+class LightningCLI:
+    """Build a module, a datamodule and a ray_lit ``Trainer`` from the command line and YAML
+    configs, and run a Trainer subcommand (driver).
+
+    Args:
+        model_class: the ``LightningModule`` class (or a base class with
+            ``subclass_mode_model=True``; then ``--model.class_path`` picks one).
+        datamodule_class: the ``LightningDataModule`` class (None: the model has its own
+            dataloaders).
+        save_config_callback: ``SaveConfigCallback`` (or a subclass) to write the config at
+            ``fit`` start; None writes nothing.
+        save_config_kwargs: ``config_filename`` / ``overwrite`` for it.
+        trainer_class: the Trainer class (``ray_lit.Trainer``).
+        trainer_defaults: Trainer option defaults the command line and configs override.
+        seed_everything_default: ``--seed_everything``'s default: an int seeds with it, True
+            with a random seed (stored in the config), False does not seed.
+        parser_kwargs: keyword arguments of the parser (per subcommand when keyed by one).
+        subclass_mode_model: the model is given by ``class_path`` / ``init_args``.
+        subclass_mode_data: the datamodule likewise.
+        args: the arguments to parse (a list, or a dict config); None reads ``sys.argv``.
+        run: parse a subcommand and run it; False parses the options alone and only builds
+            ``self.model``, ``self.datamodule`` and ``self.trainer``.
+
+    Raises:
+        MisconfigurationException: jsonargparse is missing (the ``cli`` extra).
+    """
+
+    def __init__(self, model_class: type | Callable[..., Any] | None = None,
+                 datamodule_class: type | Callable[..., Any] | None = None,
+                 save_config_callback: type | None = SaveConfigCallback,
+                 save_config_kwargs: dict[str, Any] | None = None,
+                 trainer_class: type | None = None,
+                 trainer_defaults: dict[str, Any] | None = None,
+                 seed_everything_default: bool | int = True,
+                 parser_kwargs: dict[str, Any] | None = None,
+                 subclass_mode_model: bool = False, subclass_mode_data: bool = False,
+                 args: Any = None, run: bool = True,
+                 auto_configure_optimizers: bool = True) -> None:
+        if trainer_class is None:
+            from ray_lit.trainer import Trainer as trainer_class
+        if model_class is None:
+            from ray_lit.core.module import LightningModule
+
+            model_class, subclass_mode_model = LightningModule, True
+        self.model_class = model_class
+        self.datamodule_class = datamodule_class
+        self.save_config_callback = save_config_callback
+        self.save_config_kwargs = save_config_kwargs or {}
+        self.trainer_class = trainer_class
+        self.trainer_defaults = trainer_defaults or {}
+        self.seed_everything_default = seed_everything_default
+        self.parser_kwargs = parser_kwargs or {}
+        self.subclass_mode_model = subclass_mode_model
+        self.subclass_mode_data = subclass_mode_data
+        self.auto_configure_optimizers = auto_configure_optimizers
+
+        self.setup_parser(run, self.parser_kwargs)
+        self.parse_arguments(self.parser, args)
+        self.subcommand = self.config["subcommand"] if run else None
+        self._set_seed()
+        self.before_instantiate_classes()
+        self.instantiate_classes()
+        if self.subcommand is not None:
+            self._run_subcommand(self.subcommand)
+
+    # --- the parser ------------------------------------------------------------------------
+    def init_parser(self, **kwargs: Any) -> Any:
+        """A ``LightningArgumentParser`` with ``--config`` (and so ``--print_config``)."""
+        jsonargparse = _jsonargparse()
+        parser = _parser_class()(**kwargs)
+        parser.add_argument("-c", "--config", action=jsonargparse.ActionConfigFile,
+                            help="a YAML config file (repeatable; later ones override)")
+        return parser
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any]) -> None:
+        """Build ``self.parser``: one subparser per subcommand, or the options alone."""
+        if not add_subcommands:
+            self.parser = self.init_parser(**main_kwargs)
+            self._add_arguments(self.parser)
+            return
+        main = {k: v for k, v in main_kwargs.items() if k not in _SUBCOMMANDS}
+        self.parser = self.init_parser(**main)
+        subcommands = self.parser.add_subcommands(dest="subcommand", required=True)
+        self.subcommand_parsers: dict[str, Any] = {}
+        for name, options in _SUBCOMMANDS.items():
+            sub = self.init_parser(**main_kwargs.get(name, {}))
+            self._add_arguments(sub)
+            for option, (hint, default) in options.items():
+                sub.add_argument(f"--{option}", type=hint, default=default)
+            doc = getattr(self.trainer_class, name).__doc__ or ""
+            subcommands.add_subcommand(name, sub, help=doc.strip().split("\n")[0])
+            self.subcommand_parsers[name] = sub
+
+    def _add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--seed_everything", type=bool | int,
+                            default=self.seed_everything_default,
+                            help="seed for seed_everything: an int, True (a random seed), "
+                                 "False (no seeding)")
+        parser.add_trainer_arguments("trainer", self.trainer_defaults)
+        self._add_class(parser, self.model_class, "model", self.subclass_mode_model)
+        if self.datamodule_class is not None:
+            self._add_class(parser, self.datamodule_class, "data", self.subclass_mode_data)
+        self.add_arguments_to_parser(parser)
+
+    @staticmethod
+    def _add_class(parser: Any, cls: Any, key: str, subclass_mode: bool) -> None:
+        if subclass_mode:
+            parser.add_subclass_arguments(cls, key, required=True)
+        else:
+            parser.add_class_arguments(cls, key)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Override to add arguments or ``parser.link_arguments(...)``."""
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse ``args`` (a list, a dict, or ``sys.argv[1:]``) into ``self.config``."""
+        if isinstance(args, dict):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(sys.argv[1:] if args is None else args)
+
+    def _active_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def _set_seed(self) -> None:
+        config = self._active_config()
+        seed = config.get("seed_everything")
+        if seed is None or seed is False:
+            return
+        if seed is True:
+            # a random seed, written into the config so the saved config reproduces the run
+            seed = random.randint(0, 2**31 - 1)
+            config["seed_everything"] = seed
+        from ray_lit.core.seed import seed_everything
+
+        seed_everything(int(seed))
+
+    # --- building the objects --------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        """Override to act on ``self.config`` before anything is built."""
+
+    def instantiate_classes(self) -> None:
+        """Build ``self.model``, ``self.datamodule`` and ``self.trainer`` from the config."""
+        parser = self.subcommand_parsers[self.subcommand] if self.subcommand else self.parser
+        # ``instantiate`` replaced ``instantiate_classes`` in jsonargparse 4.49
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        self.config_init = instantiate(self._active_config())
+        self.model = self.config_init["model"]
+        self.datamodule = self.config_init.get("data")
+        self.trainer = self.instantiate_trainer()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer from the options set in configs or on the command line (the others
+        keep the Trainer's defaults); ``kwargs`` override."""
+        from ray_lit.config import TrainerConfig
+
+        given = self.config_init["trainer"]
+        defaults = {f.name: (f.default if f.default is not MISSING else
+                             f.default_factory() if f.default_factory is not MISSING else None)
+                    for f in fields(TrainerConfig)}
+        options = {k: v for k, v in dict(given).items()
+                   if k in defaults and (k in self.trainer_defaults or v != defaults[k])}
+        options.update(kwargs)
+        return self.trainer_class(**options)
+
+    # --- running ---------------------------------------------------------------------------
+    def _run_subcommand(self, subcommand: str) -> None:
+        before = getattr(self, f"before_{subcommand}", None)
+        if callable(before):
+            before()
+        kwargs = {k: self.config_init[k] for k in _SUBCOMMANDS[subcommand]
+                  if k in self.config_init}
+        if subcommand == "fit" and self.save_config_callback is not None:
+            sub = self.subcommand_parsers[subcommand]
+            self.save_config_callback(sub, self.config[subcommand],
+                                      **self.save_config_kwargs).save(self.trainer)
+        fn = getattr(self.trainer, subcommand)
+        self.result = fn(self.model, datamodule=self.datamodule, **kwargs)
+        after = getattr(self, f"after_{subcommand}", None)
+        if callable(after):
+            after()
