@@ -19,7 +19,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from ray_lit.driver.pool import POOL
+from ray_lit.driver.pool import POOL, current_ray_job
 from ray_lit.driver.results import apply_final_state
 from ray_lit.errors import MisconfigurationException
 from ray_lit.messages import CheckpointSpec, Job
@@ -158,35 +158,45 @@ class KeptGroup:
     def __init__(self) -> None:
         self.group: Any = None
         self.options: dict[str, Any] | None = None
+        self.ray_job: str | None = None  # the Ray session the group was started in
 
     def take(self, options: dict[str, Any]) -> Any:
         """The kept group when it was formed with the same options, else None (a group
         formed otherwise is released)."""
+        current = self.current()
         group, self.group = self.group, None
-        if group is not None and self.options != options:
-            group.shutdown()
+        if group is not None and (not current or self.options != options):
+            if current:
+                group.shutdown()
             group = None
         return group
 
     def keep(self, group: Any, options: dict[str, Any]) -> None:
         self.release()
-        self.group, self.options = group, dict(options)
+        self.group, self.options, self.ray_job = group, dict(options), current_ray_job()
+
+    def current(self) -> bool:
+        """Whether the kept group belongs to this Ray session (a test, a notebook, may have
+        restarted Ray since: then its actors are gone and must not be called)."""
+        return self.group is not None and self.ray_job == current_ray_job()
 
     def release(self) -> None:
         import ray
 
+        current = self.current()
         group, self.group = self.group, None
         # after ray.shutdown() (or at exit, after Ray's own atexit) the actors are gone
         # already, and a call would start a new Ray
-        if group is not None and ray.is_initialized():
+        if current and ray.is_initialized():
             group.shutdown()
 
     def park(self) -> None:
         """The Trainer went: leave its idle group to the next Trainer (``driver.pool``)."""
         import ray
 
+        current = self.current()
         group, self.group = self.group, None
-        if group is not None and ray.is_initialized():
+        if current and ray.is_initialized():
             POOL.park(group, self.options or {})
 
 
@@ -213,9 +223,12 @@ def _warm_group(options: dict[str, Any], besides: KeptGroup) -> Any:
     if warm is not None:
         return warm
     for kept in list(_ALL_KEPT):
-        if kept is not besides and kept.group is not None and kept.options == options:
+        if kept is not besides and kept.current() and kept.options == options:
             group, kept.group = kept.group, None
-            survivors = group.salvage(abort_timeout_s=5.0)
+            try:
+                survivors = group.salvage(abort_timeout_s=5.0)
+            except Exception:  # noqa: BLE001 (a worker went while idle: start afresh)
+                survivors = None
             if survivors is not None and len(survivors.actors) == len(survivors.slots):
                 survivors.snapshots, survivors.confirmations = {}, []
                 return survivors

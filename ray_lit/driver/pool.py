@@ -28,7 +28,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WarmPool", "POOL"]
+__all__ = ["POOL", "WarmPool", "current_ray_job"]
 
 _ENV = "RAY_LIT_WARM_POOL_IDLE_S"
 
@@ -74,14 +74,17 @@ class WarmPool:
                 or not getattr(group, "owned", True)):
             group.shutdown()
             return False
-        survivors = group.salvage(abort_timeout_s=5.0)
+        try:
+            survivors = group.salvage(abort_timeout_s=5.0)
+        except Exception:  # noqa: BLE001 (its actors are gone: a Ray that was shut down)
+            return False
         if survivors is None:
             return False
         if len(survivors.actors) != len(survivors.slots) or survivors.stuck:
             survivors.release()  # a worker went meanwhile: not worth keeping
             return False
         survivors.snapshots, survivors.confirmations = {}, []
-        survivors.ray_job = _ray_job()  # a pool entry of an earlier Ray session is stale
+        survivors.ray_job = current_ray_job()  # an entry of an earlier Ray session is stale
         key = self._key(options)
         with self._lock:
             older = self._parked.pop(key, None)
@@ -100,7 +103,7 @@ class WarmPool:
         if entry is None:
             return None
         survivors = entry[1]
-        if getattr(survivors, "ray_job", None) != _ray_job() or not _answer(survivors):
+        if getattr(survivors, "ray_job", None) != current_ray_job() or not _answer(survivors):
             _release(survivors)  # Ray restarted, or a worker went while parked
             return None
         self.taken_total += 1
@@ -144,7 +147,9 @@ class WarmPool:
             self._arm_timer()
 
 
-def _ray_job() -> str | None:
+def current_ray_job() -> str | None:
+    """This driver's Ray job id, None without Ray: a worker group belongs to the Ray session
+    it was started in (after ``ray.shutdown()`` and a new ``ray.init()`` its handles are dead)."""
     import ray
 
     return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None

@@ -195,3 +195,24 @@ def test_another_shape_releases_the_parked_workers_and_an_idle_pool_empties(ray_
         assert len(POOL) == 0 and not any(_alive(handles))
     finally:
         POOL.idle_s = saved
+
+
+def test_a_group_of_an_earlier_ray_session_is_never_called(ray_cluster, tmp_path):
+    """A Trainer kept alive across ``ray.shutdown()`` / ``ray.init()`` (a notebook, a test
+    suite) holds handles of dead actors: the next Trainer neither adopts nor calls them, and
+    the old Trainer going does not park them."""
+    import ray
+
+    from ray_lit.driver.pool import POOL
+
+    POOL.drain()
+    old, old_model = _fit_seeded(tmp_path, "old")
+    ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    new, _ = _fit_seeded(tmp_path, "new")  # the same shape: would adopt the old group
+    assert new.global_step == old.global_step
+    parked = POOL.parked_total
+    del old, old_model
+    gc.collect()
+    assert POOL.parked_total == parked and len(POOL) == 0
+    new.teardown()
