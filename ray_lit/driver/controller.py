@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -49,6 +48,7 @@ from ray_lit.driver.policies import (
 )
 from ray_lit.driver.predictions import receive_predictions
 from ray_lit.driver.reporting import replay
+from ray_lit.driver.signals import SignalHandlers
 from ray_lit.driver.snapshot_ledger import SnapshotLedger
 from ray_lit.driver.states import (
     AttemptOutcome,
@@ -148,7 +148,7 @@ class Controller:
         state: State = Starting()
         self._record(state)
         try:
-            with _SignalHandlers(self):
+            with SignalHandlers(self._preempt, self._interrupted):
                 while not state.terminal:
                     state = self._step_or_release(state)
                     self._record(state)
@@ -777,35 +777,6 @@ class Controller:
         return TrainingFailedError(
             f"Training failed: {reason}", rank=error.world_rank,
             node=f"{error.node_ip} ({error.node_id})", original_traceback=error.traceback)
-
-
-class _SignalHandlers:
-    """While attempts run on the main thread: a SIGTERM asks for a checkpoint-and-stop, and a
-    Ctrl-C (SIGINT with Python's default handler) is remembered as well as raised, so the
-    supervision raises it again should the first ``KeyboardInterrupt`` land in code that
-    swallows it (a Ctrl-C never leaves the group training)."""
-
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self.previous: dict[int, Any] = {}
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self.controller._interrupted.set()
-        raise KeyboardInterrupt
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.controller._preempt.set()
-
-    def __enter__(self) -> _SignalHandlers:
-        if threading.current_thread() is threading.main_thread():
-            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
 
 
 def _unpickle(blob: bytes | None) -> BaseException | None:
