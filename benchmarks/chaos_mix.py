@@ -1,231 +1,546 @@
-"""A bigger chaos run (issue 19, item 4): many faults of several kinds in ONE run of 4 workers.
+"""A bigger chaos run (issue 19, item 4): many faults of all six kinds in ONE invocation.
 
-Faults, drawn at random: a worker that ``os._exit``s, a worker SIGKILLed, a worker that hangs
-(found by ``worker_hang_timeout_s``, its stacks collected), and storage outages (the run's S3
-endpoint, a moto server on 127.0.0.1 behind a proxy process, goes away for a few seconds and
-comes back; training goes on and the writes are retried). The world size stays fixed, so the
-final weights must equal an uninterrupted run's bit for bit; a watcher loads every committed
-checkpoint as it appears (through moto directly): none may be unreadable.
+Two phases train the same small model (``chaos_driver.ChaosNet``) on a local multi-node
+``ray.cluster_utils.Cluster`` (a head without CPUs, worker nodes of 2 CPUs), with the run
+directory on an S3 endpoint (moto on 127.0.0.1 behind a proxy process):
+
+- **fixed**: ``num_workers=4``, dropout on. The final weights must equal the uninterrupted
+  run's bit for bit (``torch.equal``).
+- **elastic**: ``num_workers=(2, 4)``, dropout off. A node removal shrinks the group to 2 (the
+  replacement node comes ``--regrow-s`` later and the group grows back at a checkpoint
+  boundary); another world size may sum the gradients in another order, so the final weights
+  are compared loosely (``torch.allclose`` at ``--elastic-atol``) and the output says so.
+
+In each phase, faults are drawn at random (the six kinds dealt in rounds, each round shuffled,
+so each kind appears about equally often) at random (rank, step) pairs:
+
+- ``exit``: a rank ``os._exit(1)``s; ``sigkill``: a rank SIGKILLs itself;
+- ``hang``: a rank sleeps in ``training_step`` until ``worker_hang_timeout_s`` finds it;
+- ``node``: the node hosting a rank is removed (raylet and workers killed); in the fixed phase a
+  replacement node is added at once, in the elastic one ``--regrow-s`` later;
+- ``driver``: the training driver, a subprocess (``chaos_driver.py``), is SIGKILLed by pid and
+  started again on the same run directory (it resumes from the latest committed checkpoint);
+- ``outage``: the S3 endpoint goes away for ``--outage-s`` seconds (training goes on, writes
+  are retried).
+
+A rank carries out its own process faults and asks this script for the others (a request file
+in the plan directory; the rank waits for its node or driver to be killed). Recovery of a fault
+is measured the same way for every kind: from the moment it was injected to the first training
+step of the next attempt (every rank logs the first step of each attempt); steps redone are the
+fault's step minus that step. A watcher thread loads every committed checkpoint of both phases
+as it appears: none may be unreadable.
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python benchmarks/chaos_mix.py --faults 50
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python benchmarks/chaos_mix.py --quick   # 8 faults
 
-``CHAOS_TRACE=/tmp/trace`` makes every rank append ``step loss data-sum weight-sum`` lines to
-``/tmp/trace.<chaos run>.<rank>``, to find the first step where a run leaves the reference.
-
-Not in this harness: node removal (``chaos.py`` has no multi-node mode; see
-``tests/ray/test_placement_multinode.py`` and ``recovery.py --node-loss``) and a SIGKILLed
-driver with a rerun (``tests/ray/test_driver_preemption.py``). Prints one table.
+Prints one table per phase and the checks; ``--json PATH`` writes every fault's record. Exits 1
+when a planned fault did not fire, a phase did not finish, a committed checkpoint was unreadable
+or the fixed phase's weights differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
-import logging
+import math
 import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
-import cloudpickle
-import ray
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-import ray_lit
-import ray_lit as pl
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "ray"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chaos import watch_commits  # noqa: E402  (every commit loaded as it appears)
-from s3_fault_proxy import start_proxy, stop_proxy  # noqa: E402
-from storage_outage import _free_port  # noqa: E402
+from chaos_cluster import ChaosCluster, S3Endpoint  # noqa: E402
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-KINDS = ("exit", "sigkill", "hang")
-
-
-class MixNet(pl.LightningModule):
-    """Dropout + Adam + shuffled data; at each planned (rank, step) the rank fails one way."""
-
-    def __init__(self, plan_dir: str = "", plan: list | None = None) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
-                                       torch.nn.Dropout(0.2), torch.nn.Linear(64, 1))
-        self.plan_dir = plan_dir
-        self.plan = plan or []
-
-    def training_step(self, batch, batch_idx):
-        for i, (rank, step, kind) in enumerate(self.plan):
-            marker = os.path.join(self.plan_dir, f"fault-{i}")
-            if self.global_rank == rank and self.global_step == step and \
-                    not os.path.exists(marker):
-                with open(marker, "w") as f:
-                    json.dump({"time": time.time(), "step": step, "rank": rank, "kind": kind}, f)
-                if kind == "exit":
-                    os._exit(1)
-                if kind == "sigkill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(3600)  # "hang": no progress until the driver gives up on it
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        if os.environ.get("CHAOS_TRACE"):
-            with open(os.environ["CHAOS_TRACE"] + f".{self.plan_dir != ''}.{self.global_rank}",
-                      "a") as f:
-                f.write(f"{self.global_step} {float(loss):.8f} {float(x.sum()):.6f} "
-                        f"{float(self.net[0].weight.sum()):.8f}\n")
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+KINDS = ("exit", "sigkill", "hang", "node", "driver", "outage")
+PROCESS_KINDS = ("exit", "sigkill", "hang", "node", "driver")  # each ends in a new attempt
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chaos_driver.py")
+BATCH = 16
 
 
-def data(samples: int) -> DataLoader:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(samples, 16, generator=g)
-    return DataLoader(TensorDataset(x, x[:, :4].sum(1, keepdim=True)), batch_size=16,
-                      shuffle=True)
+# --- the plan ---------------------------------------------------------------------------------
+def make_plan(rng: random.Random, faults: int, steps_total: int, workers: int,
+              need_node: bool, kinds: tuple[str, ...] = KINDS) -> list[tuple[int, int, str]]:
+    """``faults`` (rank, step, kind), sorted by step: kinds dealt in rounds of the six, each
+    round shuffled (so counts differ by one at most), at random distinct steps away from the
+    run's two ends.
+    ``need_node``: at least one node removal (the elastic phase must shrink and grow)."""
+    deck: list[str] = []
+    for _ in range(math.ceil(faults / len(kinds))):  # each round: every kind once, shuffled
+        deck += rng.sample(kinds, len(kinds))
+    drawn = deck[:faults]
+    if need_node and "node" in kinds and "node" not in drawn and drawn:
+        drawn[rng.randrange(len(drawn))] = "node"
+    steps = sorted(rng.sample(range(2, steps_total - 2), faults))
+    return [(rng.randrange(workers), step, kind) for step, kind in zip(steps, drawn)]
 
 
-def fit(storage: str, name: str, model: MixNet, args: argparse.Namespace) -> ray_lit.Trainer:
-    pl.seed_everything(7)
-    return ray_lit.fit(model, data(args.samples), num_workers=args.workers, max_epochs=args.epochs,
-                       storage_path=storage, run_name=name, checkpoint_every_n_steps=args.every,
-                       max_failures=-1, worker_hang_timeout_s=args.hang_timeout_s,
-                       storage_retry_timeout_s=300, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False)
+# --- the commit watcher -----------------------------------------------------------------------
+@dataclass
+class CommitReport:
+    loaded: int = 0
+    pruned_before_read: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    seen_at: list[tuple[float, str]] = field(default_factory=list)  # (time seen, checkpoint)
+
+
+def watch_commits(run_uris: list[str], stop: threading.Event, endpoint: S3Endpoint,
+                  report: CommitReport) -> None:
+    """Load every part of every committed checkpoint of ``run_uris`` as soon as it appears.
+
+    Reads go through the proxy. A read that fails while the endpoint is down (or just came
+    back) is tried again at the next poll; any other failure of a committed checkpoint is a
+    real one. A checkpoint pruned by retention before it was read is counted apart.
+    """
+    from ray_lit.checkpoint.manager import CheckpointManager
+    from ray_lit.storage.checkpoint_io import load_checkpoint
+
+    managers = [CheckpointManager(uri, retry_timeout_s=5) for uri in run_uris]
+    seen: set[str] = set()
+    last_down = 0.0
+    while not stop.is_set():
+        if not endpoint.is_up:
+            last_down = time.time()
+        for manager in managers:
+            try:
+                committed = manager.committed()
+            except Exception:  # listing during an outage: next poll
+                continue
+            for ckpt in committed:
+                key = f"{manager.run_uri}/{ckpt.name}"
+                if key in seen:
+                    continue
+                try:
+                    for rank in range(ckpt.world_size):
+                        load_checkpoint(ckpt.part_uri(rank))
+                    report.loaded += 1
+                    report.seen_at.append((time.time(), key))
+                except FileNotFoundError:
+                    report.pruned_before_read += 1  # retention removed it meanwhile
+                except Exception as err:
+                    if not endpoint.is_up or time.time() - last_down < 10:
+                        continue  # the outage, not the checkpoint: read it again
+                    report.unreadable.append(f"{key}: {err}")
+                seen.add(key)
+        time.sleep(0.1)
+
+
+# --- one phase --------------------------------------------------------------------------------
+@dataclass
+class Phase:
+    """One chaos phase's configuration and what happened in it."""
+
+    name: str
+    num_workers: Any  # 4 or [2, 4]
+    dropout: float
+    plan: list[tuple[int, int, str]]
+    events: list[dict] = field(default_factory=list)  # one per fault fired, as injected
+    growths: list[float] = field(default_factory=list)  # times a replacement node came
+    outages: list[tuple[float, float]] = field(default_factory=list)  # (down, up) times
+    attempts: list[dict] = field(default_factory=list)  # every rank's first step of an attempt
+    growth_s: list[float] = field(default_factory=list)  # replacement node -> bigger group
+    driver_starts: int = 0
+    wall_s: float = 0.0
+    result: dict | None = None
+    error: str | None = None
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+
+def driver_config(args: argparse.Namespace, work: str, cluster: ChaosCluster, storage: str,
+                  run_name: str, phase: Phase, plan_dir: str) -> str:
+    """Write the config ``chaos_driver.py`` reads; returns its path."""
+    cfg = {"address": cluster.address, "storage": storage, "run_name": run_name,
+           "plan_dir": plan_dir, "plan": phase.plan if plan_dir else [],
+           "num_workers": phase.num_workers, "dropout": phase.dropout,
+           "samples": args.samples, "epochs": args.epochs, "every": args.every,
+           "hang_timeout_s": args.hang_timeout_s, "placement_timeout_s": 120,
+           "out": os.path.join(work, f"{run_name}.pt")}
+    path = os.path.join(work, f"{run_name}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def start_driver(cfg_path: str, log_path: str) -> subprocess.Popen:
+    """A training driver in its own session: its SIGKILL reaches it and nothing else."""
+    with open(log_path, "a") as log:
+        log.write(f"\n=== driver started {time.strftime('%H:%M:%S')} ===\n")
+        log.flush()
+        return subprocess.Popen([sys.executable, DRIVER, cfg_path], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver this script started (its own process group, by its pid)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def run_reference(args: argparse.Namespace, work: str, cluster: ChaosCluster, storage: str,
+                  phase: Phase) -> tuple[dict, float]:
+    """The uninterrupted run of ``phase``'s configuration; its result and wall time."""
+    cfg = driver_config(args, work, cluster, storage, f"reference-{phase.name}", phase, "")
+    start = time.monotonic()
+    proc = start_driver(cfg, os.path.join(work, "drivers.log"))
+    if proc.wait() != 0:
+        raise RuntimeError(f"the reference run of {phase.name} failed: see {work}/drivers.log")
+    with open(cfg) as f:
+        out = json.load(f)["out"]
+    return torch.load(out, weights_only=False), time.monotonic() - start
+
+
+def run_phase(args: argparse.Namespace, work: str, cluster: ChaosCluster, endpoint: S3Endpoint,
+              storage: str, phase: Phase, timeout_s: float) -> None:
+    """Run ``phase`` with its faults; injects what the ranks ask for, restarts killed drivers.
+
+    Fills ``phase.events`` (each fault's record plus ``injected``, the time it took effect),
+    ``growths``, ``outages``, ``driver_starts`` and ``result`` (or ``error``).
+    """
+    plan_dir = os.path.join(work, f"plan-{phase.name}")
+    os.makedirs(plan_dir)
+    cfg = driver_config(args, work, cluster, storage, phase.name, phase, plan_dir)
+    log_path = os.path.join(work, "drivers.log")
+    handled: set[str] = set()
+    add_at = up_at = None
+    down_at = 0.0
+    rerun_pending = False  # a killed driver's rerun waits for the storage endpoint
+    start = time.monotonic()
+    driver = start_driver(cfg, log_path)
+    phase.driver_starts = 1
+    try:
+        while True:
+            rc = None if rerun_pending else driver.poll()
+            if rc is not None:
+                if rc != 0:
+                    phase.error = f"the driver exited with {rc} on its own: see {log_path}"
+                break
+            if time.monotonic() - start > timeout_s:
+                phase.error = f"not finished after {timeout_s:.0f} s"
+                break
+            for marker in sorted(glob.glob(os.path.join(plan_dir, "fault-*.json"))):
+                if marker in handled:
+                    continue
+                handled.add(marker)
+                with open(marker) as f:
+                    event = json.load(f)
+                kind = event["kind"]
+                event["injected"] = event["time"]  # the rank's own faults: when it acted
+                if kind == "driver":
+                    event["injected"] = time.time()
+                    kill_driver(driver)
+                    if endpoint.is_up:
+                        driver = start_driver(cfg, log_path)
+                        phase.driver_starts += 1
+                    else:
+                        # a rerun's launch probes the storage once, without retries: it would
+                        # fail now, so the rerun waits for the endpoint (as a job retry would)
+                        event["rerun_waited_for_storage"] = True
+                        rerun_pending = True
+                elif kind == "node":
+                    if add_at is not None:  # the last removal's replacement first: never
+                        cluster.add()       # fewer nodes than the elastic minimum needs
+                        phase.growths.append(time.time())
+                        add_at = None
+                    event["injected"] = time.time()
+                    event["removed"] = cluster.remove(event["node_id"])
+                    if phase.elastic:
+                        add_at = time.monotonic() + args.regrow_s
+                    else:
+                        cluster.add()
+                elif kind == "outage":
+                    event["injected"] = time.time()
+                    if up_at is None:
+                        down_at = time.time()
+                        endpoint.down()
+                        up_at = time.monotonic() + args.outage_s
+                phase.events.append(event)
+            if up_at is not None and time.monotonic() >= up_at:
+                endpoint.up()
+                phase.outages.append((down_at, time.time()))
+                up_at = None
+                if rerun_pending:
+                    driver = start_driver(cfg, log_path)
+                    phase.driver_starts += 1
+                    rerun_pending = False
+            if add_at is not None and time.monotonic() >= add_at:
+                cluster.add()
+                phase.growths.append(time.time())
+                add_at = None
+            time.sleep(0.05)
+    finally:
+        if driver.poll() is None:
+            kill_driver(driver)
+        if up_at is not None:
+            endpoint.up()
+            phase.outages.append((down_at, time.time()))
+        if add_at is not None:
+            cluster.add()
+    phase.wall_s = time.monotonic() - start
+    with open(cfg) as f:
+        out = json.load(f)["out"]
+    if phase.error is None:
+        phase.result = torch.load(out, weights_only=False)
+    phase.attempts = read_attempts(plan_dir)
+
+
+def read_attempts(plan_dir: str) -> list[dict]:
+    """Every rank's first step of every attempt (``attempts.jsonl``)."""
+    path = os.path.join(plan_dir, "attempts.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- what the phase measured ------------------------------------------------------------------
+def measure(phase: Phase, commits: CommitReport) -> None:
+    """Recovery and steps redone for each fault, from its injection to the next attempt."""
+    attempts = sorted(phase.attempts, key=lambda r: r["time"])
+    process_times = sorted(e["injected"] for e in phase.events if e["kind"] in PROCESS_KINDS)
+    for event in phase.events:
+        t = event["injected"]
+        later = [r for r in attempts if r["attempt_start"] > t]
+        if event["kind"] == "outage":
+            # a restart while the endpoint was away that no process fault explains
+            end = t + phase_outage_s(phase, t) + 10
+            caused = [r for r in later if r["attempt_start"] < end and
+                      not any(t < p < r["attempt_start"] for p in process_times)]
+            event["restart"] = bool(caused)
+            event["redone"] = event["step"] - caused[0]["step"] if caused else 0
+            back = t + phase_outage_s(phase, t)
+            after = [s for s, key in commits.seen_at if s > back and f"/{phase.name}/" in key]
+            event["recovery_s"] = min(after) - back if after else None
+            continue
+        if not later:
+            event["recovery_s"] = event["redone"] = None
+            continue
+        first = later[0]
+        event["recovery_s"] = first["time"] - t
+        event["redone"] = event["step"] - first["step"]
+        event["next_world_size"] = first["world_size"]
+    for t in phase.growths:
+        bigger = [r for r in attempts if r["attempt_start"] > t and
+                  r["world_size"] == max(phase.num_workers)]
+        if bigger:
+            phase.growth_s.append(bigger[0]["time"] - t)
+
+
+def attempt_starts(attempts: list[dict], spread_s: float = 5.0) -> list[float]:
+    """When each attempt began: the ranks of one attempt log within ``spread_s`` of the first."""
+    starts: list[float] = []
+    for start in sorted(r["attempt_start"] for r in attempts):
+        if not starts or start - starts[-1] > spread_s:
+            starts.append(start)
+    return starts
+
+
+def unplanned_restarts(phase: Phase) -> int:
+    """Attempts that neither a process fault nor a growth explains (a hang diagnosed on a rank
+    that was only slow, a restart caused by an outage)."""
+    explained = 1 + sum(e["kind"] in PROCESS_KINDS for e in phase.events) + len(phase.growth_s)
+    return max(0, len(attempt_starts(phase.attempts)) - explained)
+
+
+def phase_outage_s(phase: Phase, t: float) -> float:
+    for down, up in phase.outages:
+        if down - 1 <= t <= up:
+            return up - down
+    return 0.0
+
+
+def compare(reference: dict, result: dict) -> tuple[bool, float]:
+    """(every tensor equal, max |difference|) of two results' weights."""
+    ref, got = reference["state_dict"], result["state_dict"]
+    equal = all(torch.equal(v, got[k]) for k, v in ref.items())
+    diff = max(float((v - got[k]).abs().max()) for k, v in ref.items())
+    return equal, diff
+
+
+def print_table(phase: Phase) -> None:
+    """One row per fault kind: count, recovery median/max, steps redone median/max."""
+    print(f"\n### {phase.name}: num_workers={phase.num_workers}, dropout {phase.dropout:g}, "
+          f"{len(phase.events)} faults fired of {len(phase.plan)} planned, "
+          f"{phase.driver_starts} driver starts, {phase.wall_s:.0f} s\n")
+    print("| fault kind | faults | recovery median s | recovery max s | steps redone median "
+          "| max |")
+    print("|---|---|---|---|---|---|")
+    for kind in KINDS:
+        events = [e for e in phase.events if e["kind"] == kind]
+        if not events:
+            continue
+        times = [e["recovery_s"] for e in events if e.get("recovery_s") is not None]
+        redone = [e["redone"] for e in events if e.get("redone") is not None]
+        label = kind if kind != "outage" else "outage (to the next commit)"
+        med = f"{statistics.median(times):.1f}" if times else "-"
+        top = f"{max(times):.1f}" if times else "-"
+        rmed = f"{statistics.median(redone):g}" if redone else "-"
+        rmax = f"{max(redone)}" if redone else "-"
+        print(f"| {label} | {len(events)} | {med} | {top} | {rmed} | {rmax} |")
+    if phase.growth_s:
+        print(f"\ngrowth back to {max(phase.num_workers)} workers after the replacement node "
+              f"came: {len(phase.growth_s)} times, median {statistics.median(phase.growth_s):.1f}"
+              f" s, max {max(phase.growth_s):.1f} s")
+    waited = sum(bool(e.get("rerun_waited_for_storage")) for e in phase.events)
+    print(f"\nattempts: {len(attempt_starts(phase.attempts))}; restarts no planned fault or "
+          f"growth explains: {unplanned_restarts(phase)}; driver reruns held back until the "
+          f"storage endpoint was back: {waited}")
+    if phase.result is not None:
+        sizes = phase.result["world_size_history"]
+        print(f"world sizes of the last driver: {sizes}")
+
+
+# --- main -------------------------------------------------------------------------------------
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--faults", type=int, default=None,
+                        help="faults over both phases (50; --quick: 8)")
+    parser.add_argument("--elastic-share", type=float, default=0.4,
+                        help="share of the faults in the elastic phase")
+    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--every", type=int, default=4, help="checkpoint_every_n_steps")
+    parser.add_argument("--hang-timeout-s", type=float, default=10.0)
+    parser.add_argument("--outage-s", type=float, default=4.0)
+    parser.add_argument("--regrow-s", type=float, default=10.0,
+                        help="elastic: the replacement node comes this long after a removal")
+    parser.add_argument("--elastic-atol", type=float, default=1e-2)
+    parser.add_argument("--phase-timeout-s", type=float, default=2400)
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="bound on the whole invocation: a phase still running then is "
+                             "stopped and reported as not finished")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", default="fixed,elastic")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="the fault kinds drawn (all six by default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 8 faults, 1536 samples, 2 s outages")
+    parser.add_argument("--json", default=None, help="write every fault's record here")
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.outage_s, args.regrow_s, args.elastic_share = 1536, 2.0, 6.0, 0.5
+    if args.faults is None:
+        args.faults = 8 if args.quick else 50
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--faults", type=int, default=50)
-    parser.add_argument("--outages", type=int, default=5, help="storage outages among faults")
-    parser.add_argument("--outage-s", type=float, default=4.0)
-    parser.add_argument("--samples", type=int, default=8192)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--every", type=int, default=4, help="checkpoint_every_n_steps")
-    parser.add_argument("--hang-timeout-s", type=float, default=8.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kinds", default=",".join(KINDS), help="process fault kinds drawn")
-    parser.add_argument("--local", action="store_true", help="local storage (no outages)")
-    parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args()
-    workers = args.workers
-    kinds = args.kinds.split(",")
+    args = parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    moto_port, port = _free_port(), _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port)
-    server.start()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
-    bucket = f"ray-lit-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}",
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    proxy = {"proc": start_proxy(port, moto_port)}
-    ray.init(address="local", num_cpus=workers + 2, include_dashboard=False,
-             log_to_driver=False)
-    steps_total = args.epochs * (args.samples // 16 // workers)
+    workers = 4
+    steps_total = args.epochs * (args.samples // BATCH // workers)
     rng = random.Random(args.seed)
-    process_faults = args.faults - args.outages
-    steps = sorted(rng.sample(range(1, steps_total - 1), process_faults))
-    plan = [(rng.randrange(workers), step, rng.choice(kinds)) for step in steps]
-    storage = f"s3://{bucket}/runs"
-    if args.local:
-        storage, args.outages = tempfile.mkdtemp(prefix="chaos_mix_"), 0
+    kinds = tuple(args.kinds.split(","))
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    names = args.phases.split(",")
+    elastic_n = round(args.faults * args.elastic_share) if "elastic" in names else 0
+    counts = {"fixed": args.faults - elastic_n, "elastic": elastic_n}
+    if "fixed" not in names:
+        counts["elastic"] = args.faults
+    phases = [Phase(name, [2, workers] if name == "elastic" else workers,
+                    0.0 if name == "elastic" else 0.2,
+                    make_plan(rng, counts[name], steps_total, workers, name == "elastic",
+                              kinds))
+              for name in names]
+    endpoint = S3Endpoint()  # first: the raylets inherit its AWS variables
+    cluster = ChaosCluster(nodes=2, cpus_per_node=2)
+    storage = f"s3://{endpoint.bucket}/runs"
+    commits = CommitReport()
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_commits, daemon=True, args=(
+        [f"{storage}/{p.name}" for p in phases], stop, endpoint, commits))
+    references: dict[str, tuple[dict, float]] = {}
+    deadline = time.monotonic() + (args.deadline_s or float("inf"))
+    work = tempfile.mkdtemp(prefix="chaos_mix_")
+    print(f"work directory (driver logs, plans): {work}", flush=True)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.monotonic()
-            reference = MixNet()
-            fit(storage, "reference", reference, args)
-            reference_s = time.monotonic() - start
-
-            model = MixNet(plan_dir=tmp, plan=plan)
-            report: dict = {"loaded": 0, "pruned_before_read": 0, "unreadable": []}
-            stop = threading.Event()
-            # through the proxy: during an outage its reads are retried like the run's own
-            watcher = threading.Thread(target=watch_commits,
-                                       args=(f"{storage}/chaos", stop, report), daemon=True)
-            outages: list[tuple[float, float]] = []
-
-            def storage_outages() -> None:
-                # spread over the run: the process faults make it last minutes
-                for _ in range(args.outages):
-                    if stop.wait(rng.uniform(15, 40)):
-                        return
-                    down = time.time()
-                    stop_proxy(proxy["proc"])  # only the pid this script started
-                    time.sleep(args.outage_s)
-                    proxy["proc"] = start_proxy(port, moto_port)
-                    outages.append((down, time.time()))
-
-            chaos = threading.Thread(target=storage_outages, daemon=True)
-            watcher.start()
-            chaos.start()
-            start = time.monotonic()
-            trainer = fit(storage, "chaos", model, args)
-            chaos_s = time.monotonic() - start
-            stop.set()
-            chaos.join()
-            watcher.join()
-            fired = []
-            for name in os.listdir(tmp):
-                if name.startswith("fault-"):
-                    with open(os.path.join(tmp, name)) as f:
-                        fired.append(json.load(f))
-            fired.sort(key=lambda k: k["time"])
-            controller = trainer._controller
-            origins = controller.restored_from
-            recovery = controller.recovery_times
-            by_kind: dict[str, list[float]] = {}
-            redone: dict[str, list[int]] = {}
-            for fault, seconds, (_, step) in zip(fired, recovery, origins):
-                by_kind.setdefault(fault["kind"], []).append(seconds)
-                redone.setdefault(fault["kind"], []).append(fault["step"] - step)
-            identical = all(torch.equal(v, model.state_dict()[k])
-                            for k, v in reference.state_dict().items())
-            max_diff = max(float((v - model.state_dict()[k]).abs().max())
-                           for k, v in reference.state_dict().items())
+        for phase in phases:
+            references[phase.name] = run_reference(args, work, cluster, storage, phase)
+            print(f"reference {phase.name}: {references[phase.name][1]:.0f} s", flush=True)
+        watcher.start()
+        for phase in phases:
+            print(f"phase {phase.name}: plan (rank, step, kind) {phase.plan}", flush=True)
+            left = deadline - time.monotonic()
+            run_phase(args, work, cluster, endpoint, storage, phase,
+                      min(args.phase_timeout_s, max(left, 60.0)))
+            if phase.error is not None:
+                with open(os.path.join(work, "drivers.log")) as f:
+                    print("".join(f.readlines()[-30:]), flush=True)
+            print(f"phase {phase.name}: {phase.wall_s:.0f} s, error {phase.error}", flush=True)
+        time.sleep(2)  # the last commits reach the watcher
     finally:
-        ray.shutdown()
-        stop_proxy(proxy["proc"])
-        server.stop()
-    survived = len(fired) + len(outages)
-    print(f"plan (rank, step, kind): {plan}; restored from {origins}")
-    print(f"\n{workers} workers, fixed size, {steps_total} steps, checkpoint every "
-          f"{args.every} steps, hang timeout {args.hang_timeout_s:g} s, storage on moto S3 "
-          "behind a proxy\n")
-    print("| fault kind | faults | recovery median s | recovery max s | steps redone "
-          "median | max |")
-    print("|---|---|---|---|---|---|")
-    for kind in KINDS:
-        times, steps_back = by_kind.get(kind, []), redone.get(kind, [])
-        if times:
-            print(f"| {kind} | {len(times)} | {statistics.median(times):.1f} | "
-                  f"{max(times):.1f} | {statistics.median(steps_back):g} | {max(steps_back)} |")
-    print(f"| storage outage ({args.outage_s:g} s) | {len(outages)} | no restart | | | |")
-    print(f"\nfaults survived: {survived} of {args.faults} planned ({len(fired)} process "
-          f"faults fired of {len(plan)}, {len(outages)} outages); restarts "
-          f"{trainer.num_restarts}")
-    print(f"committed checkpoints loaded while training: {report['loaded']}, unreadable: "
-          f"{len(report['unreadable'])}, pruned before read: {report['pruned_before_read']}")
-    print(f"final weights identical to the uninterrupted run: {identical} (max |difference| "
-          f"{max_diff:.2e})")
-    print(f"wall time (s): uninterrupted {reference_s:.1f}, chaos {chaos_s:.1f}")
-    if report["unreadable"] or len(fired) != len(plan):
-        sys.exit(1)
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(60)
+        cluster.shutdown()
+        endpoint.shutdown()
+    for phase in phases:
+        measure(phase, commits)
+    if args.json:  # first: the records outlive a mistake in the printing below
+        with open(args.json, "w") as f:
+            json.dump({p.name: {"plan": p.plan, "events": p.events, "outages": p.outages,
+                                "growths": p.growths, "growth_s": p.growth_s,
+                                "attempts": p.attempts, "driver_starts": p.driver_starts,
+                                "wall_s": p.wall_s, "error": p.error} for p in phases}, f,
+                      indent=1)
+    failed = False
+    print(f"\n{workers} workers (elastic: 2 to 4) on a {1 + 2}-node ray.cluster_utils.Cluster "
+          f"(head without CPUs, 2 worker nodes of 2 CPUs), {steps_total} steps a phase, "
+          f"checkpoint every {args.every} steps, hang timeout {args.hang_timeout_s:g} s, "
+          f"outages {args.outage_s:g} s, run directories on moto S3 behind a proxy")
+    for phase in phases:
+        print_table(phase)
+        fired = len(phase.events)
+        missed = [e for e in phase.events if e["kind"] == "node" and not e.get("removed")]
+        print(f"faults survived: {fired if phase.result else 0} of {len(phase.plan)} planned"
+              f"{'' if not missed else f' ({len(missed)} node removals found no node)'}")
+        if phase.result is None:
+            print(f"NOT FINISHED: {phase.error}")
+            failed = True
+            continue
+        reference, ref_s = references[phase.name]
+        equal, diff = compare(reference, phase.result)
+        same_steps = reference["global_step"] == phase.result["global_step"]
+        if phase.elastic:
+            close = all(torch.allclose(v, phase.result["state_dict"][k], rtol=0,
+                                       atol=args.elastic_atol)
+                        for k, v in reference["state_dict"].items())
+            sizes = sorted({r["world_size"] for r in phase.attempts})
+            print(f"final weights vs the uninterrupted elastic run (compared loosely, world sizes "
+                  f"{sizes} seen): allclose(atol={args.elastic_atol:g}) {close}, bit-identical "
+                  f"{equal}, max |difference| {diff:.2e}; global steps equal {same_steps}")
+        else:
+            print(f"final weights bit-identical to the uninterrupted run: {equal} (max "
+                  f"|difference| {diff:.2e}); global steps equal {same_steps}")
+            failed |= not equal
+        failed |= fired != len(phase.plan) or not same_steps
+        print(f"wall time (s): uninterrupted {ref_s:.0f}, chaos {phase.wall_s:.0f}")
+    survived = sum(len(p.events) for p in phases if p.result is not None)
+    kinds_seen = Counter(e["kind"] for p in phases for e in p.events)
+    print(f"\nfaults survived, both phases: {survived} of {sum(len(p.plan) for p in phases)} "
+          f"planned ({', '.join(f'{k} {kinds_seen[k]}' for k in KINDS)})")
+    print(f"committed checkpoints loaded while training: {commits.loaded}, unreadable: "
+          f"{len(commits.unreadable)}, pruned before read: {commits.pruned_before_read}")
+    for line in commits.unreadable:
+        print(f"  unreadable: {line}")
+    failed |= bool(commits.unreadable)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

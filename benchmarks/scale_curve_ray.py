@@ -12,8 +12,10 @@ world size N:
    the first training step (the slowest rank); the driver's CPU per training step (process CPU
    time of this process between the first and the last ``log_metrics`` call, over the steps in
    between: polls, event replay, commits, Ray's own threads in the driver; the measuring itself
-   subtracted); the polls per step and the driver CPU per worker per poll (all of it, and
-   without the commits and the CPU the idle driver process burns anyway, measured first);
+   subtracted); the polls (rounds of the supervision loop) per step and the driver CPU per
+   worker per poll and per second of training (all of it, and without the commits and the CPU
+   the idle driver process burns anyway, measured first); the ranks that answered per round
+   (a round polls only those, ``driver.news``; before it every round polled every rank);
    bytes per step through the metric stream (rank 0's events, pickled as Ray pickles them)
    and of all the status messages; the checkpoint commit time on the driver (manifest write
    and prune) and the time from the first rank's part confirmation to the commit;
@@ -25,6 +27,9 @@ world size N:
    checkpoint).
 
 Prints one table and linear fits (a + b * N), and saves ``benchmarks/scale_curve_ray.png``.
+``--no-recovery`` skips step 2 (the driver's polling cost only); ``--json`` is written after
+every size, so a run cut short keeps what it measured. The script measures whichever ray_lit
+its parent directory holds: copy it into an older checkout to measure that one.
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python benchmarks/scale_curve_ray.py [--sizes 1,2,4,8,16]
 """
@@ -122,6 +127,7 @@ class Meter:
     def __init__(self) -> None:
         self.cpu = 0.0  # CPU time spent measuring (subtracted from the driver's)
         self.polls = 0
+        self.answers = 0  # rank statuses the rounds brought back
         self.event_bytes = 0
         self.status_bytes = 0
         self.commits: list[float] = []
@@ -131,7 +137,7 @@ class Meter:
         self._install()
 
     def reset(self) -> None:
-        self.polls = self.event_bytes = self.status_bytes = 0
+        self.polls = self.answers = self.event_bytes = self.status_bytes = 0
         self.commits, self.commit_latency, self._first_confirm = [], [], {}
         self.commit_cpu = 0.0
 
@@ -140,21 +146,38 @@ class Meter:
         from ray_lit.driver.worker_group import WorkerGroup
         from ray_lit.messages import WorkerStatus
 
-        statuses, meter = WorkerGroup.statuses, self
+        meter = self
 
-        def counted(group: Any, *args: Any, **kwargs: Any) -> Any:
-            out = statuses(group, *args, **kwargs)
+        def count(out: Any) -> None:
             begin = time.process_time()
             meter.polls += 1
             for status in out:
                 if isinstance(status, WorkerStatus):
+                    meter.answers += 1
                     meter.status_bytes += len(pickle.dumps(status, protocol=5))
                     if status.events:
                         meter.event_bytes += len(pickle.dumps(status.events, protocol=5))
             meter.cpu += time.process_time() - begin
-            return out
 
-        WorkerGroup.statuses = counted
+        if hasattr(WorkerGroup, "news"):  # a round polls only the ranks with news
+            news = WorkerGroup.news
+
+            def counted_news(group: Any, **kwargs: Any) -> Any:
+                out = news(group, **kwargs)
+                count(out.values())
+                return out
+
+            WorkerGroup.news = counted_news
+        else:  # before it: every round polled every rank
+            statuses = WorkerGroup.statuses
+
+            def counted(group: Any, *args: Any, **kwargs: Any) -> Any:
+                out = statuses(group, *args, **kwargs)
+                if kwargs.get("wait_s"):  # the supervision loop's round (not a full poll)
+                    count(out)
+                return out
+
+            WorkerGroup.statuses = counted
         confirm, commit = CheckpointManager.confirm, CheckpointManager._commit
 
         def timed_confirm(manager: Any, name: str, *args: Any, **kwargs: Any) -> bool:
@@ -202,7 +225,8 @@ def _trainer(world: int, args: argparse.Namespace, root: str, run: str,
                       default_root_dir=os.path.join(root, f"w{world}"), run_name=run,
                       logger=logger, log_every_n_steps=1, enable_progress_bar=False,
                       enable_checkpointing=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, checkpoint_every_n_steps=args.every)
+                      num_sanity_val_steps=0, checkpoint_every_n_steps=args.every,
+                      placement_timeout_s=args.placement_timeout)
 
 
 def _launch_s(stamps: str, start: float) -> float:
@@ -239,6 +263,8 @@ def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> di
         "driver_core_pct": 100 * driver_cpu / max(w1 - w0, 1e-9),
         "us_per_worker_per_poll": 1e6 * driver_cpu / polls / world,
         "us_per_worker_per_poll_no_commit": 1e6 * polling_cpu / polls / world,
+        "us_per_worker_per_s": 1e6 * polling_cpu / max(w1 - w0, 1e-9) / world,
+        "answers_per_poll": meter.answers / max(meter.polls, 1),
         "event_bytes_per_step": meter.event_bytes / max(trainer.global_step, 1),
         "status_bytes_per_step": meter.status_bytes / max(trainer.global_step, 1),
         "status_bytes_per_poll_worker": meter.status_bytes / max(meter.polls, 1) / world,
@@ -247,6 +273,9 @@ def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> di
         if meter.commit_latency else float("nan"),
         "global_step": trainer.global_step,
     }
+    if args.no_recovery:
+        trainer.teardown()
+        return out
     # the lost worker: the same Trainer fits one epoch more (its kept group: no second launch)
     # in another run directory, so the restart resumes from that run's checkpoints; the last
     # rank exits ``--kill-step`` steps into it
@@ -280,6 +309,8 @@ COLUMNS = [
     ("polls_per_s", "polls/s", "{:.1f}"),
     ("us_per_worker_per_poll", "driver us/worker/poll", "{:.0f}"),
     ("us_per_worker_per_poll_no_commit", "same, less commits and idle", "{:.0f}"),
+    ("us_per_worker_per_s", "driver us/worker/s, less commits and idle", "{:.0f}"),
+    ("answers_per_poll", "ranks answering/poll", "{:.2f}"),
     ("event_bytes_per_step", "metric B/step", "{:.0f}"),
     ("status_bytes_per_step", "status B/step", "{:.0f}"),
     ("status_bytes_per_poll_worker", "status B/poll/worker", "{:.0f}"),
@@ -355,6 +386,10 @@ def main() -> None:
     parser.add_argument("--kill-step", type=int, default=75)
     parser.add_argument("--plot", default=os.path.join(HERE, "scale_curve_ray.png"))
     parser.add_argument("--json", default=None, help="also write every measurement here")
+    parser.add_argument("--placement-timeout", type=float, default=600.0,
+                        help="seconds the workers may take to start (16 on 2 loaded cores)")
+    parser.add_argument("--no-recovery", action="store_true",
+                        help="skip the lost-worker fit (measure the steady state only)")
     parser.add_argument("--replot", default=None, help="only print and plot this --json file")
     args = parser.parse_args()
     if args.replot:
@@ -383,6 +418,9 @@ def main() -> None:
         for world in sizes:
             rows[world] = measure(world, args, root, meter)
             print(f"  {world} worker(s) done at {time.time() - began:.0f} s", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     ray.shutdown()
     print(f"\nreal Ray, {os.cpu_count()} cores, num_cpus={max(sizes)} (several workers per "
           f"core); {args.steps} steps of {args.step_ms:.0f} ms (a sleep) per run, a checkpoint "

@@ -17,10 +17,14 @@ imported it. Runs in the driver process; the adopted classes travel to Ray worke
 
 from __future__ import annotations
 
+import dis
+import types
 import weakref
 from typing import Any
 
 from ray_lit.callbacks.base import Callback
+from ray_lit.callbacks.lightning_twins import arguments as twin_arguments
+from ray_lit.callbacks.lightning_twins import twin_of
 from ray_lit.core.datamodule import LightningDataModule
 from ray_lit.core.hparams import AttributeDict
 from ray_lit.core.module import LightningModule
@@ -184,9 +188,14 @@ def adopt_callbacks(callbacks: list[Any]) -> list[Any]:
     """The Trainer's callbacks with user callbacks built on the real Lightning ``Callback``
     adopted (their hooks run with ray_lit's Trainer). Called by ``Trainer.__init__``.
 
+    A user's subclass of a Lightning built-in (``ModelCheckpoint``, ``EarlyStopping``,
+    ``LearningRateMonitor``, ``TQDMProgressBar``) is rebased onto ray_lit's callback of the same
+    name (``_rebase_callback``).
+
     Raises:
-        MisconfigurationException: a Lightning built-in callback (``ModelCheckpoint``,
-            ``EarlyStopping``, ...) or a subclass of one; the message names ray_lit's class.
+        MisconfigurationException: a Lightning built-in callback itself, a subclass of one
+            ray_lit has no twin for, or a subclass using what ray_lit's twin lacks; the
+            message names ray_lit's class or the members that cannot work.
     """
     out = []
     for callback in callbacks:
@@ -195,7 +204,12 @@ def adopt_callbacks(callbacks: list[Any]) -> list[Any]:
             out.append(callback)
             continue
         nearest = next(c for c in cls.__mro__ if is_lightning_class(c))
-        if nearest.__name__ != "Callback":
+        if nearest.__name__ == "Callback":
+            out.append(_share_state(callback, _adopted_class(cls, nearest, Callback,
+                                                             "Callback")))
+            continue
+        twin = twin_of(nearest.__name__) if nearest is not cls else None
+        if twin is None:
             equivalent = _ray_lit_equivalent(cls, "callbacks")
             fix = (f"use `{equivalent}` (same arguments)" if equivalent else
                    "ray_lit has no equivalent; write it as a `ray_lit.callbacks.Callback`")
@@ -203,9 +217,79 @@ def adopt_callbacks(callbacks: list[Any]) -> list[Any]:
             raise MisconfigurationException(
                 f"callbacks: {cls.__qualname__}{subclass} is the real Lightning's and drives "
                 f"Lightning's own Trainer internals, which ray_lit does not have: {fix}.")
-        adopted_cls = _adopted_class(cls, nearest, Callback, "Callback")
-        out.append(_share_state(callback, adopted_cls))
+        out.append(_rebase_callback(callback, nearest, twin))
     return out
+
+
+def _rebase_callback(callback: Any, nearest: type, twin: type) -> Any:
+    """The user's subclass of Lightning's built-in ``nearest`` running on ray_lit's ``twin``.
+
+    The user's own methods stay first in the order; ``super()`` from them reaches ray_lit's
+    callback. The instance is re-initialised by ray_lit's ``__init__`` with the arguments
+    Lightning's ``__init__`` recorded, and keeps the user's own attributes; it shares its
+    ``__dict__`` with the user's instance, so ``best_model_path`` and the like are there after
+    ``fit``. Refused, naming them, when the user's code uses members of Lightning's class that
+    ray_lit's lacks (they would fail or silently do nothing).
+    """
+    cls = type(callback)
+    name = nearest.__name__
+    adopted_cls = _adopted_class(cls, nearest, twin, name)
+    cached = _INSTANCES.get(callback)
+    if cached is not None and type(cached) is adopted_cls:
+        return cached  # rebased by an earlier Trainer: its state carries on, as in Lightning
+    state = callback.__dict__
+    fresh = twin(**twin_arguments(name, state))
+    used, stored = _attribute_names(cls, twin)
+    # by the adopted order, not dir(): dir() walks __bases__, which still reach Lightning's
+    resolved = {n for klass in adopted_cls.__mro__ for n in vars(klass)}
+    lightning_only = (set(dir(nearest)) | (set(state) - stored)) - \
+        (resolved | set(fresh.__dict__) | stored)
+    missing = sorted(n for n in used & lightning_only
+                     if not (n.startswith("__") and n.endswith("__")))
+    if missing:
+        raise MisconfigurationException(
+            f"callbacks: {cls.__qualname__} (a subclass of Lightning's {name}) uses {missing} "
+            f"of Lightning's {name}, which ray_lit's {name} (the class it runs on here) does "
+            f"not have. Write those lines with ray_lit.callbacks.{name}'s attributes, or "
+            f"subclass `ray_lit.callbacks.{name}` (docs/lightning_idioms.md).")
+    # Lightning's attributes stay (harmless); ray_lit's state wins where both name one
+    state.update(fresh.__dict__)
+    return _share_state(callback, adopted_cls)
+
+
+_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR", "DELETE_ATTR"})
+
+
+def _attribute_names(cls: type, base: type) -> tuple[set[str], set[str]]:
+    """Attribute names the user's own classes' code reads and assigns (on any object: an
+    over-approximation that only ever narrows to names of Lightning's class)."""
+    used: set[str] = set()
+    stored: set[str] = set()
+    for klass in cls.__mro__:
+        if is_lightning_class(klass) or klass in base.__mro__:
+            continue
+        for value in vars(klass).values():
+            for code in _code_objects(value):
+                for instruction in dis.get_instructions(code):
+                    if instruction.opname in _LOADS:
+                        used.add(instruction.argval)
+                    elif instruction.opname == "STORE_ATTR":
+                        stored.add(instruction.argval)
+    return used, stored
+
+
+def _code_objects(value: Any) -> list[types.CodeType]:
+    """The code of a function, static/class method or property, nested functions included."""
+    if isinstance(value, property):
+        return [c for f in (value.fget, value.fset, value.fdel) for c in _code_objects(f)]
+    function = getattr(value, "__func__", value)
+    code = getattr(function, "__code__", None)
+    found, pending = [], [code] if isinstance(code, types.CodeType) else []
+    while pending:
+        code = pending.pop()
+        found.append(code)
+        pending.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return found
 
 
 def check_loggers(loggers: list[Any]) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any
 
+from ray_lit.callbacks.base import Callback
 from ray_lit.errors import MisconfigurationException
 
 # ``LightningArgumentParser`` is served by the module ``__getattr__`` (it needs jsonargparse)
@@ -107,14 +108,39 @@ def _parser_class() -> type:
     return LightningArgumentParser
 
 
+def _exists(path: str) -> bool:
+    """Whether a file is at ``path`` (a local path or a storage URI)."""
+    if "://" not in path:
+        return os.path.isfile(path)
+    from ray_lit.storage.filesystem import Storage, split
+
+    parent, name = split(path)
+    return Storage(parent).exists(name)
+
+
+def _keep_none() -> dict[str, bool]:
+    """The keyword that keeps None values in a saved config, as Lightning saves them
+    (jsonargparse 4.49 renamed ``skip_none`` to ``skip_unset``)."""
+    import jsonargparse
+
+    major, minor = (int(p) for p in jsonargparse.__version__.split(".")[:2])
+    return {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
+
+
 def __getattr__(name: str) -> Any:
     if name == "LightningArgumentParser":
         return _parser_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class SaveConfigCallback:
-    """Writes the parsed config as YAML next to the run's logs when ``fit`` starts (driver).
+class SaveConfigCallback(Callback):
+    """Writes the parsed config as YAML into ``trainer.log_dir`` when the Trainer first runs
+    (its ``setup``: fit, validate, test or predict), as Lightning 2.x does.
+
+    ``LightningCLI`` adds it to the Trainer's callbacks, with a subcommand and with
+    ``run=False`` alike. Every rank calls ``setup``; global rank 0 checks for an existing file
+    (its answer is broadcast, so every rank stops alike) and writes. The YAML is rendered on the
+    driver, where the parser is: a worker receives the text, not the parser.
 
     Args:
         parser: the parser that read the config.
@@ -122,26 +148,71 @@ class SaveConfigCallback:
         config_filename: the file name under ``trainer.log_dir``.
         overwrite: replace an existing file (otherwise an existing one is an error, so a
             second run does not silently lose the first run's config).
+        multifile: also write the config files that ``config`` refers to (jsonargparse).
+        save_to_log_dir: write into ``trainer.log_dir``; False leaves it to ``save_config``.
+
+    Raises:
+        MisconfigurationException: at ``setup``, the file exists and ``overwrite`` is False.
     """
 
     def __init__(self, parser: Any, config: Any, config_filename: str = "config.yaml",
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, multifile: bool = False,
+                 save_to_log_dir: bool = True) -> None:
         self.parser = parser
         self.config = config
         self.config_filename = config_filename
         self.overwrite = overwrite
+        self.multifile = multifile
+        self.save_to_log_dir = save_to_log_dir
+        self.already_saved = False
+        self._text: str | None = None
 
-    def save(self, trainer: Any) -> str:
-        """Write the config; returns its path."""
-        log_dir = trainer.log_dir
-        path = os.path.join(log_dir, self.config_filename)
-        if os.path.exists(path) and not self.overwrite:
-            raise MisconfigurationException(
-                f"LightningCLI: {path} already exists; pass save_config_kwargs="
-                "{'overwrite': True}, or another trainer.default_root_dir.")
-        os.makedirs(log_dir, exist_ok=True)
-        self.parser.save(self.config, path, overwrite=True, multifile=False)
-        return path
+    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
+        """Every rank (COLLECTIVE: broadcasts); rank 0 writes the config once per callback."""
+        if self.already_saved:
+            return
+        if self.save_to_log_dir:
+            path = os.path.join(trainer.log_dir, self.config_filename)
+            exists = _exists(path) if trainer.is_global_zero else False
+            if not self.overwrite and trainer.strategy.broadcast(exists):
+                raise MisconfigurationException(
+                    f"LightningCLI: {path} already exists; pass save_config_kwargs="
+                    "{'overwrite': True}, save_config_callback=None, or another "
+                    "trainer.default_root_dir.")
+            if trainer.is_global_zero:
+                self._write(path)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        # every rank agrees, so a later stage of this Trainer does not save again
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str | None) -> None:
+        """Override to save the config elsewhere too (rank 0, after the file is written)."""
+
+    def _write(self, path: str) -> None:
+        if "://" in path:  # a storage URI (default_root_dir="s3://..."): written through it
+            from ray_lit.storage.filesystem import write_file
+
+            text = self._text if self.parser is None else \
+                self.parser.dump(self.config, **_keep_none())
+            write_file(path, (text or "").encode())
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if self.parser is not None:
+            self.parser.save(self.config, path, overwrite=True, multifile=self.multifile,
+                             **_keep_none())
+            return
+        with open(path, "w") as f:  # a worker: the text the driver rendered
+            f.write(self._text or "")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # jsonargparse parsers do not pickle reliably: a copy carries the rendered YAML
+        state = dict(self.__dict__)
+        if self.parser is not None:
+            state["_text"] = self.parser.dump(self.config, **_keep_none())
+        state["parser"] = None
+        return state
 
 
 class LightningCLI:
@@ -153,8 +224,9 @@ class LightningCLI:
             ``subclass_mode_model=True``; then ``--model.class_path`` picks one).
         datamodule_class: the ``LightningDataModule`` class (None: the model has its own
             dataloaders).
-        save_config_callback: ``SaveConfigCallback`` (or a subclass) to write the config at
-            ``fit`` start; None writes nothing.
+        save_config_callback: ``SaveConfigCallback`` (or a subclass), added to the Trainer's
+            callbacks: it writes the config into ``trainer.log_dir`` when the Trainer first
+            runs (also with ``run=False``); None writes nothing.
         save_config_kwargs: ``config_filename`` / ``overwrite`` for it.
         trainer_class: the Trainer class (``ray_lit.Trainer``).
         trainer_defaults: Trainer option defaults the command line and configs override.
@@ -307,6 +379,15 @@ class LightningCLI:
         options = {k: v for k, v in dict(given).items()
                    if k in defaults and (k in self.trainer_defaults or v != defaults[k])}
         options.update(kwargs)
+        if self.save_config_callback is not None and not options.get("fast_dev_run"):
+            # saved when the Trainer first runs, with a subcommand or a run=False user's call
+            parser = self.subcommand_parsers[self.subcommand] if self.subcommand else \
+                self.parser
+            saver = self.save_config_callback(parser, self._active_config(),
+                                              **self.save_config_kwargs)
+            callbacks = options.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            options["callbacks"] = [*callbacks, saver]
         return self.trainer_class(**options)
 
     # --- running ---------------------------------------------------------------------------
@@ -316,10 +397,6 @@ class LightningCLI:
             before()
         kwargs = {k: self.config_init[k] for k in _SUBCOMMANDS[subcommand]
                   if k in self.config_init}
-        if subcommand == "fit" and self.save_config_callback is not None:
-            sub = self.subcommand_parsers[subcommand]
-            self.save_config_callback(sub, self.config[subcommand],
-                                      **self.save_config_kwargs).save(self.trainer)
         fn = getattr(self.trainer, subcommand)
         self.result = fn(self.model, datamodule=self.datamodule, **kwargs)
         after = getattr(self, f"after_{subcommand}", None)

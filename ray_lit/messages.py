@@ -10,7 +10,9 @@ Large values (a resume checkpoint, evaluation weights, a peer snapshot) travel a
 
 Who sends what:
 
-- driver -> every rank: ``Job`` (with ``Worker.run``), carrying a ``Restore`` on later attempts;
+- driver -> every rank: ``RunSpec`` (once per stage, in the object store: what each rank
+  builds its Trainer from) and ``Job`` (with ``Worker.run``), carrying a ``Restore`` on later
+  attempts;
 - every rank -> driver: ``WorkerStatus`` (the answer to each poll), whose ``handed_over`` holds
   ``PartWritten`` (a checkpoint part is in storage) and ``SnapshotPart`` (a rank's own part of
   an in-memory snapshot);
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["CheckpointSpec", "FinalState", "FromPeers", "FromStorage", "Job", "LeftBehind",
-           "PartWritten", "PredictionChunk", "RankStacks", "Restore", "SnapshotPart",
+           "PartWritten", "PredictionChunk", "RankStacks", "Restore", "RunSpec", "SnapshotPart",
            "WorkerFailure", "WorkerState", "WorkerStatus", "resolve"]
 
 
@@ -83,6 +85,44 @@ class FromPeers:
 
 
 Restore = FromStorage | FromPeers
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The driver's Trainer as the workers get it: an allow-list, not a copy.
+
+    Each rank builds its own Trainer from it (``Trainer._from_run_spec``); what is not here
+    does not cross (the driver's loop state, its loaders, controller, progress bar, loggers).
+
+    Attributes:
+        trainer_class: the user's Trainer class (a subclass keeps its methods on the workers).
+        config: the validated options (``TrainerConfig``), without ``callbacks`` and
+            ``logger``: those travel as the two fields below.
+        default_root_dir: absolute, or a URI.
+        callbacks: the driver's callbacks without the progress bar, each tagged with the key
+            its state comes back under (``FinalState.callbacks``).
+        loggers: one ``LoggerProxy`` per driver logger (rank 0's calls reach the real one).
+        run_dir: the run directory of the last ``fit``, or None.
+        progress: the driver's fit counters (``Progress.state_dict``): epoch and step of the
+            last fit, which a later ``validate``/``test`` logs at.
+        num_restarts: restarts so far (``trainer.num_restarts``).
+        world_size_history: the world sizes the run went through.
+        tested_ckpt_path: the checkpoint the last ``test`` used.
+        extras: attributes a Trainer subclass or the user set on the Trainer that the base
+            Trainer does not have (they travel as they are).
+    """
+
+    trainer_class: type
+    config: Any
+    default_root_dir: str
+    callbacks: tuple[Any, ...] = ()
+    loggers: tuple[Any, ...] = ()
+    run_dir: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    num_restarts: int = 0
+    world_size_history: tuple[int, ...] = ()
+    tested_ckpt_path: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

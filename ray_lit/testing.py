@@ -155,6 +155,17 @@ class FakeWorkerGroup:
                 script.at_step[self.step]()
         return [self._status(rank) for rank in range(self.world_size)]
 
+    def news(self, *, wait_s: float = 0.0, heartbeat_s: float = 5.0,
+             timeout_s: float = 30.0) -> dict[int, WorkerStatus | WorkerGone]:
+        """One round of news: in lockstep every rank has news (its step) in every round."""
+        return dict(enumerate(self.statuses(timeout_s, wait_s)))
+
+    def wake(self, ranks: list[int]) -> None:
+        """Nothing to wake: every rank answers every round."""
+
+    def end_news(self, timeout_s: float = 2.0) -> dict[int, WorkerStatus | WorkerGone]:
+        return {}
+
     def _status(self, rank: int) -> WorkerStatus | WorkerGone:
         script, step = self.script, self.step
         reported = [c for c in script.confirmations.get(step, []) if c.rank == rank] \

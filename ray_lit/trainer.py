@@ -12,8 +12,6 @@ import os
 import warnings
 from typing import Any
 
-import torch
-
 from ray_lit.adoption import adopt_callbacks, adopt_datamodule, adopt_module, check_loggers
 from ray_lit.callbacks.base import Callback
 from ray_lit.config import TrainerConfig
@@ -24,7 +22,6 @@ from ray_lit.driver.reporting import DriverSink
 from ray_lit.errors import MisconfigurationException
 from ray_lit.loop.data import as_loader_list
 from ray_lit.loop.host import LocalHost
-from ray_lit.loop.reporting import NullSink
 from ray_lit.loop.trainer_state import LoopState
 
 
@@ -46,19 +43,8 @@ class Trainer(LoopState):
         self.callbacks: list[Callback] = adopt_callbacks(list(config.callbacks))
         self.loggers = self._build_loggers(config.logger)
         self._add_default_callbacks()
-        self.lightning_module: LightningModule | None = None
-        self.datamodule: LightningDataModule | None = None
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.lr_scheduler_configs: list[Any] = []
-        self._optimizer_frequencies: list[int] = []
-        self._host: Any = LocalHost(config.use_gpu, config.strategy)
-        self._sink: Any = NullSink()
-        self._precision: Any = None
-        self._resumed = False
-        self.num_restarts = 0
-        self.world_size_history: list[int] = []
-        self.tested_ckpt_path: str | None = None
-        self.run_dir: str | None = None
+        self._init_run_fields()
+        self._host = LocalHost(config.use_gpu, config.strategy)
         for cb in self.callbacks:
             cb.on_init_start(self)
         for cb in self.callbacks:
@@ -375,8 +361,11 @@ class Trainer(LoopState):
         if "://" not in root or root.lower().startswith("file://"):
             return  # local disks fail at once, in the launch's own probe
         from ray_lit.storage.probe import probe_storage
+        from ray_lit.storage.retry import launch_retry
 
-        probe_storage(root)
+        config = self.config
+        probe_storage(root, retry=launch_retry(config.run_name, config.resume,
+                                               config.storage_retry_timeout_s))
 
     def _load_resume_checkpoint(self, ckpt_path: str | None) -> dict | None:
         if ckpt_path is None:
@@ -387,6 +376,14 @@ class Trainer(LoopState):
         path = self._resolve_ckpt_path(ckpt_path)
         if path is None:
             return None
+        from ray_lit.strategies import shards_state
+
+        if shards_state(self.config.strategy):  # each rank reads its own shards (FSDP)
+            from ray_lit.checkpoint.sharded import load_lazily
+
+            lazy = load_lazily(path)
+            if lazy is not None:
+                return lazy
         return self._read_checkpoint(path)
 
     @staticmethod

@@ -219,7 +219,10 @@ class ModelCheckpoint(Callback):
             current = _to_float(metrics.get(self.monitor)) if self.monitor else None
             self.current_score = current
             if self.save_top_k != 0:
-                self._save_new(trainer, current, metrics, keep_only_latest=self.monitor is None)
+                # no monitor: the latest is the best; ``save_top_k=1`` keeps only it, -1 keeps
+                # every file (as 2.x does)
+                self._save_new(trainer, current, metrics,
+                               keep_only_latest=self.monitor is None and self.save_top_k == 1)
         else:
             if self.monitor not in metrics or metrics[self.monitor] is None:
                 raise MisconfigurationException(
@@ -232,6 +235,19 @@ class ModelCheckpoint(Callback):
                 self._save_new(trainer, current, metrics)
         if self.save_last:
             self._save_last(trainer, metrics)
+        if self.__dict__.pop("_wrote", False):
+            self._notify_loggers(trainer)
+
+    def _notify_loggers(self, trainer: Any) -> None:
+        """Global rank 0, after a check that saved: ``logger.after_save_checkpoint(self)``, as
+        2.x does (``log_model`` uploads). In a worker the loggers are proxies that forward a
+        snapshot of this callback to the driver's loggers."""
+        if not trainer.is_global_zero:
+            return
+        for logger in getattr(trainer, "loggers", None) or []:
+            hook = getattr(logger, "after_save_checkpoint", None)
+            if hook is not None:
+                hook(self)
 
     def _qualifies(self, current: float) -> bool:
         if math.isnan(current):
@@ -253,8 +269,11 @@ class ModelCheckpoint(Callback):
             self.best_model_path, self.best_model_score = path, current
             self.kth_best_model_path, self.kth_value = path, current
             return
-        if current is None:
-            current = 0.0
+        if current is None:  # no monitor, every file kept: the latest is the best
+            self.best_k_models[path] = 0.0
+            self.best_model_path, self.best_model_score = path, None
+            self.kth_best_model_path, self.kth_value = path, None
+            return
         self.best_k_models[path] = current
         if self.save_top_k != -1 and len(self.best_k_models) > self.save_top_k:
             worst = self._worst()
@@ -281,6 +300,7 @@ class ModelCheckpoint(Callback):
     def _write(self, trainer: Any, path: str) -> None:
         """Every rank: a file (rank 0 writes) or, for a sharded strategy, a directory of
         every rank's shards (COLLECTIVE)."""
+        self._wrote = True  # the check's end tells the loggers (``_notify_loggers``)
         if _writes_sharded(trainer):
             trainer._save_sharded_checkpoint(path, self.save_weights_only)
         else:
@@ -313,15 +333,22 @@ class ModelCheckpoint(Callback):
             name = f"{name}-v{ver}"
         return f"{name}{self.FILE_EXTENSION}"
 
+    def _file_name(self, epoch: int, step: int, metrics: dict[str, Any],
+                   ver: int | None = None) -> str:
+        """The file name of a new checkpoint: the seam where a subclass written for
+        Lightning's ``format_checkpoint_name(metrics, ...)`` is called its way
+        (``callbacks.lightning_twins``)."""
+        return self.format_checkpoint_name(epoch, step, metrics, ver=ver)
+
     def _unique_path(self, trainer: Any, metrics: dict[str, Any]) -> str:
         merged = {**trainer.logged_metrics, **metrics}
         epoch, step = trainer.current_epoch, trainer.global_step
-        path = self._join(self.dirpath, self.format_checkpoint_name(epoch, step, merged))
+        path = self._join(self.dirpath, self._file_name(epoch, step, merged))
         version = 1
         while (path in self.best_k_models or path in self.saved_paths[-1:]
                or (trainer.is_global_zero and self._exists(path))):
             path = self._join(self.dirpath,
-                              self.format_checkpoint_name(epoch, step, merged, ver=version))
+                              self._file_name(epoch, step, merged, ver=version))
             version += 1
         if _writes_sharded(trainer):
             # every rank writes into this directory: rank 0's name (it alone looked at what

@@ -12,14 +12,19 @@ file (everything but the module's and optimizers' tensors) plus a DCP directory 
 * for any other strategy (a rerun with ``strategy="ddp"``), the tensors are read whole, so the
   dict is exactly the full checkpoint.
 
+``lazy_checkpoint`` gives the same lazy dict for a ``ModelCheckpoint`` sharded directory
+(``fit(ckpt_path=...)`` under ``FSDPStrategy``; the driver reads only the meta file and DCP's
+index). Reads are ranged: only the byte ranges of the chunks a rank needs, from a local
+directory or straight from object storage (``storage.sharded_io.dcp_reader``).
+
 Hooks that read ``checkpoint["state_dict"]`` (``on_load_checkpoint``) see only its
-non-tensor entries with a lazy restore. Every read is retried like the writes
+non-tensor entries with a lazy restore (and, from ``lazy_checkpoint``, meta-device tensors of
+the saved shapes). Every read is retried like the writes
 (``storage/retry.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -28,13 +33,12 @@ from ray_lit.storage.retry import StorageRetry
 from ray_lit.storage.sharded_io import (
     SHARDED_MARKER,
     load_into,
-    local_directory,
     merge_checkpoint,
     read_sharded_tensors,
 )
 
-__all__ = ["ShardedModuleState", "ShardedOptimizerState", "ShardSource", "restore_checkpoint",
-           "sharded_dir"]
+__all__ = ["ShardedModuleState", "ShardedOptimizerState", "ShardSource", "lazy_checkpoint",
+           "restore_checkpoint", "sharded_dir"]
 
 
 def sharded_dir(part: dict[str, Any]) -> str | None:
@@ -45,24 +49,24 @@ def sharded_dir(part: dict[str, Any]) -> str | None:
 
 
 class ShardSource:
-    """A DCP directory (local path or URI) read with a retry policy. A URI is downloaded
-    once, on first use, into a temporary directory that lives as long as this object."""
+    """A DCP directory (local path or URI) read with a retry policy. Nothing is downloaded:
+    each load reads only the byte ranges of the chunks it needs (``sharded_io.dcp_reader``:
+    ranged reads through ``pyarrow.fs`` for a URI). Picklable (the driver sends one to the
+    workers inside a lazy ``ckpt_path`` checkpoint).
 
-    def __init__(self, uri: str, retry: StorageRetry | None = None) -> None:
+    Args:
+        uri: the directory.
+        retry: the retry policy of every read (None: one try).
+        filesystem: a ``pyarrow.fs`` filesystem serving ``uri`` (a path inside it), instead
+            of resolving ``uri``; for wrappers (tests count the bytes read through one).
+    """
+
+    def __init__(self, uri: str, retry: StorageRetry | None = None,
+                 filesystem: Any = None) -> None:
         self.uri = uri
         self.retry = retry or StorageRetry(0)
-        self._stack: contextlib.ExitStack | None = None
-        self._local: str | None = None
+        self.filesystem = filesystem
         self._metadata: Any = None
-
-    def _directory(self) -> str:
-        if self._local is None:
-            stack = contextlib.ExitStack()
-            self._local = self.retry.call(
-                lambda: stack.enter_context(local_directory(self.uri)),
-                what="checkpoint read", uri=self.uri)
-            self._stack = stack
-        return self._local
 
     def metadata(self) -> Any:
         """DCP's ``Metadata`` of the directory (read once)."""
@@ -70,13 +74,13 @@ class ShardSource:
             from ray_lit.storage.sharded_io import read_metadata
 
             self._metadata = self.retry.call(
-                lambda: read_metadata(self._directory(), self.uri), what="checkpoint read",
-                uri=self.uri)
+                lambda: read_metadata(self.uri, self.uri, self.filesystem),
+                what="checkpoint read", uri=self.uri)
         return self._metadata
 
     def load_into(self, targets: dict[str, Any]) -> None:
         """``targets`` filled in place (``sharded_io.load_into``), retried on I/O errors."""
-        self.retry.call(lambda: load_into(targets, self._directory(), self.uri),
+        self.retry.call(lambda: load_into(targets, self.uri, self.uri, self.filesystem),
                         what="checkpoint read", uri=self.uri)
 
     def keys(self) -> dict[str, tuple]:
@@ -90,14 +94,7 @@ class ShardSource:
                 if isinstance(item, TensorStorageMetadata)}
 
     def close(self) -> None:
-        """Remove a downloaded copy (a local directory is left alone)."""
-        if self._stack is not None:
-            self._stack.close()
-        self._stack = self._local = None
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        """Nothing to release (kept for callers of the downloading version)."""
 
 
 class ShardedModuleState(dict):
@@ -167,7 +164,8 @@ class ShardedOptimizerState(dict):
 
 
 def restore_checkpoint(part: dict[str, Any], dcp_uri: str, lazy: bool,
-                       retry: StorageRetry | None = None) -> dict[str, Any]:
+                       retry: StorageRetry | None = None,
+                       source: ShardSource | None = None) -> dict[str, Any]:
     """The checkpoint dict of a sharded fault-tolerance checkpoint (every rank of the new
     attempt calls it with rank 0's part).
 
@@ -177,8 +175,9 @@ def restore_checkpoint(part: dict[str, Any], dcp_uri: str, lazy: bool,
         lazy: placeholders that the strategy fills with each rank's own shards
             (``FSDPStrategy``); False: every tensor read whole now.
         retry: the retry policy of the reads.
+        source: the directory's reader, when the caller built one already.
     """
-    source = ShardSource(dcp_uri, retry)
+    source = source or ShardSource(dcp_uri, retry)
     if not lazy:
         tensors = source.retry.call(lambda: read_sharded_tensors(dcp_uri),
                                     what="checkpoint read", uri=dcp_uri)
@@ -189,4 +188,49 @@ def restore_checkpoint(part: dict[str, Any], dcp_uri: str, lazy: bool,
     if "optimizer_states" in part:
         checkpoint["optimizer_states"] = [ShardedOptimizerState(opt, i, source)
                                           for i, opt in enumerate(part["optimizer_states"])]
+    return checkpoint
+
+
+def lazy_checkpoint(path: str, retry: StorageRetry | None = None,
+                    filesystem: Any = None) -> dict[str, Any]:
+    """A ``ModelCheckpoint`` sharded directory (``FSDPStrategy(state_dict_type="sharded")``)
+    as a lazy checkpoint dict, for ``fit(ckpt_path=...)`` / ``resume=`` under a sharding
+    strategy: only the meta file and DCP's ``.metadata`` are read (on the driver); every rank
+    then reads only the chunks that overlap its own shards when ``FSDPStrategy`` loads the
+    module and optimizer state (``ShardedModuleState`` / ``ShardedOptimizerState``).
+
+    ``checkpoint["state_dict"]`` also holds, for each saved tensor, a meta-device tensor of
+    its shape and dtype (no data), so the driver's checks of keys and shapes work as with a
+    full checkpoint; the module's own tensors replace them when loading.
+
+    Args:
+        path: the directory (local path or URI).
+        retry: the retry policy of every read.
+        filesystem: a ``pyarrow.fs`` filesystem serving ``path`` (see ``ShardSource``).
+
+    Raises:
+        CheckpointLoadError: not a complete sharded checkpoint written by ray_lit.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ray_lit.storage.sharded_io import read_meta
+
+    retry = retry or StorageRetry(0)
+    meta = retry.call(lambda: read_meta(path, filesystem), what="checkpoint read", uri=path)
+    source = ShardSource(path, retry, filesystem)
+    items = source.metadata().state_dict_metadata
+    checkpoint = restore_checkpoint(meta, path, lazy=True, retry=retry, source=source)
+    state = checkpoint["state_dict"]
+    order = meta[SHARDED_MARKER].get("state_dict_keys", [])
+    for key, where in source.keys().items():
+        item = items[key]
+        if len(where) == 2 and where[0] == "state_dict" and isinstance(
+                item, TensorStorageMetadata):
+            state[where[1]] = torch.empty(item.size, dtype=item.properties.dtype,
+                                          device="meta")
+    # the saved order of the module's keys (on_load_checkpoint hooks may iterate it)
+    ordered = {k: state[k] for k in order if k in state}
+    ordered.update({k: v for k, v in state.items() if k not in ordered})
+    state.clear()
+    state.update(ordered)
     return checkpoint

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray_lit.storage.sharded_io import consolidate_checkpoint
 
-__all__ = ["consolidate", "save_sharded"]
+__all__ = ["consolidate", "load_lazily", "save_sharded"]
 
 
 def save_sharded(trainer: Any, path: str | os.PathLike, weights_only: bool = False) -> None:
@@ -54,3 +54,29 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike) -> str:
         ``dst`` as a string.
     """
     return consolidate_checkpoint(src, dst)
+
+
+def load_lazily(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` as a lazy checkpoint dict when it is a sharded checkpoint
+    directory (``checkpoint.shard_restore.lazy_checkpoint``: only its meta file and DCP's
+    index are read; each rank later reads the chunks of its own shards), else None (a file:
+    the caller reads it as usual).
+
+    Called on the driver (or in process) by ``Trainer.fit(ckpt_path=...)`` / ``resume=``
+    when the strategy shards state; only ``FSDPStrategy`` can load the result.
+
+    Raises:
+        CheckpointLoadError: a directory that is not a complete sharded checkpoint, or a
+            run directory.
+    """
+    from ray_lit.checkpoint.shard_restore import lazy_checkpoint
+    from ray_lit.storage.checkpoint_io import _refuse_run_directory
+    from ray_lit.storage.filesystem import Storage
+    from ray_lit.storage.retry import DEFAULT_TIMEOUT_S, StorageRetry
+    from ray_lit.storage.sharded_io import is_sharded_checkpoint
+
+    name = os.fspath(path)
+    if not is_sharded_checkpoint(name):
+        return None
+    _refuse_run_directory(Storage(name), name)
+    return lazy_checkpoint(name, retry=StorageRetry(DEFAULT_TIMEOUT_S))

@@ -25,6 +25,8 @@ from argparse import Namespace
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ray_lit.loggers.base import written_for_09
+
 _PRIMITIVES = (bool, int, float, complex, str, bytes, type(None))
 
 
@@ -73,7 +75,9 @@ def save_hyperparameters(module: Any, *args: Any, ignore: list[str] | str | None
 
     Call it from ``__init__`` (the module's own or, via ``super().__init__``, a base class's).
     Values are read from the constructor frames *now*, so an argument reassigned before the
-    call is saved with its new value.
+    call is saved with its new value. Called in a base class, it records the subclasses'
+    arguments too, except in a file written for 0.9 (one that imports ``pytorch_lightning``),
+    where it records the base class's own arguments only, as 0.9 did.
 
     Args:
         module: the ``LightningModule`` being constructed.
@@ -342,14 +346,21 @@ def _update_hparams(module: Any, value: Any) -> None:
 
 
 def _collect_init_args(module: Any, frame: types.FrameType | None) -> dict[str, Any]:
-    """Arguments of every ``__init__`` of ``module`` on the stack, the subclass's winning.
+    """The ``__init__`` arguments ``save_hyperparameters`` records (docs DECISION 0.9-1).
 
     ``save_hyperparameters`` may be called from a base class's ``__init__`` reached through
-    ``super().__init__(...)``; the frames above it are the subclasses' constructors, whose
-    arguments are the ones a user means.
+    ``super().__init__(...)``. Code written for 0.9 (``loggers.base.written_for_09``) gets
+    0.9's answer: only the arguments of the ``__init__`` that made the call. Other code gets
+    2.x's: the arguments of every ``__init__`` of ``module`` on the stack, the subclass's
+    winning.
     """
     collected: dict[str, Any] = {}
-    for init_frame in _init_frames(module, frame):
+    frames = _init_frames(module, frame)
+    if frame is not None and written_for_09(frame.f_code.co_filename):
+        # 0.9 ``get_init_args(frame)`` reads the calling frame alone
+        first = next(frames, None)
+        return _frame_args(first) if first is not None else collected
+    for init_frame in frames:
         # outer frames (subclasses) come later and override the base class's values
         collected.update(_frame_args(init_frame))
     return collected

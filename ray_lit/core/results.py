@@ -296,9 +296,13 @@ def gather(outputs: list[Result], for_training: bool = False) -> Result:
     sizes = [s for o in outputs for s in o.meta["_internal"]["batch_sizes"]]
     result.meta["_internal"] = {"_reduce_on_epoch": first.should_reduce_on_epoch_end,
                                 "batch_sizes": sizes}
-    keys = [k for k in first if k not in (_META, "hiddens", "minimize")]
+    # training_epoch_end sees ``outputs.minimize``: the batch losses, stacked and detached
+    # (0.9's gather kept every key but ``hiddens``; the graph is not kept alive past its step)
+    keys = [k for k in first if k not in (_META, "hiddens")]
     for key in keys:
         values = [dict.__getitem__(o, key) for o in outputs if key in o]
+        if key == "minimize":
+            values = [v.detach() if isinstance(v, torch.Tensor) else v for v in values]
         if not for_training and key in ("checkpoint_on", "early_stop_on"):
             dict.__setitem__(result, key, torch.stack([torch.as_tensor(v).float().mean()
                                                        for v in values]).mean())

@@ -89,7 +89,9 @@ def load_from_checkpoint(cls: type[nn.Module], checkpoint_path: str | os.PathLik
     if strict is None:
         strict = getattr(model, "strict_loading", True)
     try:
-        model.load_state_dict(state_dict, strict=strict)
+        # layers configure_model built on the meta device take the weights as they are
+        model.load_state_dict(state_dict, strict=strict, assign=any(
+            isinstance(t, torch.Tensor) and t.is_meta for t in model.state_dict().values()))
     except RuntimeError as err:  # torch lists every key that differs
         raise CheckpointMismatchError(
             f"Checkpoint {os.fspath(checkpoint_path)} does not fit {cls.__name__}: "

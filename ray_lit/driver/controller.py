@@ -6,13 +6,14 @@ It is a state machine (``driver/states.py``, drawn in ``docs/architecture.md``):
 
 - ``Starting``: the latest committed checkpoint (or a survivor's in-memory snapshot) is where
   the attempt continues; the group is formed around surviving workers where there are any.
-- ``Running``: one long poll of every rank per step (a poll returns at once when a rank has
-  news, else after ``poll_wait_s``; never per training step). Rank 0's events are replayed into
-  the driver's loggers and progress bar, checkpoints whose parts every rank confirmed are
-  committed, and a dead actor (Ray's own error on the poll), a failed rank or a rank without
-  progress ends the attempt. Announced departures (a Ray node drain notice, a SIGTERM to a
-  worker or to the driver) and elastic growth are planned: ``Stopping`` has every rank
-  checkpoint at the same step, and the next attempt starts from that checkpoint.
+- ``Running``: one round of news per step: every rank has one long poll in flight, answered
+  when the rank has news or its heartbeat is due (``driver.news``); only the ranks that answered
+  are polled again, so a round costs the driver nothing per quiet rank. Rank 0's events are
+  replayed into the driver's loggers and progress bar, checkpoints whose parts every rank
+  confirmed are committed, and a dead actor (Ray's own error on the poll), a failed rank or a
+  rank without progress ends the attempt. Announced departures (a Ray node drain notice, a
+  SIGTERM to a worker or to the driver) and elastic growth are planned: ``Stopping`` has every
+  rank checkpoint at the same step, and the next attempt starts from that checkpoint.
 - ``Salvaging``: the live workers are kept for the next attempt (after a lost worker, before a
   resize) or the group is released; then ``Finished``, ``Errored``, ``Restarting`` (a failure
   the policy restarts) or ``Starting`` (a planned resize or departure).
@@ -47,6 +48,7 @@ from ray_lit.driver.policies import (
     scaling_policy,
 )
 from ray_lit.driver.predictions import receive_predictions
+from ray_lit.driver.rank_board import RankBoard
 from ray_lit.driver.reporting import replay
 from ray_lit.driver.signals import SignalHandlers
 from ray_lit.driver.snapshot_ledger import SnapshotLedger
@@ -132,7 +134,13 @@ class Controller:
         # a while after it went
         self._lost_nodes: set[str] = set()
         self._last_lost_check = 0.0
-        self._last_grow_check = self._last_drain_check = 0.0
+        self._last_grow_check = self._last_drain_check = self._last_hang_check = 0.0
+        self._board = RankBoard()  # what the driver last heard from each rank of the attempt
+        cfg = self.supervision
+        hang_after = cfg.hang_floor_s if hang_timeout_s == "auto" else hang_timeout_s
+        # a silent rank answers well before the hang timeout: never taken for a hung one
+        self._heartbeat_s = min(cfg.heartbeat_s, float(hang_after) / 2) \
+            if isinstance(hang_after, (int, float)) else cfg.heartbeat_s
         self.ledger = SnapshotLedger()  # every rank's own part of the in-memory snapshots
         # where each later attempt started: ("storage" | "memory" | "start", global step)
         self.restored_from: list[tuple[str, int]] = []
@@ -168,10 +176,12 @@ class Controller:
         releases it (gracefully: no failure is known)."""
         try:
             return self.step(state)
-        except BaseException:
+        except BaseException as err:
             group = getattr(state, "group", None)
             if group is not None:
-                group.shutdown(graceful=True)
+                # Tune ending a trial (SystemExit in its report) waits 2 s for the trial's
+                # thread before it may reuse the trial's actor: no goodbye then
+                group.shutdown(graceful=not isinstance(err, SystemExit))
             raise
 
     def _record(self, state: State) -> None:
@@ -238,6 +248,7 @@ class Controller:
             group.shutdown(graceful=False)
             raise
         self._last_grow_check = self._last_drain_check = time.monotonic()
+        self._board = RankBoard()
         return Running(group)
 
     def _form_group(self, survivors: Survivors | None) -> tuple[Any, int | None]:
@@ -377,57 +388,53 @@ class Controller:
 
     # --- supervision ----------------------------------------------------------------------------
 
-    # --- Running and Stopping: one long poll of the group ---------------------------------------
+    # --- Running and Stopping: one round of news from the group --------------------------------
     def _supervise(self, state: Running | Stopping) -> State:
-        """Poll every rank once; the attempt goes on (the same kind of state), a stop is asked
+        """One round of news; the attempt goes on (the same kind of state), a stop is asked
         for (``Stopping``), or the attempt is over (``Salvaging``)."""
         if self._interrupted.is_set():
             raise KeyboardInterrupt  # the first one was swallowed on its way up
-        group = state.group
+        group, cfg, board = state.group, self.supervision, self._board
         polled_at = time.monotonic()
         failures: list[AttemptOutcome] = []
-        sigterm_ranks: list[int] = []
         done = dict(state.done)
-        hung: dict[int, float] = {}  # rank -> seconds without progress
-        long_phase = False
-        for rank, status in enumerate(self._poll_all(group, wait_s=self.supervision.poll_wait_s)):
+        news = group.news(wait_s=cfg.poll_wait_s, heartbeat_s=self._heartbeat_s,
+                          timeout_s=cfg.poll_timeout_s)
+        for rank in sorted(news):  # only the ranks that had something to say
+            status = self._take(group, rank, news[rank])
             if isinstance(status, AttemptOutcome):
                 failures.append(status)
                 continue
-            if status.sigterm:
-                sigterm_ranks.append(rank)
+            board.note(rank, status)
             if status.state is WorkerState.FAILED:
                 failures.append(self._failed(group, rank, status))
             elif status.state in (WorkerState.DONE, WorkerState.PREEMPTED):
                 done[rank] = (status.state, status.result)
-            elif self._is_hung(status):
-                hung[rank] = status.idle_s
-            long_phase = long_phase or status.long_phase
             if rank == 0:
                 self._note_recovery(status)
-        if long_phase:
-            # one rank in a long phase (a big checkpoint write) keeps the others waiting for it
-            # in a collective: nobody is hung then
-            hung = {}
-        if hung and not failures:
-            failures.append(self._diagnose_hang(group, hung))
+        if not failures and (board.refreshing or
+                             self._due("_last_hang_check", "hang_check_interval_s")):
+            hung = board.hung(self._is_hung, set(news), group.wake)
+            if hung:
+                failures.append(self._diagnose_hang(group, hung))
         if failures:
             return Salvaging(group, self._root_cause(group, failures,
                                                      getattr(state, "departure", None)))
         if len(done) == group.world_size:
             return Salvaging(group, self._finished(state, done))
         state = dataclasses.replace(state, done=done)
-        state = self._plan_stop(state, sigterm_ranks)
+        state = self._plan_stop(state, sorted(board.sigterm))
         # a poll that returned early with news is followed by the next one at once, but never
         # more often than every poll_interval_s
         time.sleep(max(0.0, self.supervision.poll_interval_s - (time.monotonic() - polled_at)))
         return state
 
-    def _is_hung(self, status: WorkerStatus) -> bool:
+    def _is_hung(self, status: WorkerStatus, idle_s: float | None = None) -> bool:
         """No progress (no batch started, in any stage) for longer than the hang timeout:
         ``worker_hang_timeout_s`` seconds, or with ``"auto"`` max(60 s, 20x the slowest step
         seen), armed only after the attempt's first steps (a long first step, compilation or
-        sanity check is not a hang). A phase marked with ``ray_lit.long_phase`` never is."""
+        sanity check is not a hang). A phase marked with ``ray_lit.long_phase`` never is.
+        ``idle_s``: the idle time to judge, where not the status's own (``RankBoard``)."""
         timeout = self.hang_timeout_s
         if timeout is None or status.long_phase:
             return False
@@ -441,7 +448,7 @@ class Controller:
                 return False
             cfg = self.supervision
             timeout = max(cfg.hang_floor_s, cfg.hang_step_factor * status.slowest_step_s)
-        return status.idle_s > float(timeout)
+        return (status.idle_s if idle_s is None else idle_s) > float(timeout)
 
     def _diagnose_hang(self, group: WorkerGroup, hung: dict[int, float]) -> AttemptOutcome:
         """Collect every rank's stacks, write them to the run directory, and name the culprit:
@@ -568,6 +575,8 @@ class Controller:
     def _salvage(self, state: Salvaging) -> State:
         """Keep the live workers for the next attempt, or release the group; then decide."""
         outcome, group = state.outcome, state.group
+        for rank, status in sorted(group.end_news().items()):  # the attempt's last answers
+            self._take(group, rank, status)
         if self._worth_salvaging(outcome, group):
             # a survivor stuck in a collective with a lost node's worker is not waited for
             # long: a fresh worker starts in less time
@@ -608,21 +617,21 @@ class Controller:
         return Starting()
 
     def _poll_all(self, group: WorkerGroup, wait_s: float = 0.0) -> list[Any]:
-        """Every worker's status, or an AttemptOutcome for a worker that is gone (waiting up to
-        ``wait_s`` for news, see ``WorkerGroup.statuses``)."""
-        out: list[Any] = []
+        """Every worker's status, or an AttemptOutcome for a worker that is gone (a poll of
+        the whole group, waiting up to ``wait_s`` for news, see ``WorkerGroup.statuses``)."""
         statuses = group.statuses(timeout_s=self.supervision.poll_timeout_s, wait_s=wait_s)
-        for rank, status in enumerate(statuses):
-            if isinstance(status, WorkerGone):
-                out.append(AttemptOutcome(error=self._error(group, rank, status.kind,
-                                                            status.text)))
-                continue
-            if status.events:
-                replay(status.events, self.sink)
-            self._receive(status.handed_over)
-            receive_predictions(self, status)  # predict: the batch outputs of this poll
-            out.append(status)
-        return out
+        return [self._take(group, rank, status) for rank, status in enumerate(statuses)]
+
+    def _take(self, group: WorkerGroup, rank: int, status: Any) -> Any:
+        """A rank's answer: its events replayed, its parts and outputs received; a gone
+        worker as an AttemptOutcome."""
+        if isinstance(status, WorkerGone):
+            return AttemptOutcome(error=self._error(group, rank, status.kind, status.text))
+        if status.events:
+            replay(status.events, self.sink)
+        self._receive(status.handed_over)
+        receive_predictions(self, status)  # predict: the batch outputs of this answer
+        return status
 
     def _error(self, group: WorkerGroup, rank: int, kind: str, text: str) -> WorkerError:
         worker = group.workers[rank]

@@ -8,7 +8,7 @@ and Trainer.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import os
 import secrets
@@ -22,7 +22,7 @@ import numpy as np
 from ray_lit.driver.pool import POOL, current_ray_job
 from ray_lit.driver.results import apply_final_state
 from ray_lit.errors import MisconfigurationException
-from ray_lit.messages import CheckpointSpec, Job
+from ray_lit.messages import CheckpointSpec, Job, RunSpec
 
 log = logging.getLogger("ray_lit")
 
@@ -61,31 +61,50 @@ def _num_workers(config: Any) -> int:
     return workers[0] if isinstance(workers, tuple) else int(workers)
 
 
-def _worker_trainer(trainer: Any) -> Any:
-    """The Trainer as the workers get it: loggers become proxies, no progress bar."""
+def run_spec(trainer: Any) -> RunSpec:
+    """The Trainer as the workers get it (``RunSpec``): its options, callbacks and logger
+    proxies, and the few fields a later stage reads; no progress bar, no loop state."""
     from ray_lit.callbacks.progress import ProgressBar
-    from ray_lit.loop.host import LocalHost
-    from ray_lit.loop.reporting import NullSink
     from ray_lit.worker.logger_proxy import LoggerProxy
 
-    for i, callback in enumerate(trainer.callbacks):
+    callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
+    for i, callback in enumerate(callbacks):
         # the key rank 0's state comes back under (``FinalState.callbacks``): it travels with
-        # the pickled copy, where ``state_key`` may not (a class pickled by value loses its
-        # ``__qualname__``)
+        # the pickled callback, where ``state_key`` may not (a class pickled by value loses
+        # its ``__qualname__``)
         callback.__dict__["_ray_lit_key"] = f"driver-callback-{i}"
-    clone = copy.copy(trainer)
-    # the index says which driver logger a rank-0 ``logger.experiment`` call is applied to
-    clone.loggers = [LoggerProxy.of(logger, i) for i, logger in enumerate(trainer.loggers)]
-    clone.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
-    clone.lightning_module = None
-    clone.datamodule = None
-    clone._host, clone._sink = LocalHost(False), NullSink()
-    clone.optimizers, clone.lr_scheduler_configs = [], []
-    clone.callback_metrics, clone.logged_metrics, clone._pbar_raw = {}, {}, {}
-    for private in ("_hooks", "_controller", "_train_loader", "_val_loaders",
-                    "_prediction_collector", "_kept"):
-        clone.__dict__.pop(private, None)
-    return clone
+    return RunSpec(
+        trainer_class=type(trainer),
+        # the callbacks and loggers travel as themselves (tagged / proxied) below: the
+        # options' copies (the real loggers included) stay on the driver
+        config=dataclasses.replace(trainer.config, callbacks=[], logger=False),
+        default_root_dir=trainer.default_root_dir,
+        callbacks=tuple(callbacks),
+        # the index says which driver logger a rank-0 ``logger.experiment`` call is applied to
+        loggers=tuple(LoggerProxy.of(logger, i) for i, logger in enumerate(trainer.loggers)),
+        run_dir=trainer.run_dir,
+        progress=trainer._progress.state_dict(),
+        num_restarts=trainer.num_restarts,
+        world_size_history=tuple(trainer.world_size_history),
+        tested_ckpt_path=trainer.tested_ckpt_path,
+        extras=_user_attributes(trainer),
+    )
+
+
+def _user_attributes(trainer: Any) -> dict[str, Any]:
+    """Public attributes the base Trainer does not define: a subclass's or the user's own.
+
+    Private names are the Trainer's machinery on the driver (the controller, kept group,
+    loaders) and never travel.
+    """
+    from ray_lit.loop.trainer_state import LoopState
+
+    base = LoopState.__new__(LoopState)
+    base._init_loop_state()
+    base._init_run_fields()
+    own = set(base.__dict__) | {"config", "default_root_dir", "callbacks", "loggers"}
+    return {name: value for name, value in trainer.__dict__.items()
+            if not name.startswith("_") and name not in own}
 
 
 def _ship(payload: dict[str, Any]) -> Any:
@@ -99,10 +118,12 @@ def _ship(payload: dict[str, Any]) -> Any:
         blob = cloudpickle.dumps(payload)
     except Exception as err:
         for name, value in payload.items():
-            culprit = find_unpicklable(value, name)
+            # the spec is the user's Trainer as it travels: its paths read ``trainer.callbacks``
+            culprit = find_unpicklable(value, "trainer" if name == "spec" else name)
             if culprit:
                 raise MisconfigurationException(
-                    f"Cannot ship {name} to the Ray workers: {culprit} cannot be pickled. "
+                    f"Cannot ship {'the Trainer' if name == 'spec' else name} to the Ray workers: "
+                    f"{culprit} cannot be pickled. "
                     "Create such objects in setup() or the *_dataloader() hooks instead of "
                     "__init__, or keep them out of the module.") from err
         raise MisconfigurationException(
@@ -142,7 +163,9 @@ def _run_uri(trainer: Any) -> str:
         # unique: two Trainers started in the same second must not share a run directory
         # (the second would resume the first's checkpoints); a rerun that should continue a
         # run names it (``run_name=``)
-        config.run_name = time.strftime("ray_lit_%Y%m%d_%H%M%S") + f"_{secrets.token_hex(2)}"
+        run_name = time.strftime("ray_lit_%Y%m%d_%H%M%S") + f"_{secrets.token_hex(2)}"
+        # a new config, not a mutated one: options are validated once and then only replaced
+        config = trainer.config = dataclasses.replace(config, run_name=run_name)
     root = os.fspath(root)
     if "://" not in root:
         root = os.path.abspath(root)  # workers resolve paths in their own cwd
@@ -284,10 +307,13 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
     from ray_lit.checkpoint.manager import CheckpointManager
     from ray_lit.core.seed import global_seed
     from ray_lit.storage.filesystem import Storage
+    from ray_lit.storage.retry import launch_retry
 
     config = trainer.config
+    # before ``_run_uri`` names a new run: a rerun of a named run waits out a storage outage
+    retry = launch_retry(config.run_name, config.resume, config.storage_retry_timeout_s)
     run_uri = _run_uri(trainer)
-    Storage(run_uri).check_writable()  # before any worker starts
+    Storage(run_uri, retry=retry).check_writable()  # before any worker starts
     trainer.run_dir = run_uri
     ensure_ray()
     manager = CheckpointManager(run_uri, keep=config.keep_checkpoints,
@@ -307,7 +333,7 @@ def launch_fit(trainer: Any, module: Any, train: Any, val: Any, datamodule: Any,
                                            config.snapshot_every_n_steps),
               checkpoint=checkpoint_ref,
               resume_latest=ckpt_path is None and config.resume == "auto")
-    payload = {"trainer": _worker_trainer(trainer), "module": module, "train": train,
+    payload = {"spec": run_spec(trainer), "module": module, "train": train,
                "val": val, "dm": datamodule}
     try:
         state = _run_stage(trainer, job, payload, manager=manager,
@@ -329,7 +355,7 @@ def launch_evaluation(trainer: Any, stage: str, module: Any, loaders: Any, datam
     job = Job(stage=stage, use_gpu=trainer.config.use_gpu,
               accelerator=trainer.config.accelerator,
               weights=ray.put(weights) if weights is not None else None)
-    state = _run_stage(trainer, job, {"trainer": _worker_trainer(trainer), "module": module,
+    state = _run_stage(trainer, job, {"spec": run_spec(trainer), "module": module,
                                       "loaders": loaders, "dm": datamodule},
                        hang_timeout_s=trainer.config.worker_hang_timeout_s)
     apply_final_state(trainer, module, datamodule, state, fitted=False)
@@ -357,7 +383,7 @@ def launch_predict(trainer: Any, module: Any, loaders: Any, datamodule: Any,
               return_predictions=return_predictions)
     collector = PredictionCollector()
     trainer._prediction_collector = collector  # what arrived, for tests and diagnostics
-    state = _run_stage(trainer, job, {"trainer": _worker_trainer(trainer), "module": module,
+    state = _run_stage(trainer, job, {"spec": run_spec(trainer), "module": module,
                                       "loaders": loaders, "dm": datamodule},
                        hang_timeout_s=trainer.config.worker_hang_timeout_s, collector=collector)
     apply_final_state(trainer, module, datamodule, state, fitted=False)

@@ -13,8 +13,14 @@ of the earlier run (the workers rebuild everything from the payload, as after a 
 A parked group costs its reserved resources, so it is released after ``idle_s`` seconds
 (``RAY_LIT_WARM_POOL_IDLE_S``, default 60; 0 turns the pool off), when a Trainer needs a group
 of another shape (before that group is placed), by ``trainer.teardown()`` (an explicit release
-never parks), and at interpreter exit. Groups inside a Tune trial's placement group are never
-parked (the trial owns those resources).
+never parks), and at interpreter exit.
+
+Inside a Ray Tune trial the workers sit in the trial's own placement group, which dies with the
+trial's actor. With ``TuneConfig(reuse_actors=True)`` Tune keeps that actor, and its placement
+group, for the next trial that asks for the same resources, so a trial's group is parked here
+at the trial's end (``ray_lit.tune``), keyed by that placement group as well, and the next trial
+run by the same actor adopts it. Without reuse the trial's actor goes, and its parked workers
+with it (they are its children, in its placement group): nothing leaks.
 """
 
 from __future__ import annotations
@@ -63,15 +69,19 @@ class WarmPool:
 
     @staticmethod
     def _key(options: dict[str, Any]) -> str:
-        return repr(sorted(options.items()))
+        # a Tune trial's group lives in the trial's placement group: only a trial of the same
+        # placement group (the same trial actor, reused) may adopt it
+        pg = _current_placement_group_id() if options.get("use_current_pg") else None
+        return repr(sorted(options.items())) + (f"@{pg}" if pg else "")
 
     def park(self, group: Any, options: dict[str, Any]) -> bool:
         """Park an idle, finished ``group`` placed with ``options`` (a Trainer's kept group
-        whose Trainer went). Returns False where it was released instead."""
+        whose Trainer went, or a Tune trial's that ended: in this process's own placement
+        group). Returns False where it was released instead."""
         import ray
 
         if (self.idle_s <= 0 or self._closed or not ray.is_initialized()
-                or not getattr(group, "owned", True)):
+                or not (getattr(group, "owned", True) or _in_current_placement_group(group))):
             group.shutdown()
             return False
         try:
@@ -153,6 +163,21 @@ def current_ray_job() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+
+
+def _current_placement_group_id() -> str | None:
+    """The placement group this process runs in (a Tune trial's), None outside one."""
+    import ray
+
+    current = ray.util.get_current_placement_group() if ray.is_initialized() else None
+    return current.id.hex() if current is not None else None
+
+
+def _in_current_placement_group(group: Any) -> bool:
+    """Whether a group not owned by ray_lit sits in this process's own placement group (a Tune
+    trial's): parked, it lives and dies with this process."""
+    pg_id = getattr(getattr(group, "placement_group", None), "id", None)
+    return pg_id is not None and pg_id.hex() == _current_placement_group_id()
 
 
 def _answer(survivors: Any, timeout_s: float = 10.0) -> bool:

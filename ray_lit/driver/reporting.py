@@ -12,7 +12,7 @@ from typing import Any
 
 import cloudpickle
 
-from ray_lit.loggers.base import log_now
+from ray_lit.loggers.base import flush_pending, log_now
 from ray_lit.loop.reporting import EventSink
 
 
@@ -85,8 +85,17 @@ class DriverSink(EventSink):
                 f"driver's {type(logger).__name__}: {type(err).__name__}: {err}",
                 RuntimeWarning, stacklevel=2)
 
+    def checkpoint_saved(self, logger_index: int, saved: Any) -> None:
+        """Rank 0's ``ModelCheckpoint`` saved: the logger's ``after_save_checkpoint`` gets the
+        callback's snapshot (``log_model`` uploads run here, on the driver)."""
+        logger = self.loggers[logger_index] if logger_index < len(self.loggers) else None
+        hook = getattr(logger, "after_save_checkpoint", None)
+        if hook is not None:
+            hook(saved)
+
     def finalize(self, status: str) -> None:
         for logger in self.loggers:
+            flush_pending(logger)  # the last step of a logger that merges one step's calls
             save = getattr(logger, "save", None)
             if save is not None:
                 save()

@@ -22,7 +22,10 @@ def apply_final_state(trainer: Any, module: Any, datamodule: Any, state: FinalSt
     if configure is not None:
         configure()  # 2.x: the driver's module holds the layers it builds, trained weights in
     with torch.no_grad():
-        module.load_state_dict(state.state_dict)
+        # layers configure_model built on the meta device take the weights as they are
+        module.load_state_dict(state.state_dict,
+                               assign=any(isinstance(t, torch.Tensor) and t.is_meta
+                                          for t in module.state_dict().values()))
     module.trainer = trainer
     trainer.lightning_module = module
     from ray_lit.loop.host import LocalHost

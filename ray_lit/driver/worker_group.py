@@ -21,6 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ray_lit.driver.news import NewsFeed, WorkerGone
 from ray_lit.driver.placement import create_placement_group, remove_placement_group_quietly
 from ray_lit.messages import HandedOver, Job, RankStacks, WorkerStatus
 from ray_lit.worker.actor import Worker
@@ -28,6 +29,8 @@ from ray_lit.worker.process_group import choose_backend
 from ray_lit.worker.ranks import WorkerRanks, assign_ranks
 
 log = logging.getLogger("ray_lit")
+
+__all__ = ["Survivors", "WorkerGone", "WorkerGroup", "WorkerInfo"]
 
 _RemoteWorker = ray.remote(Worker)
 
@@ -41,15 +44,6 @@ class WorkerInfo:
     gpu_ids: list[str]
     pid: int
     bundle_index: int = 0
-
-
-@dataclass
-class WorkerGone:
-    """A worker that did not answer a poll: ``actor_died`` (Ray reported its death) or
-    ``hang`` (no answer in time)."""
-
-    kind: str
-    text: str
 
 
 @dataclass
@@ -117,6 +111,7 @@ class WorkerGroup:
         self.owned = owned
         self.offset = offset
         self.capacity = capacity if capacity is not None else len(workers)
+        self._feed: NewsFeed | None = None  # the running attempt's long polls
 
     @property
     def slots(self) -> list[int]:
@@ -242,16 +237,41 @@ class WorkerGroup:
                  backend, rank0.node_ip, port)
 
     def run(self, payload_ref: Any, job: Job) -> None:
+        """Start ``job`` on every rank (driver); its news comes through ``news``."""
         ray.get([w.actor.run.remote(payload_ref, job) for w in self.workers])
+        self._feed = NewsFeed([w.actor for w in self.workers])
 
-    def poll(self, wait_s: float = 0.0) -> list[Any]:
+    def news(self, *, wait_s: float, heartbeat_s: float,
+             timeout_s: float) -> dict[int, WorkerStatus | WorkerGone]:
+        """One round of the driver's supervision: the status of every rank that had news
+        (or whose heartbeat was due) within ``wait_s``, by rank; ``WorkerGone`` for a dead
+        rank or one whose poll went unanswered (``NewsFeed``). Ranks not in the answer have
+        nothing new to say."""
+        if self._feed is None:
+            raise RuntimeError("ray_lit: news asked of a worker group that runs nothing")
+        return self._feed.collect(wait_s=wait_s, heartbeat_s=heartbeat_s, timeout_s=timeout_s)
+
+    def wake(self, ranks: list[int]) -> None:
+        """Have these ranks answer their long polls now (the driver wants their status)."""
+        for rank in ranks:
+            self.workers[rank].actor.wake.remote()
+
+    def end_news(self, timeout_s: float = 2.0) -> dict[int, WorkerStatus | WorkerGone]:
+        """End the attempt's long polls (driver, when the attempt is over) and return what
+        the ranks answered to them (``NewsFeed.close``)."""
+        feed, self._feed = self._feed, None
+        return feed.close(timeout_s) if feed is not None else {}
+
+    def poll(self, wait_s: float = 0.0) -> list[Any]:  # a full poll: tests, stop planning
         """One poll per worker (ObjectRefs; a dead actor's ref raises on get)."""
         return [w.actor.poll.remote(wait_s) for w in self.workers]
 
     def statuses(self, timeout_s: float = 30.0,
                  wait_s: float = 0.0) -> list[WorkerStatus | WorkerGone]:
         """Every worker's status (see ``Worker.poll``), or ``WorkerGone`` for one that
-        is dead or did not answer within ``timeout_s``.
+        is dead or did not answer within ``timeout_s``: a poll of the whole group, for the
+        few moments the driver needs every rank at once (the step a stop is planned at, a
+        failure's root cause); a running attempt's rounds use ``news``.
 
         With ``wait_s`` each worker's poll waits up to that long for news. The first poll
         back early (news, or a dead actor's error) wakes the others, so the driver sees the
@@ -303,6 +323,7 @@ class WorkerGroup:
         return bool(self.workers)
 
     def shutdown(self, graceful: bool = True) -> None:
+        self._feed = None  # polls in flight fail with their actors
         if graceful:
             try:
                 ray.get([w.actor.shutdown.remote() for w in self.workers], timeout=5)

@@ -2,9 +2,10 @@
 
 Loggers live in one process, the driver: in a distributed fit the workers stream their metrics
 to it (``ray_lit.loop.reporting``), so nothing here needs a rank guard. The trainer sends each
-of its log calls with ``log_now``: ``agg_and_log_metrics`` and at once a flush, so every call
-reaches ``log_metrics`` when it is made, in order, with its own step (0.9's trainer called
-``save()`` right after ``agg_and_log_metrics``, which flushed the same way). It calls
+of its log calls with ``log_now``: ``agg_and_log_metrics``, then ``save()`` as 0.9's trainer
+did (the base ``save`` flushes), so every call reaches ``log_metrics`` when it is made, in
+order, with its own step, unless the user's ``save`` keeps 0.9's merging of one step's calls
+(docs/lightning_semantics_decisions.md, DECISION 0.9-2). It calls
 ``log_hyperparams`` at the start of ``fit``, and ``save`` then ``finalize`` at the end of each
 stage. A finalized logger must keep working: ``test()`` after ``fit()`` logs again, so file
 handles are reopened lazily.
@@ -15,6 +16,9 @@ handles are reopened lazily.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import linecache
 import os
 import re
 from abc import ABC, abstractmethod
@@ -150,21 +154,82 @@ LightningLoggerBase = Logger
 
 
 def log_now(logger: Any, metrics: dict[str, float], step: int | None) -> None:
-    """Send one trainer log call to ``logger`` so that it reaches ``log_metrics`` now.
+    """Send one trainer log call to ``logger`` the way 0.9.0's trainer did (driver only).
 
-    ``agg_and_log_metrics`` alone holds a dict back until the step changes: the logger would
-    see every call one call late, and several calls at one step merged. The trainer goes
-    through it (a logger may override it) and then flushes what it holds. A logger that is not
-    a ``Logger`` subclass gets ``agg_and_log_metrics`` if it has one, else ``log_metrics``.
+    0.9.0 ``Trainer.log_metrics`` (``trainer/logging.py``) called ``agg_and_log_metrics`` and
+    then ``logger.save()``. The base ``save`` flushes what ``agg_and_log_metrics`` holds, so a
+    logger that keeps it (ray_lit's own, or a user's that calls ``super().save()``) gets every
+    call in ``log_metrics`` at once, in order, with its own step. A 0.9 user's ``save`` (in a
+    file that imports ``pytorch_lightning``) that does not call ``super().save()`` flushes
+    nothing: that logger gets the calls of one step merged into one ``log_metrics`` call when
+    the step changes (one call late), as in 0.9; ``flush_pending`` sends the last step at the
+    end of the stage. Any other logger is flushed at once, as 2.x (which has no aggregation)
+    sends every call. A logger without ``agg_and_log_metrics`` gets ``log_metrics`` directly.
     """
     agg = getattr(logger, "agg_and_log_metrics", None)
     if agg is None:
         logger.log_metrics(metrics, step)
         return
     agg(metrics, step)
+    if _users_save(logger):
+        logger.save()
+    else:
+        # the base ``save`` would do just this; ray_lit's file loggers would also rewrite their
+        # files on every call, which 0.9 did and nobody needs
+        flush_pending(logger)
+
+
+def flush_pending(logger: Any) -> None:
+    """Send what ``agg_and_log_metrics`` still holds to ``log_metrics`` (end of a stage).
+
+    0.9 lost the last step of a logger whose ``save`` and ``finalize`` do not call super();
+    the driver calls this before ``save`` / ``finalize`` so nothing is lost.
+    """
     flush = getattr(logger, "_finalize_agg_metrics", None)
     if flush is not None:
         flush()
+
+
+def _users_save(logger: Any) -> bool:
+    """Whether ``logger.save`` is a 0.9 user's own: defined outside ray_lit, in a file written
+    for 0.9. A 2.x logger's ``save`` never held metrics back (2.x has no aggregation)."""
+    for cls in type(logger).__mro__:
+        if "save" in vars(cls):
+            # 0.9 loggers decorate it (``@rank_zero_only``): the user's own function counts
+            code = getattr(inspect.unwrap(vars(cls)["save"]), "__code__", None)
+            return (not cls.__module__.startswith("ray_lit.") and code is not None
+                    and written_for_09(code.co_filename))
+    return False
+
+
+# a file that imports Lightning under its 0.9 name (through ray_lit's alias: ``python -m
+# ray_lit``, ``ray_lit.compat.install()``); 2.x code imports ``lightning.pytorch`` or ray_lit
+_IMPORTS_PL = re.compile(r"^\s*(?:from|import)\s+pytorch_lightning\b", re.MULTILINE)
+_WRITTEN_FOR_09: dict[str, bool] = {}
+
+
+def written_for_09(filename: str) -> bool:
+    """Whether the user's source file ``filename`` imports ``pytorch_lightning`` (cached).
+
+    ray_lit serves both Lightning generations with one set of classes; where their semantics
+    disagree, how the user's file imports Lightning says which one the code expects
+    (docs/lightning_semantics_decisions.md). A file whose source cannot be read (an ``exec``
+    string) counts as 2.x code.
+    """
+    if filename not in _WRITTEN_FOR_09:
+        source = "".join(linecache.getlines(filename))
+        try:
+            # import statements only: a string that holds such a line does not count
+            nodes = list(ast.walk(ast.parse(source)))
+            modules = [alias.name for node in nodes if isinstance(node, ast.Import)
+                       for alias in node.names]
+            modules += [node.module or "" for node in nodes
+                        if isinstance(node, ast.ImportFrom) and not node.level]
+            found = any(m.split(".")[0] == "pytorch_lightning" for m in modules)
+        except (SyntaxError, ValueError):  # a notebook cell with magics: read the lines
+            found = bool(_IMPORTS_PL.search(source))
+        _WRITTEN_FOR_09[filename] = found
+    return _WRITTEN_FOR_09[filename]
 
 
 def _merge_dicts(dicts: Sequence[Mapping[str, Any]], key_funcs: Mapping[str, Callable],

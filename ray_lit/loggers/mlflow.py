@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 import warnings
 from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
-from ray_lit.errors import MisconfigurationException
 from ray_lit.loggers.base import Logger, _add_prefix, _convert_params, _flatten_dict
+from ray_lit.loggers.model_artifacts import CheckpointUploads, Upload, check_log_model
 
 _FILE_URI = "file:"
 _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED",
@@ -57,13 +58,18 @@ class MLFlowLogger(Logger):
             else a local file store in ``save_dir``.
         tags: tags of the new run.
         save_dir: the local file store's directory when no ``tracking_uri`` is given.
-        log_model: uploading checkpoints as artifacts is not supported yet; only False.
+        log_model: upload ``ModelCheckpoint``'s checkpoints as run artifacts: True, those kept
+            when training ends (each as saved with ``save_top_k=-1``); ``"all"``, each as it is
+            saved; False, none. Each goes under ``<checkpoint_path_prefix>/<file stem>/`` with a
+            ``metadata.yaml`` (score, file name, ModelCheckpoint options) and ``aliases.txt``.
         prefix: prepended to every metric name as ``"{prefix}-{name}"``.
         artifact_location: where a newly created experiment stores artifacts.
         run_id: continue this existing run instead of creating one.
+        checkpoint_path_prefix: the artifact folder of uploaded checkpoints ("" = the run's
+            artifact root).
 
     Raises:
-        MisconfigurationException: ``log_model`` other than False.
+        MisconfigurationException: ``log_model`` other than True, False or ``"all"``.
         ImportError: ``mlflow`` is not installed (on first use).
 
     Example::
@@ -78,13 +84,8 @@ class MLFlowLogger(Logger):
                  tracking_uri: str | None = None, tags: dict[str, Any] | None = None,
                  save_dir: str | None = "./mlruns", log_model: bool | str = False,
                  prefix: str = "", artifact_location: str | None = None,
-                 run_id: str | None = None) -> None:
-        if log_model:
-            raise MisconfigurationException(
-                f"MLFlowLogger(log_model={log_model!r}): ray_lit does not upload checkpoints "
-                "to MLflow yet; pass log_model=False and, after fit, call "
-                "logger.experiment.log_artifact(logger.run_id, "
-                "trainer.checkpoint_callback.best_model_path).")
+                 run_id: str | None = None, checkpoint_path_prefix: str = "") -> None:
+        log_model = check_log_model(log_model, "MLFlowLogger")
         super().__init__()
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not tracking_uri:
@@ -94,6 +95,8 @@ class MLFlowLogger(Logger):
         self._tracking_uri = tracking_uri
         self.tags = dict(tags) if tags else None
         self._log_model = log_model
+        self._uploads = CheckpointUploads(log_model)
+        self._checkpoint_path_prefix = checkpoint_path_prefix
         self._prefix = prefix
         self._artifact_location = artifact_location
         self._run_id = run_id
@@ -202,10 +205,38 @@ class MLFlowLogger(Logger):
         if entries:
             self.experiment.log_batch(run_id=self.run_id, metrics=entries)
 
+    # --- checkpoints as artifacts (driver) -------------------------------------------------------
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """``ModelCheckpoint`` saved (rank 0, forwarded to the driver): with ``log_model="all"``
+        (or True and ``save_top_k=-1``) upload the new checkpoints now; with True remember the
+        callback's state for ``finalize``."""
+        for upload in self._uploads.after_save(checkpoint_callback):
+            self._log_checkpoint(upload)
+
+    def _log_checkpoint(self, upload: Upload) -> None:
+        import yaml  # ships with ray
+
+        folder = "/".join(p for p in (self._checkpoint_path_prefix.strip("/"), upload.stem) if p)
+        with upload.local_copy() as local:
+            if os.path.isdir(local):  # a sharded checkpoint: its directory of shards
+                self.experiment.log_artifacts(self.run_id, local,
+                                              f"{folder}/{os.path.basename(local)}")
+            else:
+                self.experiment.log_artifact(self.run_id, local, folder)
+        with tempfile.TemporaryDirectory(prefix="ray_lit-mlflow-") as notes:
+            with open(os.path.join(notes, "metadata.yaml"), "w") as f:
+                yaml.safe_dump(upload.metadata, f, default_flow_style=False)
+            with open(os.path.join(notes, "aliases.txt"), "w") as f:
+                f.write(str(list(upload.aliases)))
+            self.experiment.log_artifacts(self.run_id, notes, folder)
+
     def finalize(self, status: str = "success") -> None:
-        """Mark the run ``FINISHED`` / ``FAILED`` / ``KILLED``; a later stage (``test`` after
-        ``fit``) may still log to it."""
+        """Upload the checkpoints ``log_model=True`` waits for, then mark the run ``FINISHED``
+        / ``FAILED`` / ``KILLED``; a later stage (``test`` after ``fit``) may still log to
+        it."""
         super().finalize(status)
+        for upload in self._uploads.at_end():
+            self._log_checkpoint(upload)
         if self._client is None:
             return  # nothing was logged: no run to close
         self._client.set_terminated(self._run_id, _STATUS.get(status, status.upper()))

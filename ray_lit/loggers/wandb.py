@@ -14,8 +14,8 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
-from ray_lit.errors import MisconfigurationException
 from ray_lit.loggers.base import Logger, _add_prefix, _convert_params, _sanitize_value
+from ray_lit.loggers.model_artifacts import CheckpointUploads, Upload, check_log_model
 
 _STEP_KEY = "trainer/global_step"
 
@@ -49,13 +49,19 @@ class WandbLogger(Logger):
         version: the run id, to resume a run (wandb ``id``).
         offline: keep the run on disk only (wandb's offline mode), to sync later.
         project: the project; None: ``$WANDB_PROJECT`` or ``"lightning_logs"``.
-        log_model: uploading checkpoints as artifacts is not supported yet; only False.
+        log_model: log ``ModelCheckpoint``'s checkpoints as ``model`` artifacts of the run:
+            True, those kept when training ends (each as saved with ``save_top_k=-1``);
+            ``"all"``, each as it is saved; False, none. One artifact ``checkpoint_name``, a
+            version per checkpoint holding ``model.ckpt``, aliased ``latest`` (and ``best``),
+            with the score and ModelCheckpoint options as metadata. Offline runs keep them for
+            ``wandb sync``.
         prefix: prepended to every metric name as ``"{prefix}-{name}"``.
+        checkpoint_name: the artifact's name; None: ``"model-<run id>"``.
         **kwargs: more ``wandb.init`` arguments (``entity``, ``group``, ``tags``, ``dir``,
             ``id``, ``config``, ...).
 
     Raises:
-        MisconfigurationException: ``log_model`` other than False.
+        MisconfigurationException: ``log_model`` other than True, False or ``"all"``.
         ImportError: ``wandb`` is not installed (on first use).
 
     Example::
@@ -68,12 +74,9 @@ class WandbLogger(Logger):
     def __init__(self, name: str | None = None, save_dir: str | os.PathLike = ".",
                  version: str | None = None, offline: bool = False,
                  project: str | None = None, log_model: bool | str = False,
-                 prefix: str = "", **kwargs: Any) -> None:
-        if log_model:
-            raise MisconfigurationException(
-                f"WandbLogger(log_model={log_model!r}): ray_lit does not upload checkpoints "
-                "to wandb yet; pass log_model=False and, after fit, call "
-                "logger.experiment.save(trainer.checkpoint_callback.best_model_path).")
+                 prefix: str = "", checkpoint_name: str | None = None,
+                 **kwargs: Any) -> None:
+        log_model = check_log_model(log_model, "WandbLogger")
         super().__init__()
         project = project or os.environ.get("WANDB_PROJECT", "lightning_logs")
         run_dir = os.fspath(kwargs.pop("dir", None) or save_dir)
@@ -90,6 +93,9 @@ class WandbLogger(Logger):
         self._project = project
         self._id = self._wandb_init["id"]
         self._prefix = prefix
+        self._log_model = log_model
+        self._uploads = CheckpointUploads(log_model)
+        self._checkpoint_name = checkpoint_name
         self._experiment: Any = None
 
     @property
@@ -159,10 +165,34 @@ class WandbLogger(Logger):
         self.log_metrics({key: [wandb.Image(img, **kw) for img, kw in zip(images, per_image)]},
                          step)
 
+    # --- checkpoints as artifacts (driver) -------------------------------------------------------
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """``ModelCheckpoint`` saved (rank 0, forwarded to the driver): with ``log_model="all"``
+        (or True and ``save_top_k=-1``) log the new checkpoints now; with True remember the
+        callback's state for ``finalize``."""
+        for upload in self._uploads.after_save(checkpoint_callback):
+            self._log_checkpoint(upload)
+
+    def _log_checkpoint(self, upload: Upload) -> None:
+        wandb = _import_wandb()
+        name = self._checkpoint_name or f"model-{self.experiment.id}"
+        artifact = wandb.Artifact(name=name, type="model", metadata=upload.metadata)
+        with upload.local_copy() as local:
+            if os.path.isdir(local):  # a sharded checkpoint: its directory of shards
+                artifact.add_dir(local, name="model.ckpt")
+            else:
+                artifact.add_file(local, name="model.ckpt")
+            # wandb copies the file into its staging area here, before a URI's copy is removed
+            self.experiment.log_artifact(artifact, aliases=list(upload.aliases))
+
     def finalize(self, status: str = "success") -> None:
-        """Flush what is pending. The run stays open (``test`` after ``fit`` logs to it);
+        """Flush what is pending and, after a successful stage, log the checkpoints
+        ``log_model=True`` waits for. The run stays open (``test`` after ``fit`` logs to it);
         wandb closes it at exit, or call ``logger.experiment.finish()``."""
         super().finalize(status)
+        if status == "success":
+            for upload in self._uploads.at_end():
+                self._log_checkpoint(upload)
 
     def __getstate__(self) -> dict[str, Any]:
         # a live run holds sockets to wandb's service; a copy re-attaches by id on first use

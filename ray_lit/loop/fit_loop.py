@@ -161,7 +161,12 @@ class FitLoop:
                     accumulators.setdefault(key, []).append(value)
             if out.loss is not None:
                 trainer._record_loss(out.loss.detach())
-        self._step_metrics(step_outputs, store, batch_idx, should_step)
+        log = self._step_metrics(step_outputs, store, batch_idx, should_step)
+        # 0.9 returns (Results, a dict's "log") reach the loggers after this batch's validation
+        # (0.9.0 training_loop.run_training_epoch); self.log metrics before it (2.x)
+        log_after_val = any(o is not None and o.log for o in step_outputs)
+        if log and not log_after_val:
+            trainer._log_to_loggers(log)
         progress.batches_done = batch_idx + 1
         progress.total_batch_idx += 1
         stepped = should_step and any(o is not None and o.loss is not None
@@ -176,6 +181,8 @@ class FitLoop:
         if self._should_validate(batch_idx, is_last):
             trainer._run_validation()
             trainer._metric_store = store
+        if log and log_after_val:
+            trainer._log_to_loggers(log)
         if stepped:
             # the loggers' step moves after validation, so a batch's train and val metrics
             # share one step (2.x ``_batches_that_stepped``)
@@ -188,8 +195,9 @@ class FitLoop:
         return hooks.overridden("on_batch_start") or hooks.overridden("on_train_batch_start")
 
     def _step_metrics(self, step_outputs: list[StepOutput | None], store: MetricStore,
-                      batch_idx: int, should_step: bool) -> None:
-        """Route the batch's metrics: progress bar every batch, loggers at the cadence."""
+                      batch_idx: int, should_step: bool) -> dict[str, Any] | None:
+        """Route the batch's metrics: progress bar every batch; returns what the loggers get
+        (at the cadence, else None)."""
         trainer = self.trainer
         log: dict[str, Any] = {}
         for out in step_outputs:
@@ -205,7 +213,8 @@ class FitLoop:
         trainer._pbar_raw.update(s_pbar)
         trainer.callback_metrics.update(s_callback)
         if log and trainer._should_log_step(batch_idx, should_step):
-            trainer._log_to_loggers(log)
+            return log
+        return None
 
     def _should_validate(self, batch_idx: int, is_last: bool) -> bool:
         trainer = self.trainer

@@ -33,6 +33,9 @@ class EventSink:
     # a call on ``logger.experiment`` made in rank 0 (``worker.logger_proxy``): the logger's
     # index in ``trainer.loggers`` and the pickled ``(method, args, kwargs)``
     def experiment_call(self, logger_index: int, call: bytes) -> None: ...
+    # ``ModelCheckpoint`` saved in rank 0: the index of the logger in ``trainer.loggers`` and
+    # a ``loggers.model_artifacts.SavedCheckpoints`` snapshot (``log_model`` uploads)
+    def checkpoint_saved(self, logger_index: int, saved: Any) -> None: ...
 
     def wants_progress(self, n_done: int) -> bool:
         """Whether the loop should compute the progress-bar metrics for this batch."""
@@ -99,6 +102,9 @@ class RecordingSink(EventSink):
 
     def experiment_call(self, logger_index: int, call: bytes) -> None:
         self._add("experiment_call", logger_index, call)
+
+    def checkpoint_saved(self, logger_index: int, saved: Any) -> None:
+        self._add("checkpoint_saved", logger_index, saved)
 
     def drain(self) -> list[tuple[str, tuple]]:
         with self._lock:

@@ -21,6 +21,7 @@ import torch
 
 from ray_lit.core.hooks import _signature_of
 from ray_lit.core.metric_store import MetricStore
+from ray_lit.loop.context import InContext, LoopContext
 from ray_lit.loop.optimization import accumulation_for_epoch
 from ray_lit.loop.outputs import floats, to_float, training_output
 from ray_lit.loop.progress import Progress
@@ -93,7 +94,67 @@ class RunState:
 
 
 class LoopState:
-    """Counters, metric dictionaries and loop services shared by the fit and eval loops."""
+    """Counters, metric dictionaries and loop services shared by the fit and eval loops.
+
+    The services a stage runs with live in one typed ``LoopContext`` (``trainer._ctx``); the
+    names below are views of its fields, so the loops and callbacks keep the Trainer's names.
+    """
+
+    _ctx: LoopContext
+    config = InContext("config")
+    _host = InContext("host")
+    _sink = InContext("sink")
+    _hooks = InContext("hooks")
+    _progress = InContext("progress")
+    _precision = InContext("precision")
+    _metric_store = InContext("metrics")
+    _train_loader = InContext("train_loader")
+    _val_loaders = InContext("val_loaders")
+
+    def _init_run_fields(self) -> None:
+        """The run's objects before any stage ran: on the user's Trainer (``__init__``) and
+        on each worker's (``_from_run_spec``)."""
+        from ray_lit.loop.reporting import NullSink
+
+        self.lightning_module: Any = None
+        self.datamodule: Any = None
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.lr_scheduler_configs: list[Any] = []
+        self._optimizer_frequencies: list[int] = []
+        self._sink = NullSink()
+        self._precision = None
+        self._resumed = False
+        self.num_restarts = 0
+        self.world_size_history: list[int] = []
+        self.tested_ckpt_path: str | None = None
+        self.run_dir: str | None = None
+
+    @classmethod
+    def _from_run_spec(cls, spec: Any) -> Any:
+        """A worker's Trainer, built from the driver's ``RunSpec`` (``ray_lit.messages``).
+
+        Every rank calls it once per stage, before the job sets the rank's host and sink.
+        Nothing of the driver's Trainer arrives besides the spec's fields: no half-run loop
+        state, no driver handles. ``__init__`` is not called: the options were validated and
+        the callbacks' ``on_init_*`` hooks ran on the driver.
+        """
+        from ray_lit.loop.host import LocalHost
+
+        trainer = cls.__new__(cls)
+        trainer._init_loop_state()
+        trainer._init_run_fields()
+        trainer._host = LocalHost(False)  # the job replaces it with the rank's WorkerHost
+        trainer.config = spec.config
+        trainer.default_root_dir = spec.default_root_dir
+        trainer.callbacks = list(spec.callbacks)
+        trainer.loggers = list(spec.loggers)
+        trainer.run_dir = spec.run_dir
+        trainer.num_restarts = spec.num_restarts
+        trainer.world_size_history = list(spec.world_size_history)
+        trainer.tested_ckpt_path = spec.tested_ckpt_path
+        trainer._progress.load_state_dict(spec.progress)
+        trainer.__dict__.update(spec.extras)
+        return trainer
 
     def _init_loop_state(self) -> None:
         self._progress = Progress()
@@ -108,7 +169,7 @@ class LoopState:
         self.logged_metrics: dict[str, Any] = {}
         self._pbar_raw: dict[str, Any] = {}
         # outside a running loop stage the store only checks that the hook may log
-        self._metric_store: Any = MetricStore("idle")
+        self._metric_store = MetricStore("idle")
         self._running_losses: collections.deque = collections.deque(maxlen=20)
         self._eval_steps: dict[str, int] = {}
         self.should_stop = False

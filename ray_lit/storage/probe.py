@@ -18,23 +18,32 @@ from ray_lit.storage.filesystem import Storage
 PROBE_TIMEOUT_S = 30.0
 
 
-def probe_storage(uri: str, timeout_s: float | None = None) -> None:
+def probe_storage(uri: str, timeout_s: float | None = None, retry: Any = None) -> None:
     """Create ``uri`` and write, read back and delete a probe file in it (driver, before any
     worker starts), giving up after ``timeout_s`` (default ``PROBE_TIMEOUT_S``).
 
     A probe that does not return in time is left to finish in its daemon thread: a client
     stuck in its own retries cannot be interrupted from Python.
 
+    Args:
+        uri: the storage root.
+        timeout_s: how long the probe may take.
+        retry: a ``StorageRetry`` that waits out transient errors first (a rerun of a named
+            run), or None.
+
     Raises:
         MisconfigurationException: the storage refused the probe, or did not answer in time;
             both name ``storage_path`` and the fix.
+        StorageUnavailableError: with ``retry``, storage kept failing past its bound.
     """
     limit = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    if retry is not None:  # a rerun waits out an outage first (``storage.retry.launch_retry``)
+        limit += retry.timeout_s
     outcome: dict[str, Any] = {}
 
     def probe() -> None:
         try:
-            Storage(uri).check_writable()
+            Storage(uri, retry=retry).check_writable()
             outcome["ok"] = True
         except BaseException as err:  # handed to the caller's thread
             outcome["error"] = err

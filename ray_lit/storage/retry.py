@@ -31,6 +31,7 @@ log = logging.getLogger("ray_lit")
 T = TypeVar("T")
 
 __all__ = ["DEFAULT_TIMEOUT_S", "StorageRetry", "StorageUnavailableError", "is_transient",
+           "launch_retry",
            "needs_operator"]
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -202,3 +203,17 @@ class StorageRetry:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def launch_retry(run_name: str | None, resume: Any, timeout_s: float | None) -> StorageRetry | None:
+    """How the driver's write probe before a launch treats a storage outage (driver only).
+
+    A rerun that continues a named run (``run_name=`` given, ``resume="auto"``: a restarted
+    driver, a resubmitted job) waits for its storage as a running run does, up to
+    ``storage_retry_timeout_s``: the storage was there before and an outage is the likely
+    cause. A new run (no ``run_name``) or one that does not resume tries once, so a mistyped
+    endpoint fails in seconds.
+    """
+    if run_name is None or resume != "auto":
+        return None
+    return StorageRetry(DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)

@@ -49,9 +49,9 @@ from ray_lit.storage.checkpoint_io import (
 )
 from ray_lit.storage.filesystem import Storage, resolve, split
 
-__all__ = ["DCP_METADATA", "META_NAME", "SHARDED_MARKER", "consolidate_checkpoint",
+__all__ = ["DCP_METADATA", "META_NAME", "SHARDED_MARKER", "consolidate_checkpoint", "dcp_reader",
            "is_sharded_checkpoint", "load_into", "load_sharded_checkpoint", "local_directory",
-           "merge_checkpoint", "read_sharded_tensors", "save_sharded_checkpoint",
+           "merge_checkpoint", "read_meta", "read_sharded_tensors", "save_sharded_checkpoint",
            "split_checkpoint"]
 
 DCP_METADATA = ".metadata"
@@ -295,26 +295,90 @@ def _load_local(directory: str, map_location: Any, name: str) -> dict[str, Any]:
     return checkpoint_from_bytes(checkpoint_to_bytes(checkpoint), map_location, name=name)
 
 
-def read_metadata(directory: str, name: str) -> Any:
-    """DCP's ``Metadata`` of a local DCP directory (its index of tensors and chunks)."""
+class _ArrowFileSystem:
+    """DCP's ``FileSystemBase`` (the part a reader uses) over a ``pyarrow.fs`` filesystem:
+    every file is opened for random access, so DCP's reader fetches only the byte ranges
+    (chunks) its load plan names (ranged GETs on object stores), never whole files."""
+
+    def __init__(self, filesystem: Any) -> None:
+        self.filesystem = filesystem
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        if mode != "rb":
+            raise ValueError(f"read-only filesystem (mode {mode!r})")
+        with self.filesystem.open_input_file(str(path)) as stream:
+            yield stream
+
+    def concat_path(self, path: Any, suffix: str) -> str:
+        return f"{str(path).rstrip('/')}/{suffix}"
+
+    def init_path(self, path: Any) -> str:
+        return str(path)
+
+    def exists(self, path: Any) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.filesystem.get_file_info(str(path)).type != pafs.FileType.NotFound
+
+
+def _ranged_reader_class() -> type:
+    import io
+
     import torch.distributed.checkpoint as dcp
 
-    if not os.path.isfile(os.path.join(directory, DCP_METADATA)):
+    class RangedReader(dcp.FileSystemReader):
+        """DCP's reader that fetches each chunk it loads with ONE read of exactly its byte
+        range (``torch.load`` on a view of the file would issue many small reads, each a
+        request on an object store, and re-read the chunk's zip directory)."""
+
+        def _slice_file(self, file: Any, sinfo: Any) -> Any:
+            file.seek(sinfo.offset)
+            return io.BytesIO(file.read(sinfo.length))
+
+    return RangedReader
+
+
+def dcp_reader(location: str, filesystem: Any = None) -> Any:
+    """A DCP ``StorageReader`` of the DCP directory ``location`` that reads only the chunks a
+    load asks for: DCP's ``FileSystemReader`` for a local path, the same reader over
+    ``pyarrow.fs`` (``_ArrowFileSystem``) for a URI or when ``filesystem`` (a ``pyarrow.fs``
+    filesystem serving ``location``, e.g. a wrapper in tests) is given."""
+    reader_class = _ranged_reader_class()
+    if filesystem is None and not _is_uri(location):
+        return reader_class(os.path.abspath(os.path.expanduser(location)))
+    fs, inner = (filesystem, location) if filesystem is not None else resolve(location)
+    reader = reader_class(inner)
+    reader.fs = _ArrowFileSystem(fs)  # type: ignore[assignment]
+    reader.path = inner  # type: ignore[assignment]
+    return reader
+
+
+def read_metadata(directory: str, name: str, filesystem: Any = None) -> Any:
+    """DCP's ``Metadata`` of a DCP directory (its index of tensors and chunks): a local path,
+    a URI, or a path inside ``filesystem``."""
+    reader = dcp_reader(directory, filesystem)
+    if not reader.fs.exists(reader.fs.concat_path(reader.path, DCP_METADATA)):
         raise CheckpointLoadError(
             f"{name} has no {DCP_METADATA}: the save did not finish, or files were lost. "
             "Resume from another checkpoint.")
     try:
-        return dcp.FileSystemReader(directory).read_metadata()
+        return reader.read_metadata()
+    except OSError:
+        raise  # an I/O error: the caller may retry
     except Exception as err:  # truncated or foreign .metadata: DCP raises many kinds
         raise CheckpointLoadError(
             f"{name}/{DCP_METADATA} cannot be read ({type(err).__name__}: {err}); the "
             "checkpoint is corrupt. Resume from another checkpoint.") from err
 
 
-def load_into(targets: dict[str, Any], directory: str, name: str) -> None:
-    """Fill ``targets`` (nested dicts of tensors, DCP's keys) in place from the local DCP
-    ``directory``, without a process group: a DTensor reads only the chunks that overlap its
-    own shard (whatever world size wrote them), a plain tensor the whole tensor.
+def load_into(targets: dict[str, Any], directory: str, name: str,
+              filesystem: Any = None) -> None:
+    """Fill ``targets`` (nested dicts of tensors, DCP's keys) in place from the DCP directory
+    (a local path, a URI, or a path inside ``filesystem``), without a process group: a
+    DTensor reads only the chunks that overlap its own shard (whatever world size wrote
+    them), a plain tensor the whole tensor. Only those chunks' byte ranges are read
+    (``dcp_reader``).
 
     Raises:
         OSError: reading a file failed (the caller may retry).
@@ -323,8 +387,8 @@ def load_into(targets: dict[str, Any], directory: str, name: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    reader = dcp.FileSystemReader(directory)
-    read_metadata(directory, name)
+    read_metadata(directory, name, filesystem)
+    reader = dcp_reader(directory, filesystem)
     try:
         with _quiet_single_process():
             dcp.load(targets, storage_reader=reader, no_dist=True)
@@ -342,6 +406,35 @@ def load_into(targets: dict[str, Any], directory: str, name: str) -> None:
         raise CheckpointLoadError(
             f"Sharded checkpoint {name} cannot be read ({type(err).__name__}: {err}). Resume "
             "from another checkpoint.") from err
+
+
+def read_meta(path: str, filesystem: Any = None) -> dict[str, Any]:
+    """The meta file (``ray_lit_meta.ckpt``: everything but the tensors) of the sharded
+    checkpoint directory ``path`` (local, URI, or a path inside ``filesystem``), checked like
+    ``load_sharded_checkpoint`` checks it. Reads no shard file.
+
+    Raises:
+        CheckpointLoadError: no ``.metadata`` or no meta file, or a meta file ray_lit did not
+            write.
+    """
+    reader = dcp_reader(path, filesystem)
+    fs = reader.fs
+    if not fs.exists(fs.concat_path(reader.path, DCP_METADATA)):
+        raise CheckpointLoadError(
+            f"{path} is a directory but not a complete sharded checkpoint: it has no "
+            f"{DCP_METADATA} (the save did not finish, or files were lost). Resume from another "
+            "checkpoint (ModelCheckpoint keeps the previous ones until a new one is complete).")
+    meta_path = fs.concat_path(reader.path, META_NAME)
+    if not fs.exists(meta_path):
+        raise CheckpointLoadError(
+            f"{path} is a torch.distributed.checkpoint directory but not one ray_lit wrote (no "
+            f"{META_NAME} with the epoch, hparams and loop state).")
+    with fs.create_stream(meta_path, "rb") as src:
+        meta = checkpoint_from_bytes(src.read(), name=f"{path}/{META_NAME}")
+    if not isinstance(meta, dict) or _MARKER not in meta:
+        raise CheckpointLoadError(f"{path}/{META_NAME} is not ray_lit's sharded checkpoint "
+                                  "metadata; the directory was not written by ray_lit.")
+    return meta
 
 
 @contextlib.contextmanager

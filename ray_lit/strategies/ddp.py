@@ -13,6 +13,20 @@ when forward returns). ``pre_backward`` does it just before each manual backward
 strategy object says otherwise: ``toggle_optimizer`` and a GAN's detached fake batch leave
 parameters without a gradient in a backward, which the reducer can only finish if it looks
 for them.
+
+Bit-identical resume. DDP flattens the gradients into buckets and all-reduces each bucket; with
+more than two ranks gloo's ring all-reduce sums an element in an order that depends on its
+offset in the bucket, so a different bucket layout changes the last bit of some sums. DDP
+starts with one layout (every parameter in one bucket, in parameter order) and rebuilds it,
+once, after the first backward (in the order the gradients became ready). A resumed run builds
+a new DDP, so its first step after the restore used the start layout where the uninterrupted
+run used the rebuilt one: weights 1 ulp apart at 4 workers. ``setup_module`` therefore runs one
+all-reduce of zero gradients (a backward over every parameter, in reverse parameter order,
+through DDP's own forward) and rebuilds the buckets from it before any real step, so every DDP
+of a run, first or resumed, reduces every step with the same layout. It costs one all-reduce at
+setup and nothing per step. It is skipped where DDP never rebuilds
+(``find_unused_parameters=True``), with ``static_graph=True`` (its first backward also records
+the graph) and with sparse gradients.
 """
 
 from __future__ import annotations
@@ -45,6 +59,10 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+# the step name that makes ``_StepModule`` run the bucket layout pass instead of a module method
+_LAYOUT_PASS = "__ray_lit_bucket_layout_pass__"
+
+
 class _StepModule(nn.Module):
     """What DDP wraps: ``forward(name, *args)`` runs ``module.<name>(*args)``."""
 
@@ -53,7 +71,55 @@ class _StepModule(nn.Module):
         self.module = module
 
     def forward(self, name: str, *args: Any) -> Any:
+        if name == _LAYOUT_PASS:
+            return _layout_loss(self.module)
         return getattr(self.module, name)(*args)
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters DDP's reducer holds (``parameters()`` already drops shared duplicates)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _layout_loss(module: nn.Module) -> torch.Tensor:
+    """A zero loss whose backward reaches every trainable parameter once, last parameter first.
+
+    Each parameter joins a running sum after the previous ones, so autograd finishes the
+    parameter added last first: DDP records the reverse parameter order, the order it assumes
+    at construction and the usual order of a backward. The order only has to be the same in
+    every run; the gradients are zero and are thrown away.
+    """
+    params = _trainable(module)
+    total = torch.zeros((), device=params[0].device)
+    for param in params:
+        # .to: a module may spread its layers over devices
+        total = total + (param.sum() * 0.0).to(total.device)
+    return total
+
+
+def _has_sparse_gradients(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+               for m in module.modules())
+
+
+def _settle_bucket_layout(ddp: nn.parallel.DistributedDataParallel) -> None:
+    """COLLECTIVE: make DDP rebuild its buckets now, from a zero backward, so that every step of
+    every DDP of the run (first or resumed) all-reduces with the same layout (module docstring).
+
+    The gradients the parameters held before are put back untouched.
+    """
+    params = _trainable(ddp.module)
+    saved = [p.grad for p in params]
+    for param in params:
+        param.grad = None  # the backward must not accumulate into a caller's gradient
+    try:
+        with torch.enable_grad():
+            ddp(_LAYOUT_PASS).backward()
+        # a collective: rank 0's recorded order is broadcast, every rank rebuilds the same way
+        ddp.reducer._rebuild_buckets()
+    finally:
+        for param, grad in zip(params, saved):
+            param.grad = grad
 
 
 class DDPStrategy(ParallelStrategy):
@@ -77,7 +143,8 @@ class DDPStrategy(ParallelStrategy):
     def setup_module(self, module: nn.Module, find_unused_parameters: bool = False,
                      sync_batchnorm: bool = False) -> None:
         """COLLECTIVE (world > 1): DDP broadcasts rank 0's parameters and buffers, so every
-        replica starts identical."""
+        replica starts identical, then (most setups) all-reduces zero gradients once to fix
+        its bucket layout for the whole run (module docstring: bit-identical resume)."""
         if sync_batchnorm:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module.to(self.root_device)
@@ -94,6 +161,10 @@ class DDPStrategy(ParallelStrategy):
             self._ddp = nn.parallel.DistributedDataParallel(
                 _StepModule(module), device_ids=device_ids, find_unused_parameters=unused,
                 static_graph=self.static_graph)
+            # only DDP that rebuilds its buckets needs it; see the module docstring for why
+            # static graphs and sparse gradients keep DDP's own first step
+            if not unused and not self.static_graph and not _has_sparse_gradients(module):
+                _settle_bucket_layout(self._ddp)
 
     def call_step(self, name: str, *args: Any) -> Any:
         if name == "training_step" and self._ddp is not None and torch.is_grad_enabled():

@@ -42,14 +42,30 @@ full state; fault-tolerance checkpoints over several ranks are sharded (below).
 * ``"sharded"``: a ``torch.distributed.checkpoint`` directory under the same name
   (``ray_lit.checkpoint.sharded.save_sharded``): nothing is gathered, each rank writes its own
   shards (``sharded_state_dicts`` switches the two methods above to the local DTensors for the
-  save), rank 0 the non-tensor rest (``storage.sharded_io``). Everything that reads a checkpoint
-  (``load_from_checkpoint``, ``Trainer.fit(ckpt_path=...)``, ``validate`` / ``test`` /
-  ``predict``) reads such a directory in one process, whole, so full and sharded checkpoints
-  are interchangeable at load, at any world size; ``python -m ray_lit consolidate`` turns one
-  into a file.
+  save), rank 0 the non-tensor rest (``storage.sharded_io``). ``Trainer.fit(ckpt_path=...)``
+  / ``resume=`` under this strategy read such a directory lazily (``checkpoint.sharded.
+  load_lazily``): each rank reads only the byte ranges of the chunks that overlap its own
+  shards. Everything else that reads a checkpoint (``load_from_checkpoint``, ``validate`` /
+  ``test`` / ``predict``, another strategy) reads it in one process, whole, so full and
+  sharded checkpoints are interchangeable at load, at any world size; ``python -m ray_lit
+  consolidate`` turns one into a file.
 
-Not yet: manual optimisation and meta-device initialisation (both refused at
-``setup_module``), in-memory peer snapshots (refused by the Trainer: they assume replicated
+Manual optimisation (``automatic_optimization = False``): ``manual_backward`` and
+``optimizer.step()`` run inside the training step, i.e. inside the root's forward, so the root
+must hold no parameters: every submodule that directly owns parameters no unit holds becomes a
+unit of its own (``manual_units``; a parameter on the LightningModule itself is refused). Each
+unit gathers its parameters in its own forward and reduce-scatters its gradients in its own
+backward, however many backwards a step runs; ``clip_gradients`` works on the DTensor
+gradients (the norm is the global one).
+
+Meta-device initialisation: tensors that ``configure_model`` created under
+``torch.device("meta")`` are sharded while still meta, then ``to_empty`` allocates each rank's
+shards and ``materialize_meta`` gives them values one module at a time through the module's
+``reset_parameters()`` (rank 0's values, as for an eager model), so no rank ever holds more than
+its shards plus one module's full tensors. A module with meta tensors and no
+``reset_parameters`` is refused.
+
+Not yet: in-memory peer snapshots (refused by the Trainer: they assume replicated
 parameters; a lost worker resumes from the latest committed fault-tolerance checkpoint).
 
 Fault-tolerance checkpoints over several ranks are sharded (``checkpoint.writer``): at each
@@ -70,6 +86,7 @@ import torch
 from torch import nn
 
 from ray_lit.errors import MisconfigurationException
+from ray_lit.strategies.meta_init import empty_shards, materialize_meta, meta_owners
 from ray_lit.strategies.parallel import ParallelStrategy
 
 WrapPolicy = set[type[nn.Module]] | Callable[[nn.Module], bool] | None
@@ -125,6 +142,42 @@ def default_wrap_policy(module: nn.Module, world_size: int) -> set[nn.Module]:
 
     visit(module)
     return chosen
+
+
+def manual_units(module: nn.Module) -> list[nn.Module]:
+    """Under manual optimisation: the submodules that directly own parameters no FSDP unit
+    holds yet, innermost first, so that the root holds no parameters.
+
+    Why: ``manual_backward`` and ``optimizer.step()`` run inside the training step, i.e. inside
+    the root's forward. A unit's parameters are gathered by its own forward and reduced by its
+    own backward hooks, wherever that happens; the root's parameters would be resharded by the
+    first backward while its forward still uses them (a second forward in the same step fails
+    on mixed tensors). Parameters registered on the LightningModule itself cannot be moved into
+    a unit, so they are refused with the fix.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    covered = {id(p) for m in module.modules() if isinstance(m, FSDPModule) and m is not module
+               for p in m.parameters()}
+    own = [name for name, p in module.named_parameters(recurse=False) if id(p) not in covered]
+    if own:
+        raise MisconfigurationException(
+            f"FSDPStrategy with manual optimisation (automatic_optimization=False) cannot shard "
+            f"the parameters {own} registered on {type(module).__name__} itself: the training "
+            "step runs inside the FSDP root, so every parameter must belong to a submodule. "
+            "Move them into a submodule (e.g. an nn.Module holding the nn.Parameter), or use "
+            "strategy='ddp'.")
+    order: list[nn.Module] = []
+
+    def visit(sub: nn.Module) -> None:
+        for child in sub.children():
+            visit(child)
+        if sub is not module and not isinstance(sub, FSDPModule) and any(
+                id(p) not in covered for p in sub.parameters(recurse=False)):
+            order.append(sub)
+
+    visit(module)
+    return order
 
 
 class FSDPStrategy(ParallelStrategy):
@@ -232,8 +285,8 @@ class FSDPStrategy(ParallelStrategy):
         device = self._comm_device()
         with torch.no_grad():
             for tensor in list(module.parameters()) + list(module.buffers()):
-                if isinstance(tensor, DTensor):
-                    continue  # sharded by the user's configure_model already
+                if isinstance(tensor, DTensor) or tensor.is_meta:
+                    continue  # sharded by the user's configure_model already, or not yet built
                 data = tensor.data.to(device)
                 dist.broadcast(data, src=0)
                 if data is not tensor.data:
@@ -241,41 +294,41 @@ class FSDPStrategy(ParallelStrategy):
 
     def setup_module(self, module: nn.Module, find_unused_parameters: bool = False,
                      sync_batchnorm: bool = False) -> None:
-        """COLLECTIVE (world > 1): broadcast rank 0's initial state, shard the units, then the
-        root (see the module docstring). A world of one is left unwrapped."""
+        """COLLECTIVE (world > 1): broadcast rank 0's initial state, shard the units (under
+        manual optimisation every parameter owner too), then the root, then materialise meta
+        tensors (see the module docstring). A world of one is left unwrapped (its meta
+        tensors are materialised whole)."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        if not getattr(module, "automatic_optimization", True):
-            raise MisconfigurationException(
-                "FSDPStrategy does not support manual optimisation (automatic_optimization="
-                "False) yet: use strategy='ddp', or automatic optimisation.")
         if isinstance(module, FSDPModule):
             raise MisconfigurationException(
                 f"configure_model called fully_shard on the LightningModule "
                 f"({type(module).__name__}) itself. FSDPStrategy shards the root itself (the "
                 "steps are not the module's forward): fully_shard its layers only, or leave "
                 "sharding to FSDPStrategy(auto_wrap_policy=...).")
-        if any(p.is_meta for p in module.parameters()):
-            # sharding meta parameters then materialising them (to_empty + reset_parameters)
-            # is not done here yet; training them would fail deep inside FSDP's forward
-            raise MisconfigurationException(
-                "FSDPStrategy got parameters on the meta device (configure_model under "
-                "torch.device('meta')): initialising them after sharding is not supported yet. "
-                "Build the layers on the CPU (or the worker's device) in configure_model.")
+        owners = meta_owners(module)  # refused here when one has no reset_parameters
         if sync_batchnorm:
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        module.to(self.root_device)
+        # meta tensors stay meta until they are materialised below (they cannot be moved)
+        module._apply(lambda t: t if t.is_meta else t.to(self.root_device))
         self.module = module
         if not self._distributed:
+            materialize_meta(owners, self.root_device, distributed=False)
             return  # a world of one: nothing to shard (module docstring)
         self._broadcast_initial_state(module)
         kwargs = self._fsdp_kwargs()
         if not any(isinstance(m, FSDPModule) for m in module.modules()):
             for unit in self._units(module):
                 fully_shard(unit, **kwargs)
+        if not getattr(module, "automatic_optimization", True):
+            for unit in manual_units(module):
+                fully_shard(unit, **kwargs)
         root = _FSDPRoot(module)
         fully_shard(root, **kwargs)
         self._root = root
+        if owners:
+            empty_shards(root, self.root_device)
+            materialize_meta(owners, self.root_device, distributed=True)
 
     def call_step(self, name: str, *args: Any) -> Any:
         """Every step through the FSDP root (the parameters are sharded between steps)."""

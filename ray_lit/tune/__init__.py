@@ -9,6 +9,13 @@ Every validation end, rank 0 writes a checkpoint into the run's storage and the 
 reports the ``callback_metrics`` (as floats) with that checkpoint to Tune. A trial that Tune
 restores (PBT exploit, ``Tuner.restore``, a trial restart) continues from the checkpoint; with
 PBT the new config's learning rate replaces the restored one in the optimizers.
+
+Warm workers across trials: with ``tune.TuneConfig(reuse_actors=True)`` Tune runs the next trial
+of the same resources in the same trial actor and placement group. A trial that finished parks
+its idle workers there (``driver.pool``), and the next trial forms its process group on them
+and ships its own module: torch and ray_lit stay imported, nothing of the earlier trial stays
+(a fresh module, optimizer, RNG and process group). Without ``reuse_actors`` every trial starts
+its workers afresh.
 """
 
 from __future__ import annotations
@@ -142,6 +149,7 @@ def trainable(build: Callable[[dict], Any], train_dataloaders: Any = None,
             restore_lr_from_config=restored is not None))
         trainer.fit(module, train_dataloaders=train_dataloaders,
                     val_dataloaders=val_dataloaders, datamodule=datamodule, ckpt_path=ckpt_path)
+        _park_workers(trainer)
 
     _run_trial.__name__ = getattr(build, "__name__", "ray_lit_trial")
     resources = trial_resources(options.get("num_workers", 0),
@@ -150,6 +158,16 @@ def trainable(build: Callable[[dict], Any], train_dataloaders: Any = None,
                                 options.get("accelerator", "auto"))
     _check_trial_fits(resources.bundles)
     return tune.with_resources(_run_trial, resources)
+
+
+def _park_workers(trainer: Any) -> None:
+    """The trial is over: its idle workers wait in the warm pool of this trial actor for the
+    next trial Tune runs here (``reuse_actors``); if Tune ends the actor instead, they end with
+    it. Parked now, not when the Trainer is garbage collected: the next trial may start first,
+    and its workers need these places of the placement group."""
+    kept = trainer.__dict__.get("_kept")  # the Trainer's worker group (``driver.launch``)
+    if kept is not None:
+        kept.park()
 
 
 def _check_trial_fits(bundles: list[dict[str, float]]) -> None:

@@ -32,6 +32,9 @@ from ray_lit.worker._ray_compat import serialization_context_without_arrow, warm
 from ray_lit.worker.job import run_job
 
 _IMPORTED_AT = time.time()  # this module's imports (torch among them) are done
+# a long poll looks for rank 0's events and notes progress this often (the worker's own cheap
+# check; the driver hears of events within this, as it makes at most 10 rounds a second)
+_SLICE_S = 0.1
 
 
 def _node_info() -> dict[str, Any]:
@@ -206,13 +209,22 @@ class Worker:
     def poll(self, wait_s: float = 0.0) -> WorkerStatus:
         """Status for the controller; rank 0 also hands over its recorded events.
 
-        With ``wait_s`` the call is a long poll: it returns when there is news (see ``post``)
-        or after ``wait_s``, so the driver makes a few calls a second while training is quiet
-        and still hears of a finished loop, a failure or a checkpoint at once.
+        With ``wait_s`` the call is a long poll (the driver keeps one in flight per rank,
+        ``driver.news``): it returns when there is news (see ``post``; rank 0's recorded
+        metrics and prints count too) or after ``wait_s``, the rank's heartbeat. A quiet rank
+        so costs the driver one call per heartbeat, and the driver still hears of a finished
+        loop, a failure or a checkpoint at once.
         """
         self._last_poll = time.monotonic()
-        if wait_s > 0:
-            self._news.wait(wait_s)
+        deadline = self._last_poll + wait_s
+        while wait_s > 0 and not self._has_events():
+            left = deadline - time.monotonic()
+            # in slices: rank 0's events are looked for, and progress is noted, between them
+            # (the idle time a heartbeat reports is exact to a slice, not to a heartbeat)
+            if left <= 0 or self._news.wait(min(left, _SLICE_S)):
+                break
+            self._last_poll = time.monotonic()  # waiting in a poll is being polled (SIGTERM)
+            self._note_progress(self._trainer)
         self._news.clear()  # before reading: news from now on ends the next poll
         events = self._sink.drain() if self._sink is not None and hasattr(
             self._sink, "drain") else []
@@ -240,6 +252,10 @@ class Worker:
         if self._first_steps is None and steps >= 0:
             self._first_steps = steps
         return out
+
+    def _has_events(self) -> bool:
+        """Rank 0 recorded events the driver has not taken (metrics, prints, progress)."""
+        return bool(getattr(self._sink, "events", None))
 
     def _note_progress(self, trainer: Any) -> None:
         """Liveness: the batches started in any stage (``trainer._beats``). When the count

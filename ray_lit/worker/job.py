@@ -6,6 +6,7 @@ driver applies to the user's Trainer (``driver.results``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import cloudpickle
@@ -24,10 +25,11 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     from ray_lit.worker.host import WorkerHost
 
     ranks = worker._ranks
-    trainer = payload["trainer"]
+    spec = payload["spec"]
+    trainer = spec.trainer_class._from_run_spec(spec)
     module = payload["module"]
     if job.accumulate is not None:  # elastic: the controller's accumulation plan
-        trainer.config.accumulate_grad_batches = job.accumulate
+        trainer.config = dataclasses.replace(trainer.config, accumulate_grad_batches=job.accumulate)
     if job.seed is not None:
         seed_everything(job.seed)
     device = torch.device("cpu")

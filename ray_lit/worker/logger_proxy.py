@@ -54,8 +54,13 @@ class LoggerProxy:
     @classmethod
     def of(cls, logger: Any, index: int = 0) -> LoggerProxy:
         """The proxy of the driver's ``logger``, the ``index``-th of ``trainer.loggers``."""
-        return cls(getattr(logger, "name", None), getattr(logger, "version", None),
-                   getattr(logger, "save_dir", None), getattr(logger, "log_dir", None), index)
+        from ray_lit.loggers.model_artifacts import CheckpointStager, stages_every_checkpoint
+
+        proxy = cls(getattr(logger, "name", None), getattr(logger, "version", None),
+                    getattr(logger, "save_dir", None), getattr(logger, "log_dir", None), index)
+        # log_model="all": rank 0 keeps each new checkpoint until the driver uploaded it
+        proxy.stager = CheckpointStager() if stages_every_checkpoint(logger) else None
+        return proxy
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.sink is not None:
@@ -70,6 +75,16 @@ class LoggerProxy:
 
     def save(self) -> None: ...
     def finalize(self, status: str) -> None: ...
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Rank 0's ``ModelCheckpoint`` saved: its paths and scores go to the driver's logger
+        (``log_model``), in order with the metrics."""
+        if self.sink is not None:
+            from ray_lit.loggers.model_artifacts import SavedCheckpoints
+
+            saved = SavedCheckpoints.of(checkpoint_callback)
+            stager = self.__dict__.get("stager")
+            self.sink.checkpoint_saved(self.index, stager.stage(saved) if stager else saved)
 
     @property
     def experiment(self) -> Any:

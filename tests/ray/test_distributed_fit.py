@@ -241,12 +241,12 @@ def test_step_end_gathers_every_rank_when_asked(ray_cluster, tmp_path):
 def _assert_nothing_left(timeout_s: float = 20.0) -> None:
     """No live worker actor and no placement group remain (Ray reports deaths a bit late)."""
     import ray
-    import ray._private.state as state
-
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [a for a in state.actors().values()
-                 if a["ActorClassName"] == "Worker" and a["State"] != "DEAD"]
+        # public API only (``ray.util.state`` needs the dashboard, off in these tests): every
+        # CPU back in the pool means no worker actor holds one any more
+        total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources()
+        alive = [] if free.get("CPU", 0) == total else [f"{total - free.get('CPU', 0)} CPU"]
         groups = [g for g in ray.util.placement_group_table().values()
                   if g["state"] != "REMOVED"]
         if (not alive and not groups) or time.monotonic() > deadline:

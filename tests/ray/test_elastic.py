@@ -199,7 +199,9 @@ def test_new_node_grows_the_group(cluster, tmp_path):
 
     runner = threading.Thread(target=train, daemon=True)
     runner.start()
-    time.sleep(3)
+    deadline = time.monotonic() + 120
+    while not _seen(out) and time.monotonic() < deadline:  # the first group is training
+        time.sleep(0.2)
     cluster.add_node(num_cpus=1)
     runner.join(timeout=180)
     trainer = result["trainer"]

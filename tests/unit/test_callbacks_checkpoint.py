@@ -70,6 +70,15 @@ def test_top_k_file_sets(make_trainer, tmp_path, k, expected):
     assert files == _names(expected)
 
 
+@pytest.mark.parametrize("k, expected", [(-1, [0, 1, 2, 3, 4]), (1, [4])])
+def test_without_a_monitor_top_k_minus_one_keeps_every_file(make_trainer, tmp_path, k, expected):
+    """2.x: ``monitor=None`` keeps only the latest file with ``save_top_k=1`` and every file
+    with -1; the latest is the best either way."""
+    _, ckpt, _, files = _run(make_trainer, tmp_path, monitor=None, save_top_k=k)
+    assert files == _names(expected)
+    assert os.path.basename(ckpt.best_model_path) == "epoch=4.ckpt"
+
+
 def test_top_2_after_every_epoch(make_trainer, tmp_path):
     _, ckpt, sets, _ = _run(make_trainer, tmp_path, save_top_k=2)
     assert sets == [_names([0]), _names([0, 1]), _names([1, 2]), _names([2, 3]),

@@ -165,8 +165,9 @@ def test_timer_resumes_from_a_checkpoint_with_the_elapsed_time(tmp_path):
     second = Timer(duration="00:00:01:00")
     resumed = _trainer(tmp_path, max_epochs=2, callbacks=[second])
     resumed.fit(Net(sleep=0.02), _loader(), ckpt_path=path)
-    # the checkpoint was written at the epoch end, a little before training ended
-    assert 0.8 * elapsed < second._offset <= elapsed
+    # the checkpoint was written at the epoch end (after its 4 batches of 20 ms), a little
+    # before training ended; bounds that hold however loaded the machine is
+    assert 0.08 <= second._offset <= elapsed
     assert second.time_elapsed() > second._offset + 0.08  # the offset plus 4 more batches
 
 

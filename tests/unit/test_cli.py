@@ -17,7 +17,7 @@ from ray_lit.errors import MisconfigurationException
 
 pytest.importorskip("jsonargparse")  # the cli extra (and dev) installs it
 
-from ray_lit.cli import LightningCLI  # noqa: E402
+from ray_lit.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 
 class TinyModel(ray_lit.LightningModule):
@@ -145,7 +145,9 @@ def test_test_and_validate_subcommands_read_a_checkpoint(tmp_path):
         "test", f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={tmp_path}", *QUIET])
     assert test.result[0]["test_loss"] == pytest.approx(
         float(fit.trainer.callback_metrics["val_loss"]), rel=1e-5)
-    validate = LightningCLI(TinyModel, TinyData, args=[
+    # test wrote config.yaml into the same folder (every subcommand saves, as in 2.x)
+    assert (tmp_path / "config.yaml").is_file()
+    validate = LightningCLI(TinyModel, TinyData, save_config_kwargs={"overwrite": True}, args=[
         "validate", f"--trainer.default_root_dir={tmp_path}", *QUIET])
     assert "val_loss" in validate.result[0]
 
@@ -206,3 +208,87 @@ def test_parser_extension_points_and_subcommand_hooks(tmp_path):
     assert cli.model.hparams.hidden == 16  # linked from data.size
     assert cli.config["fit"]["note"] == "hi"
     assert cli.order == ["before_fit", "after_fit@2"]
+
+
+# --- the config saved with run=False (when the Trainer runs, as Lightning's callback does) -----
+def test_run_false_saves_the_config_when_the_trainer_first_runs(tmp_path):
+    cli = LightningCLI(TinyModel, TinyData, run=False, args=[
+        "--model.hidden=6", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+        "--seed_everything=3", *QUIET])
+    config = tmp_path / "config.yaml"
+    assert not config.exists()  # building the Trainer writes nothing
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    saved = yaml.safe_load(config.read_text())
+    assert saved["model"] == {"hidden": 6, "lr": 0.1} and saved["seed_everything"] == 3
+    assert saved["trainer"]["max_epochs"] == 1 and "default_root_dir" in saved["trainer"]
+    assert "subcommand" not in saved
+    # the same Trainer running again (a second stage) neither rewrites nor refuses
+    config.write_text("kept")
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert config.read_text() == "kept"
+
+
+def test_run_false_config_goes_to_the_loggers_log_dir_and_refuses_to_overwrite(tmp_path):
+    args = ["--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cli = LightningCLI(TinyModel, TinyData, run=False, args=args)
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)  # any stage saves, not only fit
+    log_dir = cli.trainer.log_dir
+    assert log_dir.startswith(str(tmp_path / "lightning_logs" / "version_"))
+    with open(f"{log_dir}/config.yaml") as f:
+        assert yaml.safe_load(f)["trainer"]["max_epochs"] == 1
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # saved once per callback
+    plain = LightningCLI(TinyModel, TinyData, run=False, args=[*args[:2], *QUIET])
+    (tmp_path / "config.yaml").write_text("an earlier run's")
+    with pytest.raises(MisconfigurationException, match=r"config.yaml already exists"):
+        plain.trainer.fit(plain.model, datamodule=plain.datamodule)
+    assert (tmp_path / "config.yaml").read_text() == "an earlier run's"
+
+
+class NotingSave(SaveConfigCallback):
+    def save_config(self, trainer, pl_module, stage):
+        self.noted = (stage, trainer.is_global_zero)
+
+
+def test_save_config_hook_save_to_log_dir_and_fast_dev_run(tmp_path):
+    cli = LightningCLI(TinyModel, TinyData, run=False, save_config_callback=NotingSave,
+                       save_config_kwargs={"save_to_log_dir": False}, args=[
+                           "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+                           *QUIET])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (saver,) = [c for c in cli.trainer.callbacks if isinstance(c, NotingSave)]
+    assert saver.noted == ("fit", True) and not (tmp_path / "config.yaml").exists()
+    dev = LightningCLI(TinyModel, TinyData, run=False, args=[
+        "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    assert not any(isinstance(c, SaveConfigCallback) for c in dev.trainer.callbacks)
+
+
+def test_a_pickled_save_config_callback_writes_the_drivers_yaml(tmp_path):
+    """What a Ray worker gets: the rendered text, not the parser."""
+    import cloudpickle
+
+    cli = LightningCLI(TinyModel, TinyData, run=False, args=[
+        "--model.hidden=9", f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    (saver,) = [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+    copy = cloudpickle.loads(cloudpickle.dumps(saver))
+    assert copy.parser is None and saver.parser is not None
+    copy._write(str(tmp_path / "copy.yaml"))
+    saver._write(str(tmp_path / "driver.yaml"))
+    assert yaml.safe_load((tmp_path / "copy.yaml").read_text()) == \
+        yaml.safe_load((tmp_path / "driver.yaml").read_text())
+    assert yaml.safe_load((tmp_path / "copy.yaml").read_text())["model"]["hidden"] == 9
+
+
+def test_the_config_is_written_through_a_storage_uri_log_dir(tmp_path):
+    from types import SimpleNamespace
+
+    cli = LightningCLI(TinyModel, TinyData, run=False, args=["--model.hidden=3", *QUIET])
+    (saver,) = [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+    rank0 = SimpleNamespace(log_dir=f"file://{tmp_path}/run", is_global_zero=True,
+                            strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    saver.setup(rank0, None, "fit")
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["hidden"] == 3
+    again = LightningCLI(TinyModel, TinyData, run=False, args=[*QUIET])
+    (second,) = [c for c in again.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+    with pytest.raises(MisconfigurationException, match="already exists"):
+        second.setup(rank0, None, "fit")

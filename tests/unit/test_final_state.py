@@ -70,7 +70,7 @@ def test_a_final_state_pickles_without_the_trainer_or_module(make_trainer) -> No
 def test_a_callback_whose_class_is_pickled_by_value_still_gets_its_state(make_trainer):
     """A callback class defined in a function (or in ``__main__``) travels by value, and the
     copy's class loses its ``__qualname__``: the state comes back by the driver's tag."""
-    from ray_lit.driver.launch import _worker_trainer
+    from ray_lit.driver.launch import run_spec
 
     class StartStep(Callback):
         start_step = None
@@ -80,7 +80,7 @@ def test_a_callback_whose_class_is_pickled_by_value_still_gets_its_state(make_tr
 
     probe = StartStep()
     driver = make_trainer(callbacks=[probe])
-    shipped = cloudpickle.loads(cloudpickle.dumps(_worker_trainer(driver).callbacks))[0]
+    shipped = cloudpickle.loads(cloudpickle.dumps(run_spec(driver).callbacks))[0]
     # in a Ray worker the class arrives rebuilt, named "StartStep" only (in this process
     # cloudpickle hands back the original class, so the rebuilt one is made by hand)
     rebuilt = type("StartStep", (StartStep,), {})

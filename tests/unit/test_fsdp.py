@@ -379,18 +379,40 @@ def test_bad_options_and_peer_snapshots_are_refused_when_the_trainer_is_built() 
     pl.Trainer(strategy="ddp", num_workers=2, snapshot_every_n_steps=5)  # replicated: fine
 
 
-def test_manual_optimisation_is_refused() -> None:
+def test_manual_optimisation_gives_every_parameter_owner_its_own_unit() -> None:
+    from ray_lit.strategies.fsdp import manual_units
+
     model = Blocks()
-    model.automatic_optimization = False
-    with pytest.raises(MisconfigurationException, match="manual optimisation"):
-        FSDPStrategy().setup_module(model)
+    # no unit yet: each module owning parameters, innermost first (the root keeps none)
+    assert manual_units(model) == [model.body[0], model.body[2], model.head]
+    model.scale = nn.Parameter(torch.ones(1))  # on the module itself: no unit can take it
+    with pytest.raises(MisconfigurationException, match=r"\['scale'\].*Move them"):
+        manual_units(model)
+    one = Blocks()
+    one.automatic_optimization = False
+    FSDPStrategy().setup_module(one)  # a world of one: trains unwrapped, no refusal
 
 
-def test_meta_device_parameters_are_refused_with_a_message() -> None:
+class Plain(nn.Module):
+    """No ``reset_parameters``: a meta tensor here cannot be materialised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(2))
+
+
+def test_meta_device_parameters_are_materialised_like_an_eager_build() -> None:
     with torch.device("meta"):
-        model = Blocks()
-    with pytest.raises(MisconfigurationException, match="meta device"):
-        FSDPStrategy().setup_module(model)
+        model = Blocks(seed=5)  # seeds the RNG, draws nothing on the meta device
+    torch.manual_seed(5)
+    FSDPStrategy().setup_module(model)  # one process: reset_parameters, module by module
+    eager = Blocks(seed=5)
+    for key, value in eager.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with torch.device("meta"):
+        bad = nn.Sequential(Plain())
+    with pytest.raises(MisconfigurationException, match=r"meta device.*\['Plain'\]"):
+        FSDPStrategy().setup_module(bad)
 
 
 def test_the_default_policy_picks_repeated_blocks_and_large_children() -> None:

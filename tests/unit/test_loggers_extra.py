@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ray_lit as pl
-from ray_lit.errors import MisconfigurationException
 from ray_lit.loggers import MLFlowLogger, WandbLogger
 
 mlflow = pytest.importorskip("mlflow")  # the dev extra installs both
@@ -97,13 +96,6 @@ def test_mlflow_logger_defaults_to_a_file_store_in_save_dir(tmp_path, monkeypatc
     logger.log_hyperparams({"a": 1})
     assert logger.save_dir == str(tmp_path / "store")
     assert os.path.isdir(tmp_path / "store" / logger.experiment_id / logger.run_id)
-
-
-def test_mlflow_and_wandb_refuse_log_model():
-    with pytest.raises(MisconfigurationException, match="log_model"):
-        MLFlowLogger(log_model=True)
-    with pytest.raises(MisconfigurationException, match="log_model"):
-        WandbLogger(log_model="all")
 
 
 def test_mlflow_logger_without_mlflow_names_the_extra(tmp_path, monkeypatch):

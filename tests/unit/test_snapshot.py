@@ -78,10 +78,12 @@ def test_an_optimizer_step_waits_for_the_copy_and_the_copy_is_of_the_boundary() 
     snap = HostSnapshot()
     host = snap.capture(_state(model, opt), [opt])
     stepped = threading.Event()
+    held_back: list[bool] = []  # asserted on the test's thread: a thread's assert fails nothing
 
     def late_copy() -> None:
-        time.sleep(0.3)
-        assert not stepped.is_set()  # the step below is still held back
+        # long enough that the step below reaches the fence first, even on a loaded machine
+        time.sleep(1.0)
+        held_back.append(not stepped.is_set())  # the step below is still held back
         snap.copy_deferred()
 
     copier = threading.Thread(target=late_copy)
@@ -90,6 +92,7 @@ def test_an_optimizer_step_waits_for_the_copy_and_the_copy_is_of_the_boundary() 
     opt.step()  # the fence: returns only once the copy is done
     stepped.set()
     copier.join()
+    assert held_back == [True]
     assert snap.fence_wait_s and snap.fence_wait_s[0] > 0.1
     # the step happened after the copy: the snapshot is the state at the boundary
     _assert_equal(host, expected)
