@@ -219,10 +219,11 @@ class FakeWorkerGroup:
     def shutdown(self, graceful: bool = True) -> None:
         self.shut_down = True
 
-    def salvage(self, abort_timeout_s: float = 10.0, lost_nodes: Any = ()
-                ) -> _FakeSurvivors | None:
+    def salvage(self, abort_timeout_s: float = 10.0, lost_nodes: Any = (),
+                hung_rank: int | None = None) -> _FakeSurvivors | None:
         """Keep every rank that the script did not kill (and that is not on a lost node)."""
         self.salvaged = True
+        self.hung_rank = hung_rank  # the rank the controller named as hung, for the tests
         dead = {self.script.die[0]} if self.script.die and self.step >= self.script.die[1] \
             else set()
         live = {self.slots[r] for r in range(self.world_size)

@@ -581,9 +581,12 @@ class Controller:
             # a survivor stuck in a collective with a lost node's worker is not waited for
             # long: a fresh worker starts in less time
             cfg = self.supervision
+            error = outcome.error
             self._survivors = group.salvage(
                 abort_timeout_s=cfg.abort_timeout_lost_node_s if self._unreachable
-                else cfg.abort_timeout_s, lost_nodes=set(self._unreachable))
+                else cfg.abort_timeout_s, lost_nodes=set(self._unreachable),
+                hung_rank=error.world_rank if error is not None and error.kind == "hang"
+                else None)
             self._confirm_leftovers(self._survivors)
         elif self.keep_group and outcome.error is None and not outcome.preempted and \
                 outcome.resize_to is None and outcome.departed is None:

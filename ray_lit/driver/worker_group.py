@@ -180,15 +180,34 @@ class WorkerGroup:
                 remove_placement_group_quietly(pg)
             raise
 
-    def salvage(self, abort_timeout_s: float = 10.0, lost_nodes: set[str] | frozenset = frozenset()
-                ) -> Survivors | None:
+    def salvage(self, abort_timeout_s: float = 10.0, lost_nodes: set[str] | frozenset = frozenset(),
+                hung_rank: int | None = None) -> Survivors | None:
         """End an attempt keeping the live workers: each leaves the process group and drops
         the old run's state; dead or stuck ones are killed, and so are the workers on
         ``lost_nodes`` without asking (Ray may not know yet that they are gone). None when
-        nobody survived."""
+        nobody survived.
+
+        ``hung_rank``: the rank a hang was diagnosed on. It is asked first, without waiting
+        for its loop, and killed at once unless it holds peer snapshots to export: the ranks
+        waiting for it in a collective leave theirs only once its sockets close, so they are
+        kept instead of being given up as stuck after ``abort_timeout_s``.
+        """
         pending: dict[int, tuple[Any, Any]] = {}
         dead_nodes: list[str] = []
+        if hung_rank is not None and hung_rank < len(self.workers) and \
+                self.workers[hung_rank].node_id not in lost_nodes:
+            hung = self.workers[hung_rank]
+            ref = hung.actor.abort.remote(0.0)
+            try:
+                left = ray.get(ref, timeout=abort_timeout_s)
+            except Exception:  # dead, or not answering either
+                left = None
+            if left is None:  # no snapshot to export from it: its peers go free now
+                _kill(hung.actor)
+            pending[hung.bundle_index] = (hung.actor, ray.put(left))
         for w in self.workers:
+            if w.bundle_index in pending:
+                continue
             if w.node_id in lost_nodes:
                 _kill(w.actor)
                 dead_nodes.append(w.node_id)

@@ -61,3 +61,41 @@ def test_a_hung_rank_is_named_with_its_frame_and_the_stacks_are_kept(ray_cluster
     assert "rank 0, thread ray_lit-loop" in body and "rank 1, thread ray_lit-loop" in body
     assert path.startswith(str(tmp_path / "runs" / "hang" / "hangs"))
     assert elapsed < 120  # the timeout plus the diagnosis, not the 600 s sleep
+
+
+class HangsOnceOnRankOne(pl.LightningModule):
+    """Rank 1 hangs at step 3 of the first attempt only (a marker file says it did)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step == 3 and \
+                not pathlib.Path(self.marker).exists():
+            pathlib.Path(self.marker).write_text("hung")
+            wait_for_a_file_that_never_comes()
+        x, y = batch
+        return F.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_ranks_waiting_for_a_hung_one_are_kept_for_the_restart(ray_cluster, tmp_path,
+                                                                   capsys):
+    """The hung rank is let go first: rank 0, blocked in DDP's all-reduce with it, leaves the
+    collective once its peer's sockets close, and is kept instead of being given up as stuck
+    after ``abort_timeout_s`` (10 s) and replaced by a fresh process."""
+    x = torch.randn(64, 4)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+    trainer = ray_lit.Trainer(num_workers=2, max_epochs=1, max_failures=1,
+                              worker_hang_timeout_s=4, storage_path=str(tmp_path / "runs"),
+                              run_name="hang-once", logger=False, enable_progress_bar=False,
+                              enable_checkpointing=False, checkpoint_every_n_steps=2)
+    trainer.fit(HangsOnceOnRankOne(str(tmp_path / "hung")), loader)
+    assert trainer.num_restarts == 1 and trainer.global_step == 8
+    out = capsys.readouterr().out
+    assert "hang diagnosed" in out
+    assert "kept 1 worker(s), started 1 new" in out

@@ -80,6 +80,9 @@ def test_a_rank_without_progress_counts_as_failed(tmp_path) -> None:
     controller.run()
     assert trainer.num_restarts == 1
     assert any("(hang)" in line for line in controller.sink.lines)
+    # the hung rank is named to the salvage: it is let go first, so its peers waiting in a
+    # collective are freed and kept
+    assert groups.groups[0].salvaged and groups.groups[0].hung_rank == 1
 
 
 def test_a_drain_notice_stops_at_a_common_step_and_continues_without_counting() -> None:
