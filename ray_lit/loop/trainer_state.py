@@ -422,15 +422,18 @@ class LoopState:
     def _log_to_loggers(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Record ``metrics`` in ``logged_metrics`` and send them to the loggers (as floats).
 
-        Without an explicit step a ``'step'`` key is used as the step, otherwise the global
-        step, and ``'epoch'`` is added (spec §1.8).
+        Without an explicit step a ``'step'`` key is used as the step; failing that the
+        global step, and ``'epoch'`` is added (spec §1.8: a ``'step'`` key gets no
+        ``'epoch'``, as in 0.9.0's ``log_metrics``).
         """
         metrics = dict(metrics)
         if step is None:
             explicit = metrics.pop("step", None)
-            step = int(to_float(explicit)) if explicit is not None else \
-                self._progress.batches_that_stepped
-            metrics["epoch"] = self.current_epoch
+            if explicit is not None:
+                step = int(to_float(explicit))
+            else:
+                step = self._progress.batches_that_stepped
+                metrics["epoch"] = self.current_epoch
         for key, value in metrics.items():
             if key != "epoch":
                 self.logged_metrics[key] = value

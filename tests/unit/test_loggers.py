@@ -257,3 +257,26 @@ def test_csv_appends_after_finalize_and_in_a_fresh_copy(tmp_path):
     rows = _read_csv(os.path.join(logger.log_dir, "metrics.csv"))
     assert [(r["step"], r["p-a"], r["p-b"], r["p-c"]) for r in rows] == [
         ("0", "2.0", "", ""), ("5", "", "1.0", ""), ("6", "4.0", "", "2.0")]
+
+
+def test_a_step_key_sets_the_step_and_adds_no_epoch(make_trainer):
+    """Spec §1.8 (0.9.0 ``TrainerLoggingMixin.log_metrics``): a ``'step'`` key in a 0.9
+    ``'log'`` dict is popped and used as the step, and no ``'epoch'`` is added; without one
+    the step is the global step and ``'epoch'`` is added."""
+    from conftest import DeterministicModel, RecordingLogger
+
+    class StepKey(DeterministicModel):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            loss = out["loss"] if isinstance(out, dict) else out
+            log = {"a": 1.0, "step": 100 + batch_idx} if batch_idx == 0 else {"b": 2.0}
+            return {"loss": loss, "log": log}
+
+    logger = RecordingLogger()
+    trainer = make_trainer(logger=logger, max_epochs=1, limit_train_batches=2,
+                           num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(StepKey())
+    with_a = [(m, s) for m, s in logger.calls if "a" in m]
+    with_b = [(m, s) for m, s in logger.calls if "b" in m]
+    assert with_a == [({"a": 1.0}, 100)]
+    assert with_b and with_b[0][0].get("epoch") == 0 and with_b[0][1] == 1
