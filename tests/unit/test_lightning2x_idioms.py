@@ -9,6 +9,7 @@ manual GAN on 2 Ray workers: ``tests/ray/test_manual_optimization_workers.py``.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from collections.abc import Callable
@@ -169,6 +170,13 @@ def _manual_gan_on_rank(rank: int, port: int, prepare: bool, out: dict) -> None:
         except RuntimeError as err:
             out[rank] = ("error", str(err)[:200])
     finally:
+        # leave together: a rank tearing gloo down while its peer is still in the last
+        # collective can abort the peer at exit ("terminate called without an active
+        # exception"); bounded, so a rank that failed cannot keep the other waiting
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 
