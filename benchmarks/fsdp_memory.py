@@ -19,6 +19,7 @@ parameters + gradients + Adam state are a few hundred MB):
     python benchmarks/fsdp_memory.py                 # 2 workers, ~19M parameters
     python benchmarks/fsdp_memory.py --workers 4
     python benchmarks/fsdp_memory.py --quick         # a small model, a few steps (smoke test)
+    python benchmarks/fsdp_memory.py --runs raw,fsdp --repeats 3 --steps 30   # step time vs raw
 
 Prints a table and writes ``--out/fsdp_memory.json``.
 """
@@ -233,6 +234,24 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     return "\n".join(lines)
 
 
+def step_table(repeats: dict[str, list[tuple[float, list[dict[str, Any]]]]]) -> str:
+    """Step time of every repeat of every run (the slowest rank's median), in the order they
+    ran, with the 1-minute load average at each run's start; then median and spread per run."""
+    lines = ["", "| run | step s per repeat (load average at start) | median | spread |",
+             "|---|---|---|---|"]
+    medians: dict[str, float] = {}
+    for name, runs in repeats.items():
+        steps = [max(r["step_s"] for r in ranks) for _, ranks in runs]
+        medians[name] = statistics.median(steps)
+        cells = ", ".join(f"{s:.3f} ({load:.1f})" for s, (load, _) in zip(steps, runs))
+        lines.append(f"| {name} | {cells} | {medians[name]:.3f} | "
+                     f"{(max(steps) - min(steps)) / medians[name] * 100:.0f} % |")
+    if "ray_lit fsdp" in medians and "raw fsdp2" in medians:
+        lines.append(f"\nmedian step time, ray_lit FSDP / raw FSDP2: "
+                     f"{medians['ray_lit fsdp'] / medians['raw fsdp2']:.3f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -242,7 +261,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--every", type=int, default=4, help="checkpoint_every_n_steps")
     parser.add_argument("--runs", default="ddp,fsdp,ckpt,raw",
-                        help="which runs, comma-separated: ddp, fsdp, ckpt, raw")
+                        help="which runs, comma-separated, in this order: ddp, fsdp, ckpt, raw")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the whole --runs sequence this many times, interleaved "
+                             "(raw, fsdp, raw, fsdp, ...): a shared machine's load drifts")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -253,26 +275,39 @@ def main() -> None:
     os.makedirs(out_dir, exist_ok=True)
     import ray
 
+    # Ray stays up during the raw runs (idle) so that the runs can alternate
     ray.init(address="local", num_cpus=max(args.workers, os.cpu_count() or 1),
              include_dashboard=False, log_to_driver=False)
+    names = {"ddp": "ray_lit ddp", "fsdp": "ray_lit fsdp",
+             "ckpt": "ray_lit fsdp + checkpoints", "raw": "raw fsdp2"}
     runs = args.runs.split(",")
-    results: dict[str, list[dict[str, Any]]] = {}
+    repeats: dict[str, list[tuple[float, list[dict[str, Any]]]]] = {names[r]: [] for r in runs}
     try:
-        if "ddp" in runs:
-            results["ray_lit ddp"] = ray_lit_run(args, out_dir, "ddp", None)
-        if "fsdp" in runs:
-            results["ray_lit fsdp"] = ray_lit_run(args, out_dir, "fsdp", None)
-        if "ckpt" in runs:
-            results["ray_lit fsdp + checkpoints"] = ray_lit_run(args, out_dir, "fsdp",
-                                                                args.every, sync_save=True)
+        for _ in range(args.repeats):
+            for run in runs:
+                load = os.getloadavg()[0]
+                if run == "raw":
+                    ranks = raw_fsdp_run(args, out_dir)
+                elif run == "ckpt":
+                    ranks = ray_lit_run(args, out_dir, "fsdp", args.every, sync_save=True)
+                else:
+                    ranks = ray_lit_run(args, out_dir, run, None)
+                repeats[names[run]].append((load, ranks))
     finally:
         ray.shutdown()
-    if "raw" in runs:
-        results["raw fsdp2"] = raw_fsdp_run(args, out_dir)
+    results = {name: runs_[-1][1] for name, runs_ in repeats.items()}  # the last repeat
     text = report(results, args)
+    if args.repeats > 1:
+        text += "\n" + step_table(repeats)
+        for name, runs_ in repeats.items():
+            if name == "ray_lit fsdp + checkpoints":
+                text += "\n" + "\n".join(
+                    f"repeat {i + 1}: " + report({name: ranks}, args).splitlines()[-1]
+                    for i, (_, ranks) in enumerate(runs_))
     print(text)
     with open(os.path.join(out_dir, "fsdp_memory.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "table": text}, f, indent=1)
+        json.dump({"args": vars(args), "results": results, "repeats": repeats, "table": text},
+                  f, indent=1)
     print(f"\nraw results: {out_dir}/fsdp_memory.json")
 
 

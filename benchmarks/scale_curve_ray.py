@@ -18,18 +18,27 @@ world size N:
    (a round polls only those, ``driver.news``; before it every round polled every rank);
    bytes per step through the metric stream (rank 0's events, pickled as Ray pickles them)
    and of all the status messages; the checkpoint commit time on the driver (manifest write
-   and prune) and the time from the first rank's part confirmation to the commit;
-2. ``fit`` again on the same Trainer (one epoch more, on its kept group, in another run
+   and prune) and the time from the first rank's part confirmation to the commit; each
+   worker's process CPU time at its first step (imports, Ray's own threads, the loop);
+2. the warm pool (``driver.pool``, skipped with ``--no-warm``): the first Trainer goes without
+   ``teardown()`` (its finalizer parks the group), and a new Trainer fits ``--warm-steps`` steps
+   on the parked workers. Measured: launch to the first step of the slowest rank, split into
+   the pool's take (the liveness check), the new process group, the ``run`` calls and the
+   rest (payload, DDP wrap, the first step), and each worker's CPU from its last run's end to
+   its first step;
+3. ``fit`` again on the second Trainer (one epoch more, on its kept group, in another run
    directory) whose last rank calls ``os._exit(1)`` ``--kill-step`` steps into it
    (``max_failures=1``): the recovery time from the kill to the next training step of every
    rank of the new attempt (module stamps), the controller's own ``recovery_times`` (from the
    failure noticed to the new group's first steps) and the steps redone (from the last
    checkpoint).
 
-Prints one table and linear fits (a + b * N), and saves ``benchmarks/scale_curve_ray.png``.
-``--no-recovery`` skips step 2 (the driver's polling cost only); ``--json`` is written after
-every size, so a run cut short keeps what it measured. The script measures whichever ray_lit
-its parent directory holds: copy it into an older checkout to measure that one.
+Prints one table and linear fits (a + b * N), and saves ``benchmarks/scale_curve_ray.png``
+(launch cold and warm, also against 2 workers; the workers' CPU; the driver's CPU in all and
+per worker; commits). ``--no-recovery`` skips step 3 (the driver's polling cost only);
+``--json`` is written after every size, so a run cut short keeps what it measured. The script
+measures whichever ray_lit its parent directory holds: copy it into an older checkout to
+measure that one.
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python benchmarks/scale_curve_ray.py [--sizes 1,2,4,8,16]
 """
@@ -37,6 +46,7 @@ its parent directory holds: copy it into an older checkout to measure that one.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pickle
@@ -52,6 +62,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray_lit as pl  # noqa: E402
+from benchmarks.workloads import time_calls  # noqa: E402
 from ray_lit.loggers import Logger  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,8 +82,13 @@ class Tiny(pl.LightningModule):
         self.stamped = False  # per attempt: each attempt unpickles a fresh copy
 
     def _stamp(self, name: str) -> None:
+        # the process CPU time (all threads: imports, Ray's own, the loop) prices a start-up
         with open(os.path.join(self.directory, f"rank{self.global_rank}.jsonl"), "a") as f:
-            f.write(json.dumps([name, time.time(), self.global_step]) + "\n")
+            f.write(json.dumps([name, time.time(), self.global_step, time.process_time(),
+                                os.getpid()]) + "\n")
+
+    def on_train_end(self) -> None:
+        self._stamp("train_end")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if not self.stamped:
@@ -134,6 +150,7 @@ class Meter:
         self.commit_cpu = 0.0  # the driver's CPU time in commits
         self.commit_latency: list[float] = []
         self._first_confirm: dict[str, float] = {}
+        self.phases: list[tuple[str, float, float]] = []  # timed start-up calls (warm launch)
         self._install()
 
     def reset(self) -> None:
@@ -196,6 +213,12 @@ class Meter:
 
         CheckpointManager.confirm = timed_confirm
         CheckpointManager._commit = timed_commit
+        from ray_lit.driver.pool import POOL
+
+        time_calls(self.phases, POOL, "take", "take")
+        time_calls(self.phases, WorkerGroup, "create", "create", is_classmethod=True)
+        time_calls(self.phases, WorkerGroup, "_join_process_group", "join")
+        time_calls(self.phases, WorkerGroup, "run", "run")
 
 
 def _loader(world: int, steps: int) -> DataLoader:
@@ -210,7 +233,19 @@ def _stamps(directory: str) -> list[tuple[str, float, int, int]]:
         if name.startswith("rank") and name.endswith(".jsonl"):
             rank = int(name[4:-6])
             with open(os.path.join(directory, name)) as f:
-                out += [(kind, ts, step, rank) for kind, ts, step in map(json.loads, f)]
+                out += [(kind, ts, step, rank) for kind, ts, step, *_ in map(json.loads, f)]
+    return out
+
+
+def _worker_cpu(directory: str, kind: str) -> dict[int, tuple[float, int]]:
+    """Each rank's process CPU seconds at its first stamp named ``kind``, with its pid."""
+    out: dict[int, tuple[float, int]] = {}
+    for name in os.listdir(directory):
+        if name.startswith("rank") and name.endswith(".jsonl"):
+            with open(os.path.join(directory, name)) as f:
+                rows = [row for row in map(json.loads, f) if row[0] == kind]
+            if rows:
+                out[int(name[4:-6])] = (rows[0][3], rows[0][4])
     return out
 
 
@@ -238,8 +273,39 @@ def _launch_s(stamps: str, start: float) -> float:
     return max(firsts.values()) - start
 
 
+def _warm_fit(world: int, args: argparse.Namespace, root: str, stamps: str,
+              ended: dict[int, float], meter: Meter, out: dict[str, float]) -> pl.Trainer:
+    """A new Trainer fits on the workers the last one parked in the warm pool
+    (``driver.pool``): launch to the first step of the slowest rank, where the driver spent
+    it, and each worker's CPU from its last run's end (``ended``: CPU seconds by pid)."""
+    from ray_lit.driver.pool import POOL
+
+    _fresh(stamps)
+    taken = POOL.taken_total
+    warm = _trainer(world, args, root, "warm")
+    meter.phases.clear()
+    start = time.time()
+    warm.fit(Tiny(stamps, args.step_ms / 1e3), _loader(world, args.warm_steps))
+    out["warm_launch_s"] = _launch_s(stamps, start)
+    out["warm_pooled"] = POOL.taken_total - taken  # 1: the workers came from the pool
+    spans: dict[str, float] = {}
+    for label, begin, end in meter.phases:
+        spans[label] = spans.get(label, 0.0) + end - begin
+        if label == "run":
+            spans["to_run"] = begin - start
+    for label in ("take", "join", "create", "run", "to_run"):
+        out[f"warm_{label}_s"] = spans.get(label, float("nan"))
+    out["warm_first_step_after_run_s"] = out["warm_launch_s"] - spans.get("to_run", 0.0) \
+        - spans.get("run", 0.0)
+    firsts = _worker_cpu(stamps, "first_step").values()
+    deltas = [cpu - ended[pid] for cpu, pid in firsts if pid in ended]
+    out["worker_cpu_warm_s"] = statistics.median(deltas) if deltas else float("nan")
+    return warm
+
+
 def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> dict[str, float]:
-    """A cold run of ``world`` workers, then one epoch more on its group that loses a rank."""
+    """A cold run of ``world`` workers, a second Trainer on its parked workers (the warm
+    pool), then one epoch more on that Trainer's group, which loses a rank."""
     stamps = os.path.join(root, f"stamps{world}")
     os.makedirs(stamps)
     clock = DriverClock(meter)
@@ -273,6 +339,13 @@ def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> di
         if meter.commit_latency else float("nan"),
         "global_step": trainer.global_step,
     }
+    cold_cpu = _worker_cpu(stamps, "first_step")
+    out["worker_cpu_cold_s"] = statistics.median(cpu for cpu, _ in cold_cpu.values())
+    if not args.no_warm:
+        ended = {pid: cpu for cpu, pid in _worker_cpu(stamps, "train_end").values()}
+        del trainer
+        gc.collect()  # the Trainer went without teardown(): its finalizer parks its group
+        trainer = _warm_fit(world, args, root, stamps, ended, meter, out)
     if args.no_recovery:
         trainer.teardown()
         return out
@@ -282,7 +355,8 @@ def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> di
     _fresh(stamps)
     trainer.config.max_epochs += 1
     trainer.config.run_name = "recovery"
-    trainer.fit(Tiny(stamps, args.step_ms / 1e3, kill_step=trainer.global_step + args.kill_step),
+    base = trainer.global_step
+    trainer.fit(Tiny(stamps, args.step_ms / 1e3, kill_step=base + args.kill_step),
                 _loader(world, args.steps))
     seen = _stamps(stamps)
     killed = min(ts for kind, ts, _, _ in seen if kind == "kill")
@@ -292,7 +366,7 @@ def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> di
         "recovery_s": max(ts for ts, _ in resumed) - killed if resumed else float("nan"),
         "controller_recovery_s": controller.recovery_times[0] if controller.recovery_times
         else float("nan"),
-        "steps_redone": out["global_step"] + args.kill_step - min(step for _, step in resumed)
+        "steps_redone": base + args.kill_step - min(step for _, step in resumed)
         if resumed else float("nan"),
         "restarts": trainer.num_restarts,
         "final_step": trainer.global_step,
@@ -303,6 +377,13 @@ def measure(world: int, args: argparse.Namespace, root: str, meter: Meter) -> di
 
 COLUMNS = [
     ("launch_s", "launch->1st step s", "{:.2f}"),
+    ("warm_launch_s", "warm launch->1st step s", "{:.2f}"),
+    ("warm_take_s", "warm: pool take s", "{:.2f}"),
+    ("warm_join_s", "warm: process group s", "{:.2f}"),
+    ("warm_run_s", "warm: run call s", "{:.2f}"),
+    ("warm_first_step_after_run_s", "warm: run -> 1st step s", "{:.2f}"),
+    ("worker_cpu_cold_s", "worker CPU s to 1st step, cold", "{:.2f}"),
+    ("worker_cpu_warm_s", "worker CPU s to 1st step, warm", "{:.2f}"),
     ("driver_ms_per_step", "driver CPU ms/step", "{:.2f}"),
     ("driver_core_pct", "driver % of a core", "{:.1f}"),
     ("polls_per_step", "polls/step", "{:.2f}"),
@@ -353,19 +434,33 @@ def _plot(rows: dict[int, dict[str, float]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(rows)
+    base = rows.get(2) or rows[sizes[0]]  # launch is judged against 2 workers (issue 17)
+    for n, r in rows.items():
+        for key in ("launch_s", "warm_launch_s"):
+            r[f"{key}_vs_2"] = r.get(key, float("nan")) / base.get(key, float("nan"))
+        # the whole driver, not per worker: its slope is the cost of one more worker
+        r["driver_ms_per_s"] = r.get("us_per_worker_per_s", float("nan")) * n / 1e3
     panels = [
-        (["launch_s", "recovery_s"], "seconds", "launch -> first step; recovery (kill -> step)"),
-        (["driver_core_pct"], "% of one core",
-         "driver CPU while training (polls: at most 10/s)"),
-        (["event_bytes_per_step", "status_bytes_per_step"], "bytes per step",
-         "metric stream / all status messages"),
+        (["launch_s", "warm_launch_s", "recovery_s"], "seconds",
+         "launch -> first step (cold; warm pool); recovery"),
+        (["launch_s_vs_2", "warm_launch_s_vs_2"], "x launch at 2 workers",
+         "launch against 2 workers (target: <= 2x at 16)"),
+        (["worker_cpu_cold_s", "worker_cpu_warm_s"], "CPU seconds",
+         "one worker's CPU to its first step"),
+        (["driver_core_pct"], "% of one core", "driver CPU while training"),
+        (["driver_ms_per_s"], "ms CPU per s of training",
+         "driver CPU, less commits and idle (slope: per worker)"),
         (["commit_ms", "confirm_to_commit_ms"], "ms", "checkpoint commit; first part -> commit"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     for ax, (keys, ylabel, title) in zip(axes.flat, panels):
         for key in keys:
             ax.plot(sizes, [rows[n].get(key, float("nan")) for n in sizes], marker="o",
                     label=key)
+        if ylabel.startswith("x launch"):
+            ax.axhline(2.0, color="grey", linestyle="--", label="target 2x")
+        if ylabel == "seconds":
+            ax.set_yscale("log")  # cold starts take minutes, warm ones a fraction of a second
         ax.set_xticks(sizes, [str(n) for n in sizes])  # a linear axis: linear growth is a line
         ax.set_xlabel("workers (tiny, on 2 cores)")
         ax.set_ylabel(ylabel)
@@ -390,6 +485,10 @@ def main() -> None:
                         help="seconds the workers may take to start (16 on 2 loaded cores)")
     parser.add_argument("--no-recovery", action="store_true",
                         help="skip the lost-worker fit (measure the steady state only)")
+    parser.add_argument("--no-warm", action="store_true",
+                        help="skip the second Trainer on the warm pool")
+    parser.add_argument("--warm-steps", type=int, default=20,
+                        help="optimizer steps of the warm pool's fit")
     parser.add_argument("--replot", default=None, help="only print and plot this --json file")
     args = parser.parse_args()
     if args.replot:

@@ -192,10 +192,13 @@ def adopt_callbacks(callbacks: list[Any]) -> list[Any]:
     ``LearningRateMonitor``, ``TQDMProgressBar``) is rebased onto ray_lit's callback of the same
     name (``_rebase_callback``).
 
+    Lightning's own ``ModelCheckpoint``, ``EarlyStopping``, ``LearningRateMonitor`` and
+    ``TQDMProgressBar`` run as ray_lit's class of the same name (``_as_twin``).
+
     Raises:
-        MisconfigurationException: a Lightning built-in callback itself, a subclass of one
-            ray_lit has no twin for, or a subclass using what ray_lit's twin lacks; the
-            message names ray_lit's class or the members that cannot work.
+        MisconfigurationException: a Lightning built-in callback ray_lit has no twin for (or
+            a subclass of one), or a subclass using what ray_lit's twin lacks; the message
+            names ray_lit's class or the members that cannot work.
     """
     out = []
     for callback in callbacks:
@@ -208,7 +211,10 @@ def adopt_callbacks(callbacks: list[Any]) -> list[Any]:
             out.append(_share_state(callback, _adopted_class(cls, nearest, Callback,
                                                              "Callback")))
             continue
-        twin = twin_of(nearest.__name__) if nearest is not cls else None
+        twin = twin_of(nearest.__name__)
+        if twin is not None and nearest is cls:
+            out.append(_as_twin(callback, twin))
+            continue
         if twin is None:
             equivalent = _ray_lit_equivalent(cls, "callbacks")
             fix = (f"use `{equivalent}` (same arguments)" if equivalent else
@@ -219,6 +225,17 @@ def adopt_callbacks(callbacks: list[Any]) -> list[Any]:
                 f"Lightning's own Trainer internals, which ray_lit does not have: {fix}.")
         out.append(_rebase_callback(callback, nearest, twin))
     return out
+
+
+def _as_twin(callback: Any, twin: type) -> Any:
+    """Lightning's own built-in ``callback`` (not a subclass) as ray_lit's ``twin`` of the
+    same name, built from the arguments Lightning's ``__init__`` recorded and sharing the
+    instance's ``__dict__``: ``best_model_path`` and the like are on the user's object after
+    ``fit``, as with Lightning."""
+    state = callback.__dict__
+    fresh = twin(**twin_arguments(type(callback).__name__, state))
+    state.update(fresh.__dict__)  # ray_lit's state wins; Lightning's other attributes stay
+    return _share_state(callback, twin)
 
 
 def _rebase_callback(callback: Any, nearest: type, twin: type) -> Any:

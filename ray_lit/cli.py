@@ -15,12 +15,20 @@ The model and datamodule arguments come from their classes' ``__init__`` signatu
 (``--model.<arg>``, ``--data.<arg>``); the Trainer's are every ray_lit Trainer option
 (``--trainer.<option>``, ``--trainer.num_workers`` included). Runs on the driver: the Trainer
 it builds starts the Ray workers.
+
+Lightning's built-in callbacks may be named as Lightning's CLI names them
+(``--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint
+--trainer.callbacks.monitor=val_loss``, ``--trainer.callbacks+=...`` or a config's
+``class_path: lightning.pytorch.callbacks.EarlyStopping``): they are parsed with Lightning's
+own signatures and built as ray_lit's callback of the same name (``callbacks.lightning_twins``).
+Lightning is imported only when the arguments or configs name it (or it is imported already).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -54,14 +62,53 @@ def _jsonargparse() -> Any:
     return jsonargparse
 
 
-def _trainer_types() -> dict[str, Any]:
+_LIGHTNING_PACKAGES = {"lightning.pytorch": "lightning.pytorch",
+                       "pytorch_lightning": "pytorch_lightning"}
+_NAMES_LIGHTNING = re.compile(r"\b(lightning\.pytorch|pytorch_lightning)\.")
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The files ``--config`` / ``-c`` name in ``args``."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _lightning_callback_bases(args: Any, config_files: list[str] | None = None) -> tuple[type, ...]:
+    """Lightning's ``Callback`` classes the callbacks option must also accept (driver).
+
+    Those of the packages the arguments or config files name, and of those imported already;
+    none otherwise, so a CLI that never mentions Lightning never imports it.
+    """
+    if args is None:
+        args = sys.argv[1:]
+    texts = [str(args)] if isinstance(args, dict) else [str(a) for a in args]
+    listed = [] if isinstance(args, dict) else list(args)
+    for path in [*(config_files or []), *_config_files(listed)]:
+        if os.path.isfile(path):
+            with open(path) as f:
+                texts.append(f.read())
+    named = {m.group(1) for text in texts for m in _NAMES_LIGHTNING.finditer(text)}
+    named |= {name for name in _LIGHTNING_PACKAGES if name in sys.modules}
+    import importlib
+
+    return tuple(importlib.import_module(_LIGHTNING_PACKAGES[name]).Callback
+                 for name in sorted(named))
+
+
+def _trainer_types(callback_bases: tuple[type, ...] = ()) -> dict[str, Any]:
     """Types jsonargparse can parse for the Trainer options whose annotation is too loose."""
     from ray_lit.callbacks.base import Callback
     from ray_lit.loggers.base import Logger
 
+    one = typing.Union[(Callback, *callback_bases)] if callback_bases else Callback
     return {
         "num_workers": int | tuple[int, int],
-        "callbacks": list[Callback] | Callback | None,
+        "callbacks": list[one] | one | None,
         "logger": bool | Logger | list[Logger] | None,
         "early_stop_callback": bool,
         "accumulate_grad_batches": int | dict[int, int],
@@ -81,11 +128,14 @@ def _parser_class() -> type:
         option as ``--<nested_key>.<option>``)."""
 
         def add_trainer_arguments(self, nested_key: str = "trainer",
-                                  defaults: dict[str, Any] | None = None) -> None:
+                                  defaults: dict[str, Any] | None = None,
+                                  callback_bases: tuple[type, ...] = ()) -> None:
+            """``callback_bases``: Lightning ``Callback`` classes ``callbacks`` also accepts
+            (``_lightning_callback_bases``)."""
             from ray_lit.config import TrainerConfig
 
             hints = typing.get_type_hints(TrainerConfig)
-            overrides = _trainer_types()
+            overrides = _trainer_types(tuple(callback_bases))
             group = self.add_argument_group(f"ray_lit Trainer options ({nested_key})")
             defaults = defaults or {}
             for field in fields(TrainerConfig):
@@ -271,6 +321,8 @@ class LightningCLI:
         self.subclass_mode_model = subclass_mode_model
         self.subclass_mode_data = subclass_mode_data
         self.auto_configure_optimizers = auto_configure_optimizers
+        defaults = self.parser_kwargs.get("default_config_files") or []
+        self._callback_bases = _lightning_callback_bases(args, list(defaults))
 
         self.setup_parser(run, self.parser_kwargs)
         self.parse_arguments(self.parser, args)
@@ -314,7 +366,8 @@ class LightningCLI:
                             default=self.seed_everything_default,
                             help="seed for seed_everything: an int, True (a random seed), "
                                  "False (no seeding)")
-        parser.add_trainer_arguments("trainer", self.trainer_defaults)
+        parser.add_trainer_arguments("trainer", self.trainer_defaults,
+                                     callback_bases=getattr(self, "_callback_bases", ()))
         self._add_class(parser, self.model_class, "model", self.subclass_mode_model)
         if self.datamodule_class is not None:
             self._add_class(parser, self.datamodule_class, "data", self.subclass_mode_data)
@@ -379,6 +432,8 @@ class LightningCLI:
         options = {k: v for k, v in dict(given).items()
                    if k in defaults and (k in self.trainer_defaults or v != defaults[k])}
         options.update(kwargs)
+        if options.get("callbacks") is not None:
+            options["callbacks"] = _as_twins(options["callbacks"])
         if self.save_config_callback is not None and not options.get("fast_dev_run"):
             # saved when the Trainer first runs, with a subcommand or a run=False user's call
             parser = self.subcommand_parsers[self.subcommand] if self.subcommand else \
@@ -402,3 +457,19 @@ class LightningCLI:
         after = getattr(self, f"after_{subcommand}", None)
         if callable(after):
             after()
+
+
+def _as_twins(callbacks: Any) -> Any:
+    """The parsed callbacks with each of Lightning's own built-ins (not a user's subclass:
+    ``Trainer`` rebases those) replaced by ray_lit's callback of the same name, built from the
+    arguments Lightning's ``__init__`` recorded. Driver."""
+    from ray_lit.adoption import is_lightning_class
+    from ray_lit.callbacks.lightning_twins import arguments, twin_of
+
+    many = isinstance(callbacks, (list, tuple))
+    out = []
+    for callback in (callbacks if many else [callbacks]):
+        cls = type(callback)
+        twin = twin_of(cls.__name__) if is_lightning_class(cls) else None
+        out.append(twin(**arguments(cls.__name__, callback.__dict__)) if twin else callback)
+    return out if many else out[0]

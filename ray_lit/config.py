@@ -262,14 +262,16 @@ class TrainerConfig:
                     "recovery after a lost worker; with num_workers=0 there are none. Set "
                     "num_workers, or drop snapshot_every_n_steps.")
             from ray_lit.strategies import shards_state
+            from ray_lit.strategies.fsdp import FSDPStrategy
 
-            if shards_state(self.strategy):
-                # a peer snapshot keeps only the replicated tensors in each worker's memory;
-                # a sharded strategy has none, so a restore from one would be wrong
+            if shards_state(self.strategy) and not (
+                    self.strategy == "fsdp" or isinstance(self.strategy, FSDPStrategy)):
+                # a peer snapshot keeps the replicated tensors, or FSDP's DTensor shards
+                # (``checkpoint.shard_ring``); another sharded strategy's state is neither
                 raise MisconfigurationException(
                     f"snapshot_every_n_steps with strategy={self.strategy!r}: in-memory peer "
-                    "snapshots assume every worker holds the full parameters, and a sharded "
-                    "strategy does not. Drop snapshot_every_n_steps (fault-tolerance "
+                    "snapshots know replicated parameters (DDP) and FSDPStrategy's shards, "
+                    "not this strategy's. Drop snapshot_every_n_steps (fault-tolerance "
                     "checkpoints in storage, checkpoint_every_n_steps, still work).")
 
     @property

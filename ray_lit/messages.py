@@ -282,11 +282,16 @@ class LeftBehind:
         snapshots: the keys of the in-memory snapshots this worker holds.
         stuck: its loop did not end in time (stuck in a collective): it is replaced once any
             snapshot it holds is exported.
+        shards: per sharded (FSDP) snapshot key, the world ranks whose shards this worker
+            holds (``PeerSnapshot.held_ranks``); the driver restores from the survivors that
+            together hold every rank. Empty for replicated snapshots, each of which holds the
+            whole state.
     """
 
     handed_over: tuple[HandedOver, ...] = ()
     snapshots: tuple[tuple[int, int], ...] = ()
     stuck: bool = False
+    shards: tuple[tuple[tuple[int, int], tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

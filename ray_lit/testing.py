@@ -57,6 +57,10 @@ class ScriptedAttempt:
             group (``salvage`` hands them over).
         held_snapshots: the in-memory snapshot keys ``(attempt, step)`` every survivor holds.
         stuck: ranks whose loop does not end when the group is salvaged (alive, replaced).
+        die_too: more ranks whose actors are gone at ``die``'s step (several lost at once).
+        shard_ring: the held snapshots are FSDP shards (``checkpoint.shard_ring``): the
+            survivor of rank ``r`` holds the shards of ranks ``r`` and ``r - 1`` only.
+        export_fails: bundle slots whose snapshot export fails (the holder went meanwhile).
         long_phase: ``(rank, step)``: the rank is in a ``ray_lit.long_phase`` from that step on.
     """
 
@@ -73,6 +77,9 @@ class ScriptedAttempt:
     held_snapshots: list[tuple[int, int]] = field(default_factory=list)
     stuck: tuple[int, ...] = ()
     long_phase: tuple[int, int] | None = None
+    die_too: tuple[int, ...] = ()
+    shard_ring: bool = False
+    export_fails: tuple[int, ...] = ()
 
 
 @dataclass
@@ -98,6 +105,8 @@ class _FakeSurvivors:
     released: bool = False
     exported: list[tuple] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    shards: dict[int, dict[Any, tuple[int, ...]]] = field(default_factory=dict)
+    export_fails: tuple[int, ...] = ()
 
     def drop_stuck(self) -> None:
         self.dropped.extend(self.stuck)
@@ -110,7 +119,9 @@ class _FakeSurvivors:
     def export_snapshot(self, bundle: int, key: Any) -> Any:
         assert bundle in self.actors or bundle in self.stuck, bundle
         self.exported.append((bundle, key))
-        return f"snapshot-ref-{key}"
+        if bundle in self.export_fails:
+            return None
+        return f"snapshot-ref-{key}" + (f"-{bundle}" if self.shards else "")
 
     def release(self) -> None:
         self.drop_stuck()
@@ -177,7 +188,7 @@ class FakeWorkerGroup:
                               long_phase=bool(script.long_phase and script.long_phase[0] == rank
                                               and step >= script.long_phase[1]))
         if script.die and step >= script.die[1]:
-            if rank == script.die[0]:
+            if rank == script.die[0] or rank in script.die_too:
                 return WorkerGone("actor_died", f"The actor of rank {rank} died unexpectedly")
             return replace(status, state=WorkerState.FAILED, failure=WorkerFailure(
                 "RuntimeError: [gloo] Connection closed by peer"))
@@ -224,8 +235,8 @@ class FakeWorkerGroup:
         """Keep every rank that the script did not kill (and that is not on a lost node)."""
         self.salvaged = True
         self.hung_rank = hung_rank  # the rank the controller named as hung, for the tests
-        dead = {self.script.die[0]} if self.script.die and self.step >= self.script.die[1] \
-            else set()
+        dead = {self.script.die[0], *self.script.die_too} \
+            if self.script.die and self.step >= self.script.die[1] else set()
         live = {self.slots[r] for r in range(self.world_size)
                 if r not in dead and self.workers[r].node_id not in lost_nodes}
         stuck = {self.slots[r]: object() for r in self.script.stuck if self.slots[r] in live}
@@ -234,10 +245,17 @@ class FakeWorkerGroup:
                       if self.slots[r] not in live]
         if not live:
             return None
+        shards = {}
+        if self.script.shard_ring:  # rank r keeps its own shards and rank r - 1's
+            n = self.world_size
+            shards = {self.slots[r]: {k: tuple(sorted({r, (r - 1) % n}))
+                                      for k in self.script.held_snapshots}
+                      for r in range(n) if self.slots[r] in live}
         return _FakeSurvivors("fake-pg", True, 0, list(self.slots), alive, dead_nodes,
                               confirmations=list(self.script.leftover_confirmations),
                               snapshots={s: list(self.script.held_snapshots) for s in live},
-                              capacity=self.capacity, stuck=stuck)
+                              capacity=self.capacity, stuck=stuck, shards=shards,
+                              export_fails=self.script.export_fails)
 
 
 class FakeWorkerGroups:

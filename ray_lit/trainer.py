@@ -239,19 +239,6 @@ class Trainer(LoopState):
         """Mixed precision is on (``precision=16`` / ``"bf16"``)."""
         return str(self.config.precision) not in ("32", "64", "32-true", "64-true")
 
-    def _find_unused_parameters(self) -> bool:
-        # several optimizers toggle requires_grad per step: DDP must tolerate unused params
-        return self.config.find_unused_parameters or self._several_optimizers_expected()
-
-    def _several_optimizers_expected(self) -> bool:
-        import inspect
-
-        module = self.lightning_module
-        try:
-            return "optimizer_idx" in inspect.signature(module.training_step).parameters
-        except (TypeError, ValueError):
-            return False
-
     # --- checks before anything runs -----------------------------------------------------------
     def _check_module(self, model: Any, stage: str) -> LightningModule:
         """The module ``stage`` runs: ``model`` itself, or for a module built on the real
@@ -327,7 +314,7 @@ class Trainer(LoopState):
         self._host = LocalHost(self.config.use_gpu, self.config.strategy)
         self._sink = self._driver_sink()
         self.world_size_history = [1]
-        run_fit(self, model, train_dataloader, val_dataloaders, datamodule, checkpoint)
+        run_fit(self._ctx, model, train_dataloader, val_dataloaders, datamodule, checkpoint)
         return 1
 
     def _check_resume_checkpoint(self, model: LightningModule, ckpt_path: str | None) -> None:
@@ -378,12 +365,28 @@ class Trainer(LoopState):
             return None
         from ray_lit.strategies import shards_state
 
-        if shards_state(self.config.strategy):  # each rank reads its own shards (FSDP)
+        # each rank reads its own shards (FSDP)
+        return self._read_weights(path, lazy=shards_state(self.config.strategy))
+
+    def _read_eval_checkpoint(self, path: str) -> dict:
+        """The checkpoint ``validate`` / ``test`` / ``predict`` load (driver): lazy on Ray
+        workers under a sharding strategy (FSDP), as for ``fit``; otherwise (DDP, in process)
+        read whole: a replica needs all of it."""
+        from ray_lit.strategies import shards_state
+
+        return self._read_weights(
+            path, lazy=bool(self.config.distributed and shards_state(self.config.strategy)))
+
+    def _read_weights(self, path: str, lazy: bool) -> dict:
+        """A model checkpoint (driver). ``lazy``: a sharded directory stays lazy, only its meta
+        file and DCP's index are read here, and each rank reads only the chunks of its own
+        shards after sharding; a single file is still read whole."""
+        if lazy:
             from ray_lit.checkpoint.sharded import load_lazily
 
-            lazy = load_lazily(path)
-            if lazy is not None:
-                return lazy
+            found = load_lazily(path)
+            if found is not None:
+                return found
         return self._read_checkpoint(path)
 
     @staticmethod
@@ -473,7 +476,7 @@ class Trainer(LoopState):
             ckpt_path = "best" if ckpt_path is None else ckpt_path
         path = self._resolve_ckpt_path(ckpt_path) if ckpt_path is not None else None
         if path is not None:
-            weights = self._read_checkpoint(path)
+            weights = self._read_eval_checkpoint(path)
             self._check_weights_fit(model, weights, path)
         model = self._check_module(model, "predict")
         if datamodule is None and model is self.lightning_module:
@@ -488,7 +491,7 @@ class Trainer(LoopState):
 
         self._host = LocalHost(self.config.use_gpu, self.config.strategy)
         self._sink = self._driver_sink()
-        loop = run_predict(self, model, loaders, datamodule, weights, return_predictions)
+        loop = run_predict(self._ctx, model, loaders, datamodule, weights, return_predictions)
         return loop.predictions if return_predictions else None
 
     def _evaluate(self, stage: str, model: Any, loaders: Any, ckpt_path: str | None,
@@ -505,7 +508,7 @@ class Trainer(LoopState):
                     f"trainer.{stage}() needs a model: pass one, or call fit() first.")
         path = self._resolve_ckpt_path(load_from) if load_from is not None else None
         if path is not None:  # None: "best"/"last" without one (warned), the weights as they are
-            weights = self._read_checkpoint(path)
+            weights = self._read_eval_checkpoint(path)
             self._check_weights_fit(model, weights, path)
             self.tested_ckpt_path = path
         model = self._check_module(model, stage)
@@ -520,7 +523,7 @@ class Trainer(LoopState):
 
             self._host = LocalHost(self.config.use_gpu, self.config.strategy)
             self._sink = self._driver_sink()
-            results = run_evaluation(self, stage, model, loaders, datamodule, weights)
+            results = run_evaluation(self._ctx, stage, model, loaders, datamodule, weights)
         if verbose and results:
             _print_results(stage, results)
         return results
@@ -548,7 +551,7 @@ class Trainer(LoopState):
 
         # a large model to slow storage can take longer than the hang timeout: not a hang
         with long_phase("checkpoint save"):
-            checkpoint = dump_checkpoint(self, weights_only)
+            checkpoint = dump_checkpoint(self._ctx, weights_only)
             if self.is_global_zero:
                 from ray_lit.storage.checkpoint_io import save_checkpoint
 

@@ -89,7 +89,45 @@ class _LearningRateMonitorTwin(LearningRateMonitor):
 
 
 class _TQDMProgressBarTwin(ProgressBar):
-    """ray_lit's progress bar (``TQDMProgressBar``); it runs on the driver."""
+    """ray_lit's progress bar (``TQDMProgressBar``); it runs on the driver.
+
+    The user's ``init_*_tqdm``, ``get_metrics`` and ``*_description`` overrides run there
+    (``ProgressBar``); overrides of the loop's hooks are refused (``on_init_end``).
+    """
+
+    def on_init_end(self, trainer: Any) -> None:
+        """Driver, in ``Trainer.__init__``: refuse hook overrides, then attach the Trainer.
+
+        Raises:
+            MisconfigurationException: the user's subclass overrides a loop hook
+                (``on_train_batch_end`` customising ``set_postfix``, say), naming them.
+        """
+        hooks = sorted({name for klass in type(self).__mro__
+                        if not _is_library_class(klass)
+                        for name in vars(klass) if _is_loop_hook(name)})
+        if hooks:
+            raise MisconfigurationException(
+                f"callbacks: {type(self).__qualname__} (a subclass of Lightning's "
+                f"TQDMProgressBar) overrides {hooks}. ray_lit's bar runs on the driver and "
+                "draws the progress rank 0 reports, so the loop's hooks (with their batch, "
+                "outputs and module) never reach it on workers. Put the postfix items in "
+                "get_metrics(trainer, pl_module) and build the bars in init_*_tqdm() (both "
+                "run), or move that work into a separate Callback.")
+        super().on_init_end(trainer)
+
+
+def _is_library_class(klass: type) -> bool:
+    """Whether ``klass`` is ray_lit's or Lightning's (not a user's)."""
+    root = (getattr(klass, "__module__", "") or "").split(".", 1)[0]
+    return root in ("ray_lit", "lightning", "pytorch_lightning", "builtins")
+
+
+def _is_loop_hook(name: str) -> bool:
+    """A ``Callback`` hook the loop calls (not the Trainer's construction hooks)."""
+    from ray_lit.callbacks.base import Callback
+
+    return (name.startswith("on_") or name in ("setup", "teardown")) and \
+        hasattr(Callback, name) and name not in ("on_init_start", "on_init_end")
 
 
 def _model_checkpoint_arguments(state: dict[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class ModelCheckpoint(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._at_epoch_end, self._deferred = None, False
         if self.dirpath is None:
-            self.dirpath = trainer._default_checkpoint_dir()
+            self.dirpath = trainer._ctx.default_checkpoint_dir()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.training:
@@ -213,7 +213,7 @@ class ModelCheckpoint(Callback):
         metrics = dict(trainer.callback_metrics)
         self._resolve_monitor(metrics)
         if self.dirpath is None:
-            self.dirpath = trainer._default_checkpoint_dir()
+            self.dirpath = trainer._ctx.default_checkpoint_dir()
         self._last_global_step_saved = step
         if self.monitor is None or self.save_top_k == -1:
             current = _to_float(metrics.get(self.monitor)) if self.monitor else None

@@ -249,7 +249,7 @@ class StochasticWeightAveraging(Callback):
                 for batch_idx, batch in enumerate(trainer._train_loader):
                     if batch_idx >= total:
                         break
-                    pl_module.training_step(trainer._transfer_batch(batch, 0), batch_idx)
+                    pl_module.training_step(trainer._ctx.transfer_batch(batch, 0), batch_idx)
         finally:
             for module, momentum in momenta.items():
                 module.momentum = momentum

@@ -18,17 +18,28 @@ Who calls what: every rank's ``CheckpointWriter`` takes the snapshots (``PeerSna
 on the ``Worker`` across attempts); the controller keeps the ledger, picks the restore
 (``decide_restore``) and asks a survivor to export; every rank of the next attempt loads it
 (``restore_checkpoint``).
+
+Under ``FSDPStrategy`` over several ranks no tensor is replicated: each rank keeps its own
+shards and its neighbour's instead (``checkpoint.shard_ring``), and the snapshot is exported
+and restored as the set of shards it holds.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
+
+import torch
 
 from ray_lit.checkpoint.host_copy import HostSnapshot
 from ray_lit.messages import FromPeers
 
 __all__ = ["PeerSnapshot", "PeerSnapshotLost", "restore_checkpoint", "split_rank_state"]
+
+log = logging.getLogger(__name__)
+
+SHARDS = "fsdp_shards"  # the key of a sharded snapshot (``shard_ring``), by rank
 
 
 class PeerSnapshotLost(RuntimeError):
@@ -45,9 +56,20 @@ def split_rank_state(state: dict[str, Any], module: Any, optimizers: list[Any]
 
     ``replicated``: ``{"params": {state_dict key: parameter}, "optimizer_states": [...]}``,
     equal on every rank. ``own``: the rest (rank 0's buffers stay in its ``state_dict``).
+    Under FSDP over several ranks ``replicated`` is ``{SHARDS: LocalShards}``: this rank's
+    own shards, copied when the snapshot is taken (``shard_ring``).
     """
+    from ray_lit.checkpoint.shard_ring import LocalShards, is_sharded
+
     names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
     own = dict(state)
+    if is_sharded(module):
+        # FSDP: the rank's own shards are copied at ``take`` (not here: ``_prepare`` asks too).
+        # Rank 0's dump holds the gathered tensors; they are dropped, the shards replace them
+        if "state_dict" in state:
+            own["state_dict"] = {k: v for k, v in state["state_dict"].items() if k not in names}
+        own.pop("optimizer_states", None)
+        return {SHARDS: LocalShards(module, optimizers)}, own
     if "state_dict" in state:
         params = {k: v for k, v in state["state_dict"].items() if k in names}
         own["state_dict"] = {k: v for k, v in state["state_dict"].items() if k not in names}
@@ -82,11 +104,29 @@ class PeerSnapshot:
         """The snapshots held complete, ``(attempt, global step)``."""
         return [k for k in self._keys if k is not None]
 
+    @property
+    def restorable(self) -> list[tuple[int, int]]:
+        """The snapshots this worker can export, what it advertises to the driver
+        (``Worker.abort``): every complete one. One of a replicated strategy rebuilds the
+        whole state alone; a sharded one (``shard_ring``) holds only the ranks in
+        ``held_ranks``, and the driver combines survivors that together hold every rank."""
+        return self.keys
+
+    @property
+    def held_ranks(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """Per sharded snapshot (``shard_ring``) held here, the world ranks whose shards it
+        holds (this rank's and its ring source's); empty under a replicated strategy, whose
+        snapshots each hold the whole state."""
+        return {k: tuple(sorted(state[SHARDS])) for k, state in zip(self._keys, self._states)
+                if k is not None and SHARDS in state}
+
     def prepare(self, replicated: dict[str, Any]) -> None:
         """Allocate and touch both slots' host buffers in the background (after the first
         step): a snapshot's copy then does not page-fault them into existence while an
         optimizer step waits for it."""
         self.wait()
+        if SHARDS in replicated:
+            return  # a sharded snapshot is serialised at each boundary: no buffers to keep
 
         def touch() -> None:
             for slot in self._slots:
@@ -100,14 +140,33 @@ class PeerSnapshot:
              deferred: bool = True) -> None:
         """At a step boundary (loop thread): replace the older snapshot with ``replicated``;
         the tensors are copied while the next step runs (its ``optimizer.step`` waits), or
-        now when not ``deferred``."""
+        now when not ``deferred``. A sharded snapshot (``shard_ring``) is COLLECTIVE: every
+        rank copies its shards now and swaps them with its ring neighbours."""
         self.wait()
+        if SHARDS in replicated:
+            self._take_shards(replicated[SHARDS], key)
+            return
         slot, self._next = self._next, 1 - self._next
         self._keys[slot] = None  # its buffers are being overwritten
         host = self._slots[slot].capture(replicated, optimizers, deferred=deferred)
         self._thread = threading.Thread(target=self._finish, args=(slot, host, key),
                                         daemon=True, name="ray_lit-peer-snapshot")
         self._thread.start()
+
+    def _take_shards(self, shards: Any, key: tuple[int, int]) -> None:
+        from ray_lit.checkpoint.shard_ring import exchange, source
+        from ray_lit.storage.checkpoint_io import checkpoint_to_bytes
+
+        captured = shards.capture()
+        rank, world_size = captured["rank"], captured["world_size"]
+        blob = checkpoint_to_bytes(captured)  # the host copy, taken at the step boundary
+        received = exchange(blob, rank, world_size)
+        # over more than two ranks this holds two ranks' shards; the driver combines the
+        # survivors' holdings (``decide_restore``), so nothing is refused here
+        held = {rank: blob, source(rank, world_size): received}
+        slot, self._next = self._next, 1 - self._next
+        self._states[slot] = {SHARDS: held, "world_size": world_size}
+        self._keys[slot] = key
 
     def _finish(self, slot: int, host: dict[str, Any], key: tuple[int, int]) -> None:
         if self._slots[slot].copy_deferred():
@@ -129,7 +188,12 @@ class PeerSnapshot:
             raise RuntimeError(f"peer snapshot {key} is not held here (holding {self.keys})")
         from ray_lit.storage.checkpoint_io import checkpoint_to_bytes
 
-        return checkpoint_to_bytes(self._states[self._keys.index(key)])
+        state = self._states[self._keys.index(key)]
+        if SHARDS in state:  # each rank's shards as the bytes they were kept as
+            state = {SHARDS: {rank: torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+                              for rank, blob in state[SHARDS].items()},
+                     "world_size": state["world_size"]}
+        return checkpoint_to_bytes(state)
 
     def release(self) -> None:
         """Drop the copies and their buffers (the end of fit)."""
@@ -150,20 +214,33 @@ def own_part_bytes(own: dict[str, Any]) -> bytes:
 def restore_checkpoint(memory: FromPeers, world_rank: int) -> dict[str, Any]:
     """The checkpoint of snapshot ``memory`` for ``world_rank`` of the
     next attempt: rank 0's own part with the replicated tensors put back, and this rank's own
-    RNG where it had one (as ``load_restore`` does for storage checkpoints)."""
+    RNG where it had one (as ``load_restore`` does for storage checkpoints). A sharded
+    snapshot's shards, from one export or a list of them, are put back together into the full
+    state (every rank then loads its own shard of it).
+
+    Raises:
+        PeerSnapshotLost: an export could not be fetched, or a rank's shards are missing.
+    """
     import ray
 
     from ray_lit.storage.checkpoint_io import checkpoint_from_bytes
 
     parts = memory.parts
     checkpoint = checkpoint_from_bytes(parts[0], map_location="cpu")
-    data = memory.ref  # an ObjectRef to the exported bytes (or the bytes themselves)
-    if not isinstance(data, bytes | bytearray):
-        try:
-            data = ray.get(data, timeout=300)
-        except Exception as err:  # every rank fails alike: no rank continues from elsewhere
-            raise PeerSnapshotLost(f"fetching the peer snapshot failed: {err}") from err
-    replicated = checkpoint_from_bytes(data, map_location="cpu")
+    # an ObjectRef to the exported bytes (or the bytes themselves); a list of them for a
+    # sharded snapshot exported by several survivors, each holding some ranks' shards
+    exports = []
+    for data in memory.ref if isinstance(memory.ref, list | tuple) else [memory.ref]:
+        if not isinstance(data, bytes | bytearray):
+            try:
+                data = ray.get(data, timeout=300)
+            except Exception as err:  # every rank fails alike: none continues from elsewhere
+                raise PeerSnapshotLost(f"fetching the peer snapshot failed: {err}") from err
+        exports.append(checkpoint_from_bytes(data, map_location="cpu"))
+    replicated = exports[0]
+    if SHARDS in replicated:  # FSDP: every rank's shards, put back together (``shard_ring``)
+        held = {rank: shard for export in exports for rank, shard in export[SHARDS].items()}
+        replicated = _from_shards({SHARDS: held, "world_size": replicated["world_size"]})
     checkpoint["state_dict"] = {**checkpoint.get("state_dict", {}), **replicated["params"]}
     checkpoint["optimizer_states"] = replicated["optimizer_states"]
     own = parts.get(world_rank)
@@ -171,3 +248,28 @@ def restore_checkpoint(memory: FromPeers, world_rank: int) -> dict[str, Any]:
         checkpoint["loops"]["rng"] = checkpoint_from_bytes(own, map_location="cpu")["loops"][
             "rng"]
     return checkpoint
+
+
+def _from_shards(exported: dict[str, Any]) -> dict[str, Any]:
+    """The full ``params`` and ``optimizer_states`` of a sharded snapshot's exported shards;
+    every rank of the next attempt then loads its own shard of them, as from a full-state
+    checkpoint. A world size other than the snapshot's reshards (not bit-identical)."""
+    import torch.distributed as dist
+
+    from ray_lit.checkpoint.shard_ring import assemble
+    from ray_lit.storage.checkpoint_io import checkpoint_from_bytes
+
+    shards = {int(rank): checkpoint_from_bytes(data.numpy().tobytes(), map_location="cpu")
+              for rank, data in exported[SHARDS].items()}
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size != exported["world_size"] and (not dist.is_initialized()
+                                                  or dist.get_rank() == 0):
+        log.warning("ray_lit: the FSDP peer snapshot of %d workers is restored on %d: its "
+                    "full state is resharded, as a storage restore would be (equal values, not "
+                    "bit-identical to a run at the old size)", exported["world_size"],
+                    world_size)
+    try:
+        params, optimizer_states = assemble(shards)
+    except ValueError as err:  # the exports chosen miss a rank's shards
+        raise PeerSnapshotLost(f"the FSDP peer snapshot is incomplete: {err}") from err
+    return {"params": params, "optimizer_states": optimizer_states}

@@ -42,7 +42,7 @@ def save_sharded(trainer: Any, path: str | os.PathLike, weights_only: bool = Fal
     with long_phase("sharded checkpoint save"):
         with sharded_state_dicts(strategy):
             # on_device: the shards stay where they are; DCP copies them to host as it writes
-            checkpoint = dump_checkpoint(trainer, weights_only, on_device=True)
+            checkpoint = dump_checkpoint(trainer._ctx, weights_only, on_device=True)
         save_sharded_checkpoint(checkpoint, path, strategy)
 
 

@@ -12,9 +12,10 @@ writes this rank's part while training goes on; at most one write is in flight. 
 commits the checkpoint once every rank confirmed its part.
 
 A sharded strategy over several ranks (``FSDPStrategy``) writes sharded checkpoints: every rank
-plans its shards of a DCP directory at the boundary (one small gather of DCP's plans, the only
-collective), its own shards are copied to host like the parameters above, and the thread
-writes its shard file and its part; the driver writes DCP's ``.metadata`` at the commit
+plans its shards of a DCP directory at the boundary (DCP's plans are exchanged in a background
+thread through the process group's store, ``storage.dcp_plan``: the boundary waits for no other
+rank), its own shards are copied to host like the parameters above, and the thread writes its
+shard file and its part once the plan is there; the driver writes DCP's ``.metadata`` at the commit
 (``storage.dcp_plan``, ``checkpoint.manager``).
 
 Storage faults (``storage/retry.py``): a failed part write is retried with backoff in its
@@ -30,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray_lit.checkpoint.host_copy import HostSnapshot
 from ray_lit.checkpoint.layout import checkpoint_name, part_uri
@@ -38,6 +39,9 @@ from ray_lit.loop.liveness import long_phase
 from ray_lit.messages import CheckpointSpec, PartWritten, SnapshotPart
 from ray_lit.storage.filesystem import Storage
 from ray_lit.storage.retry import DEFAULT_TIMEOUT_S, StorageRetry, is_transient
+
+if TYPE_CHECKING:
+    from ray_lit.loop.context import LoopContext
 
 log = logging.getLogger("ray_lit")
 
@@ -135,33 +139,33 @@ class CheckpointWriter:
         self._fence = fence
 
     # --- when -----------------------------------------------------------------------------------
-    def after_train_step(self, trainer: Any, is_last: bool) -> None:
-        step = trainer.global_step
+    def after_train_step(self, ctx: LoopContext, is_last: bool) -> None:
+        step = ctx.trainer.global_step
         if getattr(self._worker, "aborting", False):
             raise AttemptAborted("the driver is re-forming the worker group")
         if not self._announced and self._worker is not None:
             self._announced = True
             self._worker.wake()  # an attempt's first step is news: a recovery is over
         if not self._prepared and step >= 1:
-            self._prepare(trainer)
+            self._prepare(ctx)
         stop_at = getattr(self._worker, "stop_at_step", None)
         if stop_at is not None and step >= stop_at:
-            self.take(trainer, tag="preempt")
+            self.take(ctx, tag="preempt")
             self.wait()
             raise PreemptedExit(f"checkpoint at step {step} written; stopping as asked")
         if is_last or step <= 0 or step in (self._last_step_taken, self._last_snapshot_step):
             return
         if self.every_n_steps and step % self.every_n_steps == 0:
-            self.take(trainer)
+            self.take(ctx)
         elif self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
-            self.snapshot(trainer)
+            self.snapshot(ctx)
 
-    def after_epoch(self, trainer: Any) -> None:
-        self.take(trainer)
+    def after_epoch(self, ctx: LoopContext) -> None:
+        self.take(ctx)
 
-    def finish(self, trainer: Any) -> None:
-        if trainer.global_step != self._last_step_taken:
-            self.take(trainer)
+    def finish(self, ctx: LoopContext) -> None:
+        if ctx.trainer.global_step != self._last_step_taken:
+            self.take(ctx)
         with long_phase("the last fault-tolerance checkpoint write"):  # no batches meanwhile
             self.wait()
         self._snapshot.release()
@@ -170,27 +174,28 @@ class CheckpointWriter:
             peer.release()
 
     # --- what -----------------------------------------------------------------------------------
-    def _prepare(self, trainer: Any) -> None:
+    def _prepare(self, ctx: LoopContext) -> None:
         """After the first optimizer step (the optimizer state exists now), allocate the host
         buffers of this rank's checkpoint in the background."""
         self._prepared = True
         if self.snapshot_every_n_steps:  # every rank keeps the replicated part in memory
             from ray_lit.checkpoint.peer import split_rank_state
 
+            trainer = ctx.trainer
             replicated, _ = split_rank_state({}, trainer.lightning_module, trainer.optimizers)
             self._peer().prepare(replicated)
-        if self._sharded(trainer) and self.asynchronous and self._thread is None:
+        if self._sharded(ctx) and self.asynchronous and self._thread is None:
             # every rank holds its own shards: each prepares host buffers for them
             from ray_lit.storage.dcp_plan import flat_local_tensors
             from ray_lit.storage.sharded_io import split_checkpoint
             from ray_lit.strategies.fsdp import sharded_state_dicts
 
-            strategy, module = trainer.strategy, trainer.lightning_module
+            strategy, module = ctx.strategy, ctx.trainer.lightning_module
             with sharded_state_dicts(strategy):  # the tensors only: no user hooks here
                 tensors, _ = split_checkpoint(
                     {"state_dict": strategy.lightning_module_state_dict(module),
                      "optimizer_states": [strategy.optimizer_state(o)
-                                          for o in trainer.optimizers]}, self._world_size)
+                                          for o in ctx.trainer.optimizers]}, self._world_size)
             state = {"shards": flat_local_tensors(tensors)}
             self._thread = threading.Thread(target=self._snapshot.prepare, args=(state,),
                                             daemon=True, name="ray_lit-ckpt-prepare")
@@ -198,21 +203,21 @@ class CheckpointWriter:
             return
         if self._rank != 0 or not self.asynchronous or self._thread is not None:
             return  # other ranks' parts are small
-        if trainer.strategy.shards_state:
+        if ctx.strategy.shards_state:
             # the state is gathered afresh at each checkpoint (COLLECTIVE, every rank): no
             # buffers to prepare from it here, where rank 0 alone would start the gather
             return
         # the large entries of ``dump_checkpoint``'s dict, under the same keys (no user hooks)
-        module, strategy = trainer.lightning_module, trainer.strategy
+        module, strategy = ctx.trainer.lightning_module, ctx.strategy
         state = {"state_dict": {k: v.detach() for k, v in
                                 strategy.lightning_module_state_dict(module).items()},
                  "optimizer_states": [strategy.optimizer_state(opt)
-                                      for opt in trainer.optimizers]}
+                                      for opt in ctx.trainer.optimizers]}
         self._thread = threading.Thread(target=self._snapshot.prepare, args=(state,),
                                         daemon=True, name="ray_lit-ckpt-prepare")
         self._thread.start()
 
-    def take(self, trainer: Any, tag: str = "") -> None:
+    def take(self, ctx: LoopContext, tag: str = "") -> None:
         """Copy this rank's state to host memory now; write it in the background."""
         import time
 
@@ -221,13 +226,13 @@ class CheckpointWriter:
             # at most one write in flight (waiting for it is part of the stall); one still
             # retrying a failing storage is superseded by this one
             self._settle_previous()
-        progress = trainer._progress
+        progress = ctx.progress
         shards = None
-        if self._sharded(trainer):
-            rank_state, shards = self._plan_shards(trainer)
+        if self._sharded(ctx):
+            rank_state, shards = self._plan_shards(ctx)
         else:
-            rank_state = self._rank_state(trainer)
-        state = self._snapshot.capture(rank_state, trainer.optimizers,
+            rank_state = self._rank_state(ctx)
+        state = self._snapshot.capture(rank_state, ctx.trainer.optimizers,
                                        deferred=self.overlap_copy)
         self.stall_s.append(time.perf_counter() - start)
         name = checkpoint_name(progress.global_step, progress.epoch, tag)
@@ -236,7 +241,7 @@ class CheckpointWriter:
         self._last_name = name
         uri = part_uri(self.run_uri, name, self._rank, self._fence)
         job = _Write(name)
-        self._storage(trainer)
+        self._storage(ctx)
         args = (state, uri, name, meta, job, shards)
         if self.asynchronous:
             job.thread = threading.Thread(target=self._write, args=args,
@@ -248,10 +253,10 @@ class CheckpointWriter:
         if self._error is not None:
             raise self._error
 
-    def _storage(self, trainer: Any = None) -> Storage:
+    def _storage(self, ctx: LoopContext | None = None) -> Storage:
         """The run directory with this worker's retry policy (built once per writer)."""
         if self.storage is None:
-            timeout = getattr(getattr(trainer, "config", None), "storage_retry_timeout_s",
+            timeout = getattr(getattr(ctx, "config", None), "storage_retry_timeout_s",
                               DEFAULT_TIMEOUT_S)
             self.storage = Storage(self.run_uri, retry=StorageRetry(timeout))
         return self.storage
@@ -276,49 +281,49 @@ class CheckpointWriter:
             self._thread = self._write_job = None
         self.wait()
 
-    def _rank_state(self, trainer: Any, join_gather: bool = True) -> dict[str, Any]:
+    def _rank_state(self, ctx: LoopContext, join_gather: bool = True) -> dict[str, Any]:
         """This rank's checkpoint state at the step boundary, tensors where they live: rank 0's
         whole checkpoint; the other ranks' own loop state (RNG, progress, sampler)."""
         from ray_lit.core.seed import rng_state
         from ray_lit.loop.checkpoint_state import dump_checkpoint, join_state_gather
 
-        progress = trainer._progress
+        progress = ctx.progress
         if self._rank == 0:
-            return dump_checkpoint(trainer, on_device=True)
+            return dump_checkpoint(ctx, on_device=True)
         # a sharded strategy: rank 0's checkpoint is the gathered full state, and every rank
         # takes part in that gather (COLLECTIVE) at this same step boundary
         if join_gather:
-            join_state_gather(trainer)
+            join_state_gather(ctx)
         state = {"loops": {"progress": progress.state_dict(), "rng": rng_state(),
-                           "sampler": trainer._host.sampler_state(progress.batches_done),
+                           "sampler": ctx.host.sampler_state(progress.batches_done),
                            "world_size": self._world_size}}
-        if progress.batches_done >= trainer.num_training_batches:
+        if progress.batches_done >= ctx.trainer.num_training_batches:
             state["loops"]["progress"]["epoch_finished"] = True
         return state
 
     # --- sharded checkpoints (a sharded strategy over several ranks) ---------------------------
-    def _sharded(self, trainer: Any) -> bool:
+    def _sharded(self, ctx: LoopContext) -> bool:
         """Each rank writes only its own shards (``FSDPStrategy`` over more than one rank)."""
         from ray_lit.strategies.fsdp import FSDPStrategy
 
         # FSDPStrategy hands out its shards without gathering (``sharded_state_dicts``)
-        return isinstance(getattr(trainer, "strategy", None), FSDPStrategy) and \
+        return isinstance(ctx.strategy, FSDPStrategy) and \
             self._world_size > 1
 
-    def _shard_state(self, trainer: Any) -> dict[str, Any]:
+    def _shard_state(self, ctx: LoopContext) -> dict[str, Any]:
         """Inside ``sharded_state_dicts``: rank 0's whole checkpoint (hooks included), the
         other ranks' own loop state; every rank's module and optimizer state as its own
         DTensor shards, on device (nothing gathered)."""
         if self._rank == 0:
             from ray_lit.loop.checkpoint_state import dump_checkpoint
 
-            return dump_checkpoint(trainer, on_device=True)
-        strategy, module = trainer.strategy, trainer.lightning_module
-        return {**self._rank_state(trainer, join_gather=False),
+            return dump_checkpoint(ctx, on_device=True)
+        strategy, module = ctx.strategy, ctx.trainer.lightning_module
+        return {**self._rank_state(ctx, join_gather=False),
                 "state_dict": strategy.lightning_module_state_dict(module),
-                "optimizer_states": [strategy.optimizer_state(o) for o in trainer.optimizers]}
+                "optimizer_states": [strategy.optimizer_state(o) for o in ctx.trainer.optimizers]}
 
-    def _plan_shards(self, trainer: Any) -> tuple[dict[str, Any], _Shards]:
+    def _plan_shards(self, ctx: LoopContext) -> tuple[dict[str, Any], _Shards]:
         """At the step boundary, every rank (COLLECTIVE: DCP's plans are gathered once): this
         rank's part (rank 0: the checkpoint without the module's and optimizers' tensors;
         others: their loop state) and its DCP shards, tensors still on device."""
@@ -326,8 +331,8 @@ class CheckpointWriter:
         from ray_lit.storage.sharded_io import SHARDED_MARKER, split_checkpoint
         from ray_lit.strategies.fsdp import sharded_state_dicts
 
-        with sharded_state_dicts(trainer.strategy):
-            tensors, meta = split_checkpoint(self._shard_state(trainer), self._world_size)
+        with sharded_state_dicts(ctx.strategy):
+            tensors, meta = split_checkpoint(self._shard_state(ctx), self._world_size)
         if self._shard_planner is None:  # one per attempt: the layout is the attempt's
             self._shard_planner = ShardPlanner()
         plan = self._shard_planner.plan(tensors, self._rank, self._world_size)
@@ -381,7 +386,7 @@ class CheckpointWriter:
                 return None
         return results
 
-    def snapshot(self, trainer: Any) -> None:
+    def snapshot(self, ctx: LoopContext) -> None:
         """An in-memory snapshot (``peer_snapshot``): the replicated tensors stay in this
         worker's memory, copied while the next step runs; this rank's own part goes to the
         driver with the next poll."""
@@ -390,10 +395,19 @@ class CheckpointWriter:
         from ray_lit.checkpoint.peer import own_part_bytes, split_rank_state
 
         start = time.perf_counter()
-        step = trainer.global_step
+        step = ctx.trainer.global_step
         self._last_snapshot_step = step
-        replicated, own = split_rank_state(self._rank_state(trainer), trainer.lightning_module,
-                                           trainer.optimizers)
+        if self._sharded(ctx):
+            from ray_lit.strategies.fsdp import sharded_state_dicts
+
+            # nothing gathered: the snapshot keeps this rank's own shards (``shard_ring``),
+            # so a full dump (every rank joining rank 0's gather) would only be thrown away
+            with sharded_state_dicts(ctx.strategy):
+                state = self._shard_state(ctx)
+        else:
+            state = self._rank_state(ctx)
+        replicated, own = split_rank_state(state, ctx.trainer.lightning_module,
+                                           ctx.trainer.optimizers)
         key = (self._attempt, step)
         peer = self._peer()
         if peer.torn and self.overlap_copy:
@@ -401,7 +415,7 @@ class CheckpointWriter:
             log.warning("ray_lit: a parameter or optimizer state tensor changed outside "
                         "optimizer.step while a peer snapshot was copied; it was dropped, and "
                         "later snapshots and checkpoints copy synchronously")
-        peer.take(replicated, trainer.optimizers, key, deferred=self.overlap_copy)
+        peer.take(replicated, ctx.trainer.optimizers, key, deferred=self.overlap_copy)
         blob = own_part_bytes(own)
         self.stall_s.append(time.perf_counter() - start)
         if self._worker is not None:

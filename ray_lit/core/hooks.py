@@ -8,14 +8,35 @@ writes one of them; we look at the parameter names of the override once and pass
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
 
+# One entry per function, held weakly: keyed on a bound method, the cache would keep its
+# ``__self__`` (a module, a Trainer, a callback, with every parameter they hold) alive after
+# the run, one run after another in a notebook.
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-@lru_cache(maxsize=4096)
+
 def _signature_of(fn: Callable) -> tuple[tuple[str, ...], bool, bool]:
-    """(positional parameter names, takes *args, takes **kwargs) of a bound or plain function."""
+    """(positional parameter names, takes *args, takes **kwargs) of a bound or plain function.
+
+    Looked at once per function; a bound method's names lose the first (``self``)."""
+    func = fn.__func__ if inspect.ismethod(fn) else fn
+    try:
+        found = _SIGNATURES.get(func)
+    except TypeError:  # not weakly referable (a builtin's method wrapper): read it each time
+        return _read_signature(fn)
+    if found is None:
+        found = _read_signature(func)
+        _SIGNATURES[func] = found
+    if func is fn:
+        return found
+    names, var_pos, var_kw = found
+    return names[1:], var_pos, var_kw
+
+
+def _read_signature(fn: Callable) -> tuple[tuple[str, ...], bool, bool]:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

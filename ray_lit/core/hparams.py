@@ -247,12 +247,36 @@ def _plain_container(value: Any) -> Any:
     return value
 
 
+# values torch's weights-only unpickler rebuilds without running code (containers are looked into)
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _weights_only_loadable(value: Any) -> bool:
+    """Whether ``value`` can come back from a weights-only load (``CHECKPOINT_ALLOWLIST``
+    included): an object instance (a datamodule passed to ``__init__``) cannot."""
+    import torch
+
+    from ray_lit.storage.checkpoint_io import CHECKPOINT_ALLOWLIST
+
+    if isinstance(value, Mapping):
+        return all(_weights_only_loadable(k) and _weights_only_loadable(v)
+                   for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset, Namespace)):
+        items = vars(value).values() if isinstance(value, Namespace) else value
+        return all(_weights_only_loadable(v) for v in items)
+    return (isinstance(value, (*_PLAIN_TYPES, torch.Tensor, torch.dtype, torch.device))
+            or type(value) in CHECKPOINT_ALLOWLIST
+            or type(value).__module__.split(".")[0] == "numpy")
+
+
 def hparams_for_checkpoint(module: Any) -> dict[str, Any]:
     """``module``'s hyperparameters as a weights-only-loadable dict.
 
     Classes and functions (also those ``fit`` removed from ``hparams``) are saved by import
-    path; ones without one are marked, so ``load_from_checkpoint`` refuses to silently use the
-    constructor's default for them.
+    path; ones without one, and objects a weights-only load cannot rebuild (0.9 modules that
+    save the datamodule they were given, as bolts' ``ImageGPT`` does), are marked, so
+    ``load_from_checkpoint`` refuses to silently use the constructor's default for them (and
+    the checkpoint stays loadable: 0.9 dropped every hyperparameter in that case).
     """
     hparams = _plain_container(module.hparams)
     values = dict(vars(hparams)) if isinstance(hparams, Namespace) else dict(hparams)
@@ -265,7 +289,9 @@ def hparams_for_checkpoint(module: Any) -> dict[str, Any]:
             out[key] = {IMPORT_KEY: path} if path else {UNSAVED_KEY: repr(value)[:200]}
         else:
             # a DictConfig inside would make the checkpoint refuse weights-only loading
-            out[key] = _plain_container(value)
+            value = _plain_container(value)
+            out[key] = (value if _weights_only_loadable(value)
+                        else {UNSAVED_KEY: repr(value)[:200]})
     return out
 
 
@@ -290,9 +316,9 @@ def restore_callables(hparams: dict[str, Any], overrides: dict[str, Any]) -> Non
                     f"here ({err}). Pass it: load_from_checkpoint(path, {key}=...).") from err
         elif UNSAVED_KEY in value:
             raise MisconfigurationException(
-                f"Hyperparameter {key!r} was {value[UNSAVED_KEY]}, which has no import path and "
-                f"could not be saved in the checkpoint. Pass it: "
-                f"load_from_checkpoint(path, {key}=...).")
+                f"Hyperparameter {key!r} was {value[UNSAVED_KEY]}, which could not be saved in "
+                f"the checkpoint (it has no import path, or only unpickling code could rebuild "
+                f"it). Pass it: load_from_checkpoint(path, {key}=...).")
 
 
 # --- internals ---------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ class LightningModule(nn.Module):
 
     def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward for manual optimisation (``automatic_optimization = False``)."""
-        self.trainer._manual_backward(loss, *args, **kwargs)
+        self.trainer._ctx.manual_backward(loss, *args, **kwargs)
 
     def optimizers(self, use_pl_optimizer: bool = True) -> Any:
         opts = self.trainer.optimizers if self.trainer is not None else []
@@ -485,10 +485,10 @@ class LightningModule(nn.Module):
         trainer = self.trainer
         items: dict[str, Any] = {}
         if trainer is not None:
-            loss = trainer._running_loss_value()
+            loss = trainer._ctx.running_loss_value()
             if loss is not None:
                 items["loss"] = f"{loss:.3f}"
-            version = trainer._logger_version()
+            version = trainer._ctx.logger_version()
             if version is not None:
                 items["v_num"] = str(version)[-4:] if isinstance(version, str) else version
         return items
@@ -537,7 +537,10 @@ def step_optimizer(optimizer: Any, closure: Callable | None) -> Any:
     import inspect
 
     try:
-        params = inspect.signature(optimizer.step).parameters.values()
+        # an LR scheduler replaces ``optimizer.step`` by a function on the instance whose
+        # signature is the class's unbound ``step(self, ...)``: ``self`` is not an argument
+        params = [p for p in inspect.signature(optimizer.step).parameters.values()
+                  if p.name != "self"]
     except (TypeError, ValueError):  # a builtin without a signature: assume torch's
         return optimizer.step(closure=closure)
     if closure is None or any(p.name == "closure" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)

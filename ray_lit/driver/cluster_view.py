@@ -65,6 +65,8 @@ class ClusterView:
             return set()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from ray_lit.driver.node_probe import node_id as _node_id
+
         refs = {_node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             node, soft=False)).remote(): node for node in nodes}
         # a probe left pending on a lost node fails by itself (no retries); it is never
@@ -86,8 +88,3 @@ class ClusterView:
     def reachable(self, node_ids: list[str], timeout_s: float = 2.0) -> bool:
         """Whether every node of ``node_ids`` answers a probe (``unreachable`` is empty)."""
         return not self.unreachable(node_ids, timeout_s)
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _node_id() -> str:
-    return ray.get_runtime_context().get_node_id()

@@ -366,25 +366,46 @@ class Controller:
         return committed
 
     def _restore_from_peers(self, survivors: Survivors) -> tuple[int, FromPeers] | None:
-        """Continue from a surviving worker's in-memory snapshot instead of storage when it is
-        newer than the latest commit (``Trainer(snapshot_every_n_steps=N)``): fewer steps
-        redone, and still exact. Returns the snapshot's step and the restore, or None."""
+        """Continue from the surviving workers' in-memory snapshot instead of storage when it
+        is newer than the latest commit (``Trainer(snapshot_every_n_steps=N)``): fewer steps
+        redone, and still exact. A replicated snapshot is exported by one survivor; an FSDP
+        one by the survivors that together hold every rank's shards (``shard_ring``). Returns
+        the snapshot's step and the restore, or None (storage; why is printed when survivors
+        held snapshots)."""
         latest = self.manager.latest() if self.manager is not None else None
+        complete = self.ledger.complete()
         decision = decide_restore(latest.global_step if latest is not None else None,
-                                  self.ledger.complete(), survivors.snapshots)
+                                  complete, survivors.snapshots, survivors.shards,
+                                  {k: self.ledger.world_size(k) for k in complete})
         if decision.key is None:
+            self._say_storage(survivors, decision.reason)
             return None
-        ref = None
-        for holder in decision.holders:  # the first export that works
-            ref = survivors.export_snapshot(holder, decision.key)
-            if ref is not None:
-                break
-        if ref is None:
-            return None  # the holders went too: the storage checkpoint stands
+        ref: Any = None
+        if decision.sharded:  # the chosen survivors hold every rank only together: all export
+            refs = [survivors.export_snapshot(holder, decision.key)
+                    for holder in decision.holders]
+            if any(r is None for r in refs):
+                self._say_storage(survivors, f"a survivor holding FSDP shards of step "
+                                             f"{decision.key[1]} failed to export them")
+                return None
+            ref = refs
+        else:
+            for holder in decision.holders:  # the first export that works
+                ref = survivors.export_snapshot(holder, decision.key)
+                if ref is not None:
+                    break
+            if ref is None:
+                return None  # the holders went too: the storage checkpoint stands
         # a rank that cannot fetch the snapshot fails the attempt as a lost peer
         # (``PeerSnapshotLost``), and the next attempt decides again
         return decision.key[1], FromPeers(ref, self.ledger.parts(decision.key),
                                           decision.reason)
+
+    def _say_storage(self, survivors: Survivors, reason: str) -> None:
+        """Print why survivors' in-memory snapshots are not restored (only when they held
+        any: without ``snapshot_every_n_steps`` storage is simply the plan)."""
+        if any(survivors.snapshots.values()):
+            self.sink.print(f"ray_lit: not restoring from the survivors' memory: {reason}")
 
     # --- supervision ----------------------------------------------------------------------------
 

@@ -407,26 +407,56 @@ def decide_regroup(kept: int, free_slots: list[int], want: int, min_workers: int
 # --- restore from peers' memory ----------------------------------------------------------------
 @dataclass(frozen=True)
 class RestoreDecision:
-    """Where the next attempt starts: snapshot ``key`` (exported by the first of ``holders``,
-    the survivors' bundle slots, that can) or, with ``key`` None, the latest committed storage
-    checkpoint."""
+    """Where the next attempt starts: snapshot ``key`` or, with ``key`` None, the latest
+    committed storage checkpoint (``reason`` says why, either way).
+
+    ``holders`` are survivors' bundle slots. For a replicated snapshot they are alternatives:
+    the first that exports is used. For a sharded (FSDP) one (``sharded``) each is needed:
+    together they hold every rank's shards, and the next attempt merges their exports.
+    """
 
     key: tuple[int, int] | None
     holders: tuple[int, ...]
     reason: str
+    sharded: bool = False
 
+
+def _shard_cover(key: tuple[int, int], bundles: list[int],
+                 shards: dict[int, dict[tuple[int, int], tuple[int, ...]]], world_size: int
+                 ) -> tuple[tuple[int, ...], list[int]]:
+    """Survivors (from ``bundles``) that together hold every rank's shards of snapshot
+    ``key``, few of them (greedy: each next one adds the most ranks still missing), and the
+    ranks none holds (empty when covered)."""
+    missing = set(range(world_size))
+    chosen: list[int] = []
+    while missing:
+        gains = {b: missing & set(shards.get(b, {}).get(key, ())) for b in bundles
+                 if b not in chosen}
+        best = max(gains, key=lambda b: (len(gains[b]), -b), default=None)
+        if best is None or not gains[best]:
+            break
+        chosen.append(best)
+        missing -= gains[best]
+    return tuple(sorted(chosen)), sorted(missing)
 
 
 def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],
-                   held: dict[int, list[tuple[int, int]]]) -> RestoreDecision:
-    """The newest peer snapshot that is complete on the driver, held by a survivor, and newer
+                   held: dict[int, list[tuple[int, int]]],
+                   shards: dict[int, dict[tuple[int, int], tuple[int, ...]]] | None = None,
+                   world_sizes: dict[tuple[int, int], int] | None = None) -> RestoreDecision:
+    """The newest peer snapshot that is complete on the driver, held by survivors, and newer
     than the latest committed checkpoint; else storage (pure).
 
     Args:
         committed_step: the global step of the latest committed checkpoint (None: none).
         complete: the ledger's complete snapshots, ``(attempt, step)``.
         held: the snapshots each surviving worker holds, by bundle index.
+        shards: per survivor (bundle index), per sharded (FSDP) snapshot it holds, the ranks
+            whose shards it holds (``LeftBehind.shards``). A snapshot any survivor reports
+            here is usable only when the survivors together hold every rank's shards.
+        world_sizes: the world size of each complete snapshot (the ledger's), for ``shards``.
     """
+    shards, world_sizes = shards or {}, world_sizes or {}
     floor = -1 if committed_step is None else committed_step
     holders: dict[tuple[int, int], list[int]] = {}
     for bundle, keys in sorted(held.items()):
@@ -437,8 +467,28 @@ def decide_restore(committed_step: int | None, complete: list[tuple[int, int]],
         why = "no survivor holds a complete snapshot" if not any(
             k in holders for k in complete) else "the latest checkpoint is as new"
         return RestoreDecision(None, (), why)
-    key = max(usable, key=lambda k: k[1])
-    than = (f"{key[1] - floor} step(s) newer than the latest checkpoint"
-            if committed_step is not None else "no checkpoint committed yet")
-    return RestoreDecision(key, tuple(holders[key]),
-                           f"step {key[1]} from a surviving worker's memory, {than}")
+
+    def than(key: tuple[int, int]) -> str:
+        if committed_step is None:
+            return "no checkpoint committed yet"
+        return f"{key[1] - floor} step(s) newer than the latest checkpoint"
+
+    uncovered = ""
+    for key in sorted(usable, key=lambda k: k[1], reverse=True):  # the newest that works
+        if not any(key in shards.get(b, {}) for b in holders[key]):  # replicated: any one
+            return RestoreDecision(key, tuple(holders[key]),
+                                   f"step {key[1]} from a surviving worker's memory, "
+                                   f"{than(key)}")
+        world_size = world_sizes.get(key, 0)
+        cover, missing = _shard_cover(key, holders[key], shards, world_size)
+        if world_size and not missing:
+            who = ("a surviving worker's" if len(cover) == 1
+                   else f"{len(cover)} surviving workers'")
+            return RestoreDecision(key, cover,
+                                   f"step {key[1]} from {who} memory, {than(key)} (FSDP "
+                                   f"shards of all {world_size} ranks)", sharded=True)
+        uncovered = uncovered or (
+            f"no survivor holds the FSDP shards of rank(s) {missing} of {world_size} for "
+            f"step {key[1]} (a lost rank's shards are kept only by the next rank in the ring, "
+            f"lost too)")
+    return RestoreDecision(None, (), uncovered)

@@ -23,6 +23,10 @@ class SnapshotLedger:
         """Snapshots whose every rank's part arrived."""
         return sorted(k for k, parts in self._parts.items() if len(parts) == self._world[k])
 
+    def world_size(self, key: tuple[int, int]) -> int:
+        """The world size of the attempt that took snapshot ``key``."""
+        return self._world[key]
+
     def parts(self, key: tuple[int, int]) -> dict[int, bytes]:
         return dict(self._parts[key])
 

@@ -13,7 +13,9 @@ CUDA contexts for the workers that survived.
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +32,7 @@ from ray_lit.worker.ranks import WorkerRanks, assign_ranks
 
 log = logging.getLogger("ray_lit")
 
-__all__ = ["Survivors", "WorkerGone", "WorkerGroup", "WorkerInfo"]
+__all__ = ["Survivors", "WorkerGone", "WorkerGroup", "WorkerInfo", "await_listening"]
 
 _RemoteWorker = ray.remote(Worker)
 
@@ -67,6 +69,8 @@ class Survivors:
     # hold the newest peer snapshot, so they go only after the export (``drop_stuck``)
     stuck: dict[int, Any] = field(default_factory=dict)
     fill: list[int] = field(default_factory=list)  # slots the next group starts actors in
+    # per survivor (bundle index), per FSDP snapshot key, the ranks whose shards it holds
+    shards: dict[int, dict[Any, tuple[int, ...]]] = field(default_factory=dict)
 
     @property
     def num_workers(self) -> int:
@@ -217,17 +221,21 @@ class WorkerGroup:
         nodes = {w.bundle_index: w.node_id for w in self.workers}
         confirmations: list[HandedOver] = []
         snapshots: dict[int, Any] = {}
+        shards: dict[int, dict[Any, tuple[int, ...]]] = {}
         stuck: dict[int, Any] = {}
         deadline = time.monotonic() + abort_timeout_s + 5  # one deadline for all of them
         for index, (actor, ref) in pending.items():
             try:
                 left = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:  # dead (RayActorError) or not answering
+            except Exception as err:  # dead (RayActorError) or not answering
+                log.debug("ray_lit: the worker in bundle %d is not kept: %r", index, err)
                 left = None
             if left is not None:
                 confirmations.extend(left.handed_over)
                 snapshots[index] = list(left.snapshots)
+                shards[index] = dict(left.shards)
                 if left.stuck:  # alive, loop stuck: replaced once its snapshot is out
+                    log.debug("ray_lit: the worker in bundle %d is stuck in its loop", index)
                     stuck[index] = actor
                     continue
                 alive[index] = actor
@@ -236,7 +244,7 @@ class WorkerGroup:
             _kill(actor)
         survivors = Survivors(self.placement_group, self.owned, self.offset, self.slots,
                               alive, dead_nodes, confirmations, snapshots, self.capacity,
-                              stuck=stuck)
+                              stuck=stuck, shards=shards)
         self.workers = []
         if not alive and not any(snapshots.get(i) for i in stuck):
             survivors.release()
@@ -248,10 +256,17 @@ class WorkerGroup:
         backend = choose_backend(device_type)
         rank0 = self.workers[0]
         port = ray.get(rank0.actor.free_port.remote())
-        ray.get([w.actor.setup.remote(ranks=w.ranks, master_addr=rank0.node_ip,
-                                      master_port=port, backend=backend, timeout_s=timeout_s,
-                                      env=env, num_threads=int(cpus) if cpus else None)
-                 for w in self.workers])
+        options = dict(master_addr=rank0.node_ip, master_port=port, backend=backend,
+                       timeout_s=timeout_s, env=env, num_threads=int(cpus) if cpus else None)
+        first = rank0.actor.setup.remote(ranks=rank0.ranks, **options)
+        if len(self.workers) > 1 and rank0.node_id == ray.get_runtime_context().get_node_id():
+            # the other ranks connect to the store rank 0 serves; one that finds it not yet
+            # listening backs off in torch's connect loop for 0.5-1 s, which was most of a warm
+            # start at 16 workers on 2 cores: they are asked once it listens
+            await_listening(rank0.node_ip, port, timeout_s=min(timeout_s, 5.0),
+                            failed=lambda: bool(ray.wait([first], timeout=0.005)[0]))
+        ray.get([first] + [w.actor.setup.remote(ranks=w.ranks, **options)
+                           for w in self.workers[1:]])
         log.info("ray_lit: worker group of %d formed (%s, rank 0 at %s:%d)", self.world_size,
                  backend, rank0.node_ip, port)
 
@@ -353,6 +368,35 @@ class WorkerGroup:
         if self.owned and self.placement_group is not None:
             remove_placement_group_quietly(self.placement_group)
         self.workers = []
+
+
+def await_listening(host: str, port: int, *, timeout_s: float,
+                    failed: Callable[[], bool]) -> bool:
+    """Wait until a rendezvous store accepts connections on ``host:port`` (the driver, for
+    rank 0's store, on rank 0's node).
+
+    Args:
+        host, port: rank 0's store.
+        timeout_s: the longest to wait; the other ranks connect anyway after it (they retry).
+        failed: asked between probes (it may block briefly); True ends the wait (rank 0's
+            ``setup`` returned before its store listened: it failed).
+
+    Returns:
+        True once the store listens; False on ``failed`` or the timeout.
+
+    The probe connects and closes at once: the store counts its workers by a key they add,
+    not by connections, so a probe never takes a rank's place.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.1):
+                return True
+        except OSError:  # refused: not listening yet
+            pass
+        if failed():
+            return False
+    return False
 
 
 def _kill(actor: Any) -> None:

@@ -14,10 +14,11 @@ reading the files the workers wrote (a local path the driver can see, or a stora
 
 A checkpoint is uploaded again only when its file changed since (``last.ckpt``, a name
 reused). With ``"all"`` on workers the notice reaches the driver after rank 0 moved on, and a
-top-k file may be replaced by then: rank 0 keeps a hard link of each new file
-(``CheckpointStager``, in ``.ray_lit_log_model/`` beside it) that the driver uploads and then
-removes. A file gone before the driver reached it anyway (a storage URI, which is not staged)
-is skipped with a warning.
+top-k file may be gone or replaced in place (``last.ckpt``) by then: rank 0 keeps each new
+version (``CheckpointStager``, in ``.ray_lit_log_model/`` beside it: a hard link of a local file,
+a server-side copy of a storage URI's object) that the driver uploads and then removes, so
+every saved version reaches the logger. A file gone before the driver reached it anyway (one
+not staged: ``log_model=True`` uploads what is kept at the end) is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,22 +116,24 @@ class Upload:
         """A path the driver can read: the file itself, or a copy of a storage URI's file
         (removed afterwards). A staged link is named like the checkpoint and removed after
         the upload."""
-        if self.staged is not None:
+        if self.staged is not None and "://" not in self.staged:
             try:
                 yield self.staged
             finally:
                 _remove_staged(self.staged)
             return
-        if "://" not in self.path:
-            yield self.path
+        source = self.staged or self.path
+        if "://" not in source:
+            yield source
             return
-        from ray_lit.storage.filesystem import read_file
-
-        with tempfile.TemporaryDirectory(prefix="ray_lit-model-") as folder:
-            local = os.path.join(folder, os.path.basename(self.path.rstrip("/")))
-            with open(local, "wb") as f:
-                f.write(read_file(self.path))
-            yield local
+        try:
+            with tempfile.TemporaryDirectory(prefix="ray_lit-model-") as folder:
+                local = os.path.join(folder, os.path.basename(self.path.rstrip("/")))
+                _download(source, local)
+                yield local
+        finally:
+            if self.staged is not None:
+                _remove_staged(self.staged)
 
 
 def check_log_model(log_model: Any, owner: str) -> bool | str:
@@ -177,15 +181,16 @@ class CheckpointUploads:
         """The callback's checkpoints not uploaded yet (or changed since), oldest first."""
         found = []
         for path, score in saved.paths().items():
-            mtime = _modified(saved.staged.get(path, path))
+            staged = saved.staged.get(path)
+            mtime = _modified(staged or path)
             if mtime is None:
                 warnings.warn(f"log_model: the checkpoint {path} was gone before the logger "
                               "could upload it (a newer one replaced it).", RuntimeWarning,
                               stacklevel=3)
                 continue
-            if self._uploaded.get(path, -1.0) >= mtime:
-                if path in saved.staged:
-                    _remove_staged(saved.staged[path])
+            # a staged copy is a version rank 0 saw change: uploaded even when the store's
+            # clock (whole seconds on S3) cannot tell it from the previous one
+            if staged is None and self._uploaded.get(path, -1.0) >= mtime:
                 continue
             found.append((mtime, path, score))
         uploads = []
@@ -194,8 +199,23 @@ class CheckpointUploads:
             metadata = {"score": score, "original_filename": os.path.basename(path.rstrip("/")),
                         saved.kind: dict(saved.options)}
             uploads.append(Upload(path, score, aliases, metadata, saved.staged.get(path)))
-            self._uploaded[path] = mtime
+            self._uploaded[path] = max(self._uploaded.get(path, -1.0), mtime)
         return uploads
+
+
+def _download(uri: str, local: str) -> None:
+    """Copy a storage URI's file, or directory of shards, to the local path ``local``."""
+    import pyarrow.fs as pafs
+
+    from ray_lit.storage.filesystem import resolve
+
+    fs, inner = resolve(uri)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        pafs.copy_files(inner, local, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return
+    with fs.open_input_stream(inner) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _modified(path: str) -> float | None:
@@ -225,19 +245,26 @@ def stages_every_checkpoint(logger: Any) -> bool:
 
 
 class CheckpointStager:
-    """Rank 0 of the workers: a hard link of each new checkpoint file, so a top-k file replaced
-    before the driver uploads it is still there to upload (the driver removes the link)."""
+    """Rank 0 of the workers: a copy of each new checkpoint version, so a file removed or
+    replaced in place before the driver uploads it is still there to upload (the driver
+    removes the copy). A local file gets a hard link (no data copied); a storage URI's object
+    a server-side copy under a unique key (S3 ``CopyObject``: the bytes do not pass through
+    the worker)."""
 
     def __init__(self) -> None:
         self._staged: dict[str, float] = {}  # path -> modification time when linked
+        self._versions: dict[str, Any] = {}  # storage URI -> its version when copied
         self._count = itertools.count()
 
     def stage(self, saved: SavedCheckpoints) -> SavedCheckpoints:
-        """``saved`` with links of its local files that are new since the last call."""
+        """``saved`` with copies of its files that are new since the last call."""
         staged = {}
         for path in saved.paths():
             if "://" in path:
-                continue  # storage URIs are not staged (no links there)
+                copy = self._stage_uri(path)
+                if copy is not None:
+                    staged[path] = copy
+                continue
             try:
                 mtime = os.stat(path).st_mtime
             except OSError:
@@ -251,6 +278,50 @@ class CheckpointStager:
             staged[path] = link
             self._staged[path] = mtime
         return replace(saved, staged=staged)
+
+    def _stage_uri(self, uri: str) -> str | None:
+        """A copy of ``uri``'s object (or directory of shards) at a new key beside it; None
+        when it is gone or unchanged since it was last staged."""
+        import pyarrow.fs as pafs
+
+        from ray_lit.storage.filesystem import resolve, split
+
+        fs, inner = resolve(uri)
+        version = _object_version(fs, inner)
+        if version is None or self._versions.get(uri) == version:
+            return None
+        parent, name = split(uri)
+        base, sep, query = parent.partition("?")
+        # a unique key: a restarted rank 0 never reuses a copy the driver has not removed
+        copy = f"{base.rstrip('/')}/{_STAGE_DIR}/{uuid.uuid4().hex}/{name}{sep}{query}"
+        _, copy_inner = resolve(copy)
+        if fs.get_file_info(inner).type == pafs.FileType.Directory:
+            pafs.copy_files(inner, copy_inner, source_filesystem=fs, destination_filesystem=fs)
+        else:
+            fs.copy_file(inner, copy_inner)
+        self._versions[uri] = version
+        return copy
+
+
+def _object_version(fs: Any, inner: str) -> Any:
+    """What identifies the version of a storage object (None when it is gone): its ETag where
+    the store has one (S3), since modification times there have whole seconds and a checkpoint
+    rewritten within the same second must still count as new; else the modification time. For
+    a directory of shards: every file's name, size and time."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type == pafs.FileType.Directory:
+        found = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        return tuple(sorted((f.path, f.size, f.mtime) for f in found))
+    try:
+        with fs.open_input_file(inner) as f:
+            etag = (f.metadata() or {}).get("ETag")
+    except (OSError, NotImplementedError):
+        etag = None
+    return etag or info.mtime
 
 
 def _link(src: str, dst: str) -> None:
@@ -269,7 +340,16 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _remove_staged(link: str) -> None:
-    """Remove a staged link, its numbered folder, and the stage folder once empty."""
+    """Remove a staged link (or a storage copy), its numbered folder, and the stage folder
+    once empty."""
+    if "://" in link:
+        from ray_lit.storage.filesystem import resolve
+
+        fs, inner = resolve(link)
+        # the copy's own key folder; the stage "folder" of an object store has no object of
+        # its own and vanishes with its last key
+        fs.delete_dir(inner.rsplit("/", 1)[0])
+        return
     folder = os.path.dirname(link)
     shutil.rmtree(folder, ignore_errors=True)
     try:

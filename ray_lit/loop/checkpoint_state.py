@@ -10,7 +10,8 @@ the RNG states, which makes a resumed run identical to an uninterrupted one.
 from __future__ import annotations
 
 import copy
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,19 +21,23 @@ from ray_lit.errors import MisconfigurationException
 from ray_lit.loop.dispatch import positional_count
 from ray_lit.loop.outputs import floats
 
+if TYPE_CHECKING:
+    from ray_lit.loop.context import LoopContext
+
 FORMAT_VERSION = 1
 
 
-def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = False
+def dump_checkpoint(ctx: LoopContext, weights_only: bool = False, on_device: bool = False
                     ) -> dict[str, Any]:
     """The checkpoint of ``trainer``'s run as it stands (called on every rank; rank 0 writes).
 
     ``on_device`` leaves the weights where they are (the fault-tolerance writer copies them to
     host memory itself, overlapped with training); otherwise they are copied to the CPU.
     """
+    trainer = ctx.trainer
     module = trainer.lightning_module
     strategy = trainer.strategy  # what of the module and optimizers this rank holds
-    progress = trainer._progress
+    progress = ctx.progress
     progress_state = progress.state_dict()
     if progress.batches_done >= trainer.num_training_batches and not progress.epoch_finished:
         # saved inside the epoch's last batch (at validation): resume at the next epoch, and
@@ -50,16 +55,28 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = 
         "state_dict": {k: v.detach() if on_device else v.detach().cpu()
                        for k, v in strategy.lightning_module_state_dict(module).items()},
         "loops": {"progress": progress_state, "rng": rng_state(),
-                  "sampler": trainer._host.sampler_state(progress.batches_done),
-                  "world_size": trainer._host.world_size,
+                  "sampler": ctx.host.sampler_state(progress.batches_done),
+                  "world_size": ctx.host.world_size,
                   "callback_metrics": floats(trainer.callback_metrics)},
     }
-    if not weights_only:
+    # the optimizers, schedulers and precision plugin live where fit ran: after a fit on Ray
+    # workers the driver's Trainer holds the weights, counters and callbacks only
+    holds_training_state = ctx.precision is not None
+    if not weights_only and not holds_training_state:
+        warnings.warn(
+            "trainer.save_checkpoint: the optimizer, scheduler and precision state live on the "
+            "Ray workers that ran fit, not in this process; this file holds the weights, "
+            "counters, callbacks and hyperparameters, and fit(ckpt_path=...) cannot resume "
+            "from it. To resume, use a checkpoint ModelCheckpoint wrote during fit "
+            "(trainer.checkpoint_callback.last_model_path or best_model_path); pass "
+            "weights_only=True to save the weights without this warning.", stacklevel=3)
+    if not weights_only and holds_training_state:
         checkpoint["optimizer_states"] = [strategy.optimizer_state(opt)
                                           for opt in trainer.optimizers]
         checkpoint["lr_schedulers"] = [c.scheduler.state_dict()
                                        for c in trainer.lr_scheduler_configs]
-        checkpoint["precision"] = trainer._precision.state_dict()
+        checkpoint["precision"] = ctx.precision.state_dict()
+    if not weights_only:
         callbacks: dict[str, Any] = {}
         for cb in trainer.callbacks:
             state = cb.state_dict()
@@ -92,13 +109,14 @@ def dump_checkpoint(trainer: Any, weights_only: bool = False, on_device: bool = 
     return checkpoint
 
 
-def join_state_gather(trainer: Any, weights_only: bool = False) -> None:
+def join_state_gather(ctx: LoopContext, weights_only: bool = False) -> None:
     """A rank that does not write joins the COLLECTIVE gathers of ``dump_checkpoint`` (a
     sharded strategy, ``Strategy.shards_state``): the same strategy calls in the same order,
     results dropped. Nothing to do when every rank holds the full state."""
-    strategy = getattr(trainer, "strategy", None)  # stand-in trainers of tests have none
+    strategy = getattr(ctx.host, "strategy", None)  # stand-in hosts of tests have none
     if strategy is None or not strategy.shards_state:
         return
+    trainer = ctx.trainer
     strategy.lightning_module_state_dict(trainer.lightning_module)
     if not weights_only:
         for opt in trainer.optimizers:
@@ -137,8 +155,9 @@ def restore_module(trainer: Any, checkpoint: dict[str, Any]) -> None:
     trainer.strategy.load_model_state_dict(module, checkpoint["state_dict"])
 
 
-def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
+def restore_training(ctx: LoopContext, checkpoint: dict[str, Any]) -> None:
     """Optimizers, schedulers, scaler, counters, sampler position and RNG."""
+    trainer = ctx.trainer
     if "optimizer_states" not in checkpoint or "lr_schedulers" not in checkpoint:
         raise MisconfigurationException(
             "This checkpoint contains only the model (saved with weights_only=True); it cannot "
@@ -154,7 +173,7 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
     for opt, state in zip(trainer.optimizers, optimizer_states):
         configured = [group["lr"] for group in opt.param_groups]
         trainer.strategy.load_optimizer_state_dict(opt, state)
-        _optimizer_to(opt, trainer._host.device)
+        _optimizer_to(opt, ctx.host.device)
         if keep_lr:  # PBT exploit: the new config's learning rate replaces the restored one
             for group, lr in zip(opt.param_groups, configured):
                 group["lr"] = lr
@@ -164,8 +183,8 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         if keep_lr and hasattr(config.scheduler, "base_lrs"):
             config.scheduler.base_lrs = [g["initial_lr"] for g in
                                          config.scheduler.optimizer.param_groups]
-    trainer._precision.load_state_dict(checkpoint.get("precision", {}))
-    progress = trainer._progress
+    ctx.precision.load_state_dict(checkpoint.get("precision", {}))
+    progress = ctx.progress
     loops = checkpoint.get("loops")
     if loops is None or is_legacy(checkpoint):
         # 0.9: ``epoch`` is the epoch to start from, ``global_step`` one past the steps done
@@ -183,7 +202,7 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
         from ray_lit.loop.optimization import step_schedulers
 
         step_schedulers(trainer.lr_scheduler_configs, "epoch", progress.epoch + 1,
-                        trainer.callback_metrics, trainer._lr_scheduler_step)
+                        trainer.callback_metrics, ctx.lr_scheduler_step)
     if progress.epoch_finished:
         progress.epoch += 1
         progress.batches_done = 0
@@ -191,8 +210,8 @@ def restore_training(trainer: Any, checkpoint: dict[str, Any]) -> None:
     if loops.get("rng") is not None:
         set_rng_state(loops["rng"])
     if loops.get("sampler") is not None and not progress_was_finished:
-        trainer._host.load_sampler_state(loops["sampler"])
-    trainer._restarted_mid_epoch = progress.batches_done > 0
+        ctx.host.load_sampler_state(loops["sampler"])
+    ctx.restarted_mid_epoch = progress.batches_done > 0
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -23,7 +23,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sized
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch
@@ -35,6 +35,9 @@ from ray_lit.core.module import LightningModule
 from ray_lit.errors import MisconfigurationException
 from ray_lit.loop.data import limit_batches, loader_length, resolve_loaders
 from ray_lit.messages import PredictionChunk
+
+if TYPE_CHECKING:
+    from ray_lit.loop.context import LoopContext
 
 __all__ = ["ChunkOutbox", "PredictBatches", "PredictLoop", "prepare_predict_loader",
            "run_predict"]
@@ -231,9 +234,10 @@ class PredictLoop:
             the loader was not sharded by ray_lit); what rank 0 tells the driver.
     """
 
-    def __init__(self, trainer: Any, return_predictions: bool = True,
+    def __init__(self, ctx: LoopContext, return_predictions: bool = True,
                  outbox: ChunkOutbox | None = None) -> None:
-        self.trainer = trainer
+        self.ctx = ctx
+        self.trainer = ctx.trainer  # the facade: Lightning's names, what hooks receive
         self.return_predictions = return_predictions
         self.outbox = outbox
         self.current_batch_indices: list[int] = []
@@ -261,8 +265,9 @@ class PredictLoop:
 
     def run(self, loaders: list[Any], recorders: list[PredictBatches | None]) -> None:
         """Predict every loader in order (``recorders``: each loader's ``PredictBatches``)."""
+        ctx = self.ctx
         trainer, module = self.trainer, self.trainer.lightning_module
-        hooks = trainer._hooks
+        hooks = ctx.hooks
         on_batch, on_epoch = self._writers()
         self._predictions = [[] for _ in loaders]
         self.epoch_batch_indices = [[] for _ in loaders]
@@ -293,7 +298,7 @@ class PredictLoop:
         hooks.both("on_predict_start")
         hooks.both("on_predict_epoch_start")
         total = sum(counts)
-        trainer._sink.progress_start("predict", None if total == math.inf else int(total),
+        ctx.sink.progress_start("predict", None if total == math.inf else int(total),
                                      trainer.current_epoch, trainer.config.max_epochs)
         done = 0
         with torch.inference_mode():
@@ -307,13 +312,13 @@ class PredictLoop:
                         self.current_batch_indices = indices
                     if on_epoch:
                         self.epoch_batch_indices[dl_idx].append(indices)
-                    batch = trainer._transfer_batch(batch, dl_idx)
+                    batch = ctx.transfer_batch(batch, dl_idx)
                     hooks.batch_start("on_predict_batch_start", batch, batch_idx, dl_idx)
                     args: tuple[Any, ...] = (batch, batch_idx) if pass_batch_idx else (batch,)
                     if multi:
                         args = (*args, dl_idx)
-                    with trainer._precision.autocast():
-                        out = trainer._call_step("predict_step", *args)
+                    with ctx.precision.autocast():
+                        out = ctx.call_step("predict_step", *args)
                     hooks.batch_end("on_predict_batch_end", out, batch, batch_idx, dl_idx)
                     if keep or stream:
                         cpu = move_to_device(out, torch.device("cpu"))
@@ -325,8 +330,8 @@ class PredictLoop:
                                 batch_idx=batch_idx, indices=tuple(indices),
                                 payload=cloudpickle.dumps(cpu), position=position))
                     done += 1
-                    if trainer._sink.wants_progress(done):
-                        trainer._sink.progress_update("predict", done, {})
+                    if ctx.sink.wants_progress(done):
+                        ctx.sink.progress_update("predict", done, {})
         hooks.both("on_predict_epoch_end")
         if not self.return_predictions:
             self._predictions = []  # 2.x: nothing kept after the epoch-end writers ran
@@ -334,11 +339,11 @@ class PredictLoop:
         hooks.both("on_predict_end")
         for name, m in module.named_modules():
             m.train(modes.get(name, True))
-        trainer._sink.progress_update("predict", done, {})
-        trainer._sink.progress_end("predict")
+        ctx.sink.progress_update("predict", done, {})
+        ctx.sink.progress_end("predict")
 
 
-def run_predict(trainer: Any, module: LightningModule, loaders: Any, datamodule: Any,
+def run_predict(ctx: LoopContext, module: LightningModule, loaders: Any, datamodule: Any,
                 weights: dict | None, return_predictions: bool = True,
                 outbox: ChunkOutbox | None = None) -> PredictLoop:
     """``trainer.predict`` in this process (in process, or one rank of a worker group).
@@ -353,26 +358,25 @@ def run_predict(trainer: Any, module: LightningModule, loaders: Any, datamodule:
     Returns:
         The loop: ``predictions`` (what ``trainer.predict`` returns in process) and ``totals``.
     """
+    trainer = ctx.trainer
     from ray_lit.loop.optimization import Precision
-    from ray_lit.loop.stages import _guarded, attach, prepare_and_setup
+    from ray_lit.loop.stages import _guarded, attach, prepare_and_setup, wrap_with_weights
 
-    attach(trainer, module, datamodule)
-    trainer._start_run("predict")
+    attach(ctx, module, datamodule)
+    ctx.start_run("predict")
     trainer.predicting = True
-    loop = PredictLoop(trainer, return_predictions, outbox)
+    loop = PredictLoop(ctx, return_predictions, outbox)
     trainer.predict_loop = loop
-    with _guarded(trainer, "predict"):
-        prepare_and_setup(trainer, "predict")
-        if weights is not None:
-            module.load_state_dict(weights["state_dict"])
-        trainer.strategy.setup_module(module)
-        trainer._precision = Precision(trainer.config.precision, trainer._host.device)
+    with _guarded(ctx, "predict"):
+        prepare_and_setup(ctx, "predict")
+        wrap_with_weights(ctx, module, weights)
+        ctx.precision = Precision(trainer.config.precision, ctx.host.device)
         found = resolve_loaders(loaders, trainer.datamodule, module, "predict_dataloader")
         if not found:
             raise MisconfigurationException(
                 "trainer.predict() found no dataloader: pass dataloaders=, or implement "
                 "predict_dataloader() on the module or its datamodule.")
-        host = trainer._host
+        host = ctx.host
         seed = getattr(host, "seed", 0)
         prepared = []
         for dl in found:
@@ -386,7 +390,7 @@ def run_predict(trainer: Any, module: LightningModule, loaders: Any, datamodule:
         trainer.num_predict_batches = [
             limit_batches(loader_length(dl), trainer.config.limit_predict_batches,
                           "limit_predict_batches") for dl, _ in prepared]
-        trainer._sink.run_start("predict")
+        ctx.sink.run_start("predict")
         loop.run([dl for dl, _ in prepared], [rec for _, rec in prepared])
-        trainer._sink.finalize("success")
+        ctx.sink.finalize("success")
     return loop

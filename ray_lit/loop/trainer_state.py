@@ -1,17 +1,15 @@
-"""The state and helpers the loops use on the Trainer (the object callbacks see as ``trainer``).
+"""The Trainer's run state as Lightning names it (the object callbacks see as ``trainer``).
 
-``LoopState`` is a base class of ``ray_lit.Trainer``; it holds the run's counters and metric
-dictionaries and the small services the loops call (batch transfer, logging cadence, progress
-bar view, step dispatch). Kept apart from ``trainer.py`` so that file stays about options and
-stages.
+``LoopState`` is a base class of ``ray_lit.Trainer``: the counters and metric dictionaries that
+Lightning code reads on the trainer (``current_epoch``, ``callback_metrics``, ``state``,
+``estimated_stepping_batches``, ...). What the loops run with and do lives in the Trainer's
+``LoopContext`` (``loop/context.py``); the private names below are views of its fields.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -19,12 +17,8 @@ from typing import Any
 
 import torch
 
-from ray_lit.core.hooks import _signature_of
-from ray_lit.core.metric_store import MetricStore
 from ray_lit.loop.context import InContext, LoopContext
-from ray_lit.loop.optimization import accumulation_for_epoch
-from ray_lit.loop.outputs import floats, to_float, training_output
-from ray_lit.loop.progress import Progress
+from ray_lit.loop.outputs import floats
 
 
 class TrainerState(str, Enum):
@@ -94,10 +88,11 @@ class RunState:
 
 
 class LoopState:
-    """Counters, metric dictionaries and loop services shared by the fit and eval loops.
+    """Lightning's names for the run's counters and metric dictionaries (every rank).
 
-    The services a stage runs with live in one typed ``LoopContext`` (``trainer._ctx``); the
-    names below are views of its fields, so the loops and callbacks keep the Trainer's names.
+    The services a stage runs with live in one typed ``LoopContext`` (``trainer._ctx``), which
+    the loops take; the private names below are views of its fields for the module's
+    ``self.log`` and for callbacks written against them.
     """
 
     _ctx: LoopContext
@@ -110,6 +105,18 @@ class LoopState:
     _metric_store = InContext("metrics")
     _train_loader = InContext("train_loader")
     _val_loaders = InContext("val_loaders")
+    _beats = InContext("beats")
+    _pbar_raw = InContext("pbar_raw")
+    _running_losses = InContext("running_losses")
+    _eval_steps = InContext("eval_steps")
+    _val_enabled = InContext("val_enabled")
+    _val_check_batch = InContext("val_check_batch")
+    _val_ran_this_epoch = InContext("val_ran_this_epoch")
+    _accumulation = InContext("accumulation")
+    _restarted_mid_epoch = InContext("restarted_mid_epoch")
+    _optimizer_frequencies = InContext("optimizer_frequencies")
+    _resumed = InContext("resumed")
+    _pending_train_data = InContext("pending_train_data")
 
     def _init_run_fields(self) -> None:
         """The run's objects before any stage ran: on the user's Trainer (``__init__``) and
@@ -120,9 +127,9 @@ class LoopState:
         self.datamodule: Any = None
         self.optimizers: list[torch.optim.Optimizer] = []
         self.lr_scheduler_configs: list[Any] = []
-        self._optimizer_frequencies: list[int] = []
         self._sink = NullSink()
         self._precision = None
+        self._optimizer_frequencies = []
         self._resumed = False
         self.num_restarts = 0
         self.world_size_history: list[int] = []
@@ -157,8 +164,7 @@ class LoopState:
         return trainer
 
     def _init_loop_state(self) -> None:
-        self._progress = Progress()
-        self._beats = 0  # batches started in any stage: a rank's liveness (loop/liveness.py)
+        InContext.context_of(self).reset_loop_state()
         self._run_state = RunState()
         # 0.9 names for the loaders the last stage used (None until one ran)
         self.train_dataloader: Any = None
@@ -167,22 +173,12 @@ class LoopState:
         self.batch_idx = 0  # the training batch in progress (index within the epoch)
         self.callback_metrics: dict[str, Any] = {}
         self.logged_metrics: dict[str, Any] = {}
-        self._pbar_raw: dict[str, Any] = {}
-        # outside a running loop stage the store only checks that the hook may log
-        self._metric_store = MetricStore("idle")
-        self._running_losses: collections.deque = collections.deque(maxlen=20)
-        self._eval_steps: dict[str, int] = {}
         self.should_stop = False
         self.sanity_checking = False
         self.training = self.validating = self.testing = False
         self.predicting = False  # 2.x: inside trainer.predict
         self.predict_loop: Any = None  # the last predict run's loop (``loop.predict_loop``)
         self.interrupted = False
-        self._val_ran_this_epoch = False
-        self._val_enabled = False
-        self._val_check_batch: float = 1
-        self._accumulation = 1
-        self._restarted_mid_epoch = False
         self.num_training_batches: float = 0
         self.num_val_batches: list[float] = []
         self.num_test_batches: list[float] = []
@@ -205,7 +201,7 @@ class LoopState:
         data) after ``limit_train_batches``. Readable from ``configure_optimizers``: the
         training data is then set up before the optimizers (every rank, the same way).
         """
-        pending = getattr(self, "_pending_train_data", None)
+        pending = self._pending_train_data
         if pending is not None:  # inside configure_optimizers: set the data up now
             self._pending_train_data = None
             pending()
@@ -222,7 +218,7 @@ class LoopState:
         else:  # 0.9 schedule {epoch: factor}: epoch by epoch, until max_steps caps it
             total = 0
             for epoch in range(epochs):
-                total += math.ceil(batches / self._accumulation_for_epoch(epoch))
+                total += math.ceil(batches / self._ctx.accumulation_for_epoch(epoch))
                 if capped and total >= max_steps:
                     break
         return min(total, max_steps) if capped else total
@@ -308,215 +304,3 @@ class LoopState:
         module = getattr(self, "lightning_module", None)
         base = module.get_progress_bar_dict() if module is not None else {}
         return {**base, **self.progress_bar_metrics}
-
-    # --- loop services -------------------------------------------------------------------------
-    def _accumulation_for_epoch(self, epoch: int) -> int:
-        return accumulation_for_epoch(self.config.accumulate_grad_batches, epoch)
-
-    def _transfer_batch(self, batch: Any, dataloader_idx: int) -> Any:
-        """``on_before_batch_transfer`` -> ``transfer_batch_to_device`` ->
-        ``on_after_batch_transfer`` (datamodule hooks win over the module's)."""
-        self._beats += 1
-        module, dm, device = self.lightning_module, self.datamodule, self._host.device
-        owner = module
-        if dm is not None and type(dm).transfer_batch_to_device is not \
-                _dm_base().transfer_batch_to_device:
-            owner = dm
-        hooks = self._hooks
-        before = hooks.overridden("on_before_batch_transfer")
-        after = hooks.overridden("on_after_batch_transfer")
-        custom = owner is dm or hooks.overridden("transfer_batch_to_device")
-        if before:
-            batch = module.on_before_batch_transfer(batch, dataloader_idx)
-        if custom:
-            fn = owner.transfer_batch_to_device
-            if len(_signature_of(fn)[0]) >= 3:
-                batch = fn(batch, device, dataloader_idx)
-            else:
-                batch = fn(batch, device)
-        elif device.type != "cpu":
-            batch = module.transfer_batch_to_device(batch, device, dataloader_idx)
-        if after:
-            batch = module.on_after_batch_transfer(batch, dataloader_idx)
-        return batch
-
-    def _call_step(self, name: str, *args: Any) -> Any:
-        module = self.lightning_module
-        previous = module._current_fx_name
-        module.__dict__["_current_fx_name"] = name
-        try:
-            return self.strategy.call_step(name, *args)
-        finally:
-            module.__dict__["_current_fx_name"] = previous
-
-    def _lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        """Step one scheduler that is due (every rank): the module's 2.x
-        ``lr_scheduler_step(scheduler, metric)`` when it overrides it (a scheduler that is
-        not torch's), else ``scheduler.step()`` (``step(metric)`` for ReduceLROnPlateau)."""
-        if self._hooks.overridden("lr_scheduler_step"):
-            self._hooks.module("lr_scheduler_step", scheduler, metric)
-        elif metric is None:
-            scheduler.step()
-        else:
-            scheduler.step(metric)
-
-    def _training_step_end(self, raw: Any) -> Any:
-        """``training_step_end``: each rank's own output, or (``gather_step_outputs=True``,
-        the seed's dp/ddp2 use case) the outputs of all ranks gathered with a differentiable
-        all-gather. COLLECTIVE when gathering."""
-        if not self._hooks.overridden("training_step_end"):
-            return raw
-        if self.config.gather_step_outputs:
-            raw = _gather_tree(raw, self.strategy.all_gather)
-        return self._hooks.module("training_step_end", raw)
-
-    def _manual_training_step(self, batch: Any, batch_idx: int) -> Any:
-        raw = self._call_step("training_step", batch, batch_idx)
-        if raw is None or (isinstance(raw, dict) and "loss" not in raw):
-            from ray_lit.loop.outputs import StepOutput
-
-            return StepOutput(raw=raw, kept=raw)
-        return training_output(raw)
-
-    def _manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """``self.manual_backward(loss)`` (every rank, inside the training step): the
-        ``on_before_backward`` / ``on_after_backward`` hooks around the backward, as 2.x
-        runs them, and the strategy readies gradient sync first (``DDPStrategy.pre_backward``).
-
-        0.9 wrote ``manual_backward(loss, optimizer)``: an optimizer among the positional
-        arguments is dropped, the rest go to ``Tensor.backward``.
-        """
-        args = tuple(a for a in args if not isinstance(a, torch.optim.Optimizer))
-        hooks = self._hooks
-        hooks.both("on_before_backward", loss)
-        self.strategy.pre_backward(loss)
-        self._precision.scale(loss).backward(*args, **kwargs)
-        hooks.both("on_after_backward")
-
-    def _record_loss(self, loss: torch.Tensor) -> None:
-        self._running_losses.append(loss)
-
-    def _running_loss_value(self) -> float | None:
-        if not self._running_losses:
-            return None
-        return float(torch.stack(list(self._running_losses)).float().mean().item())
-
-    def _logger_version(self) -> Any:
-        loggers = getattr(self, "loggers", [])
-        return loggers[0].version if loggers else None
-
-    def _pbar_view(self) -> dict[str, Any]:
-        """What the progress bar shows now (host sync: only called at the refresh cadence)."""
-        return self.progress_bar_dict
-
-    def _should_log_step(self, batch_idx: int, should_step: bool = True) -> bool:
-        """Log cadence: every ``log_every_n_steps`` batches (0.9); while accumulating, only at
-        the optimizer steps, every ``log_every_n_steps`` of them (2.x never logs mid-window)."""
-        if self.config.fast_dev_run or self.should_stop:
-            return True
-        every = self.config.log_every_n_steps
-        if self._accumulation == 1:
-            return (batch_idx + 1) % every == 0
-        return should_step and (self._progress.batches_that_stepped + 1) % every == 0
-
-    def _log_to_loggers(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Record ``metrics`` in ``logged_metrics`` and send them to the loggers (as floats).
-
-        Without an explicit step a ``'step'`` key is used as the step; failing that the
-        global step, and ``'epoch'`` is added (spec §1.8: a ``'step'`` key gets no
-        ``'epoch'``, as in 0.9.0's ``log_metrics``).
-        """
-        metrics = dict(metrics)
-        if step is None:
-            explicit = metrics.pop("step", None)
-            if explicit is not None:
-                step = int(to_float(explicit))
-            else:
-                step = self._progress.batches_that_stepped
-                metrics["epoch"] = self.current_epoch
-        for key, value in metrics.items():
-            if key != "epoch":
-                self.logged_metrics[key] = value
-        if self.loggers:
-            self._sink.log_metrics(floats(metrics), step)
-
-    def _next_eval_step(self, stage: str) -> int:
-        step = self._eval_steps.get(stage, 0)
-        self._eval_steps[stage] = step + 1
-        return step
-
-    def _replace_callback_metrics(self, metrics: dict[str, Any]) -> None:
-        self.callback_metrics.clear()
-        self.callback_metrics.update(metrics)
-
-    def _monitoring_callbacks(self) -> list[Any]:
-        from ray_lit.callbacks.early_stopping import EarlyStopping
-        from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
-
-        return [cb for cb in self.callbacks if isinstance(cb, (ModelCheckpoint, EarlyStopping))]
-
-    def _default_checkpoint_dir(self) -> str:
-        root = self.default_root_dir
-        if self.loggers:
-            logger = self.loggers[0]
-            save_dir = getattr(logger, "save_dir", None) or root
-            version = logger.version
-            version = version if isinstance(version, str) else f"version_{version}"
-            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
-        return os.path.join(root, "checkpoints")
-
-    def _run_validation(self) -> None:
-        """Validation inside fit; rank 0's stop decision then holds for every rank."""
-        from ray_lit.loop.eval_loop import EvalLoop
-
-        EvalLoop(self, "validate").run(self._val_loaders, self.num_val_batches)
-        self._val_ran_this_epoch = True
-        self.should_stop = self.strategy.agree_on_rank_zero(self.should_stop)  # COLLECTIVE
-
-    def _refresh_epoch_length(self) -> None:
-        """Batches this epoch runs (a resumed epoch may have been re-sharded)."""
-        from ray_lit.loop.data import limit_batches
-
-        length = self._host.epoch_length(self._train_loader, self._progress.batches_done)
-        self.num_training_batches = limit_batches(length, self.config.limit_train_batches,
-                                                  "limit_train_batches")
-
-    def _after_train_step(self, is_last: bool) -> None:
-        module = self.lightning_module
-        if self.config.terminate_on_nan and not module.automatic_optimization:
-            # automatic optimisation checks before backward and after each step
-            # (``loop.train_step``); a manual step can only be checked once it is done
-            from ray_lit.loop.train_step import check_finite_loss, check_finite_parameters
-
-            if self._running_losses:
-                check_finite_loss(self._running_losses[-1])
-            check_finite_parameters(module)
-        self._host.after_train_step(self, is_last)
-
-    def _after_epoch(self) -> None:
-        self._host.after_epoch(self)
-
-
-def _dm_base() -> type:
-    from ray_lit.core.datamodule import LightningDataModule
-
-    return LightningDataModule
-
-
-def _gather_tree(value: Any, gather: Any) -> Any:
-    """All-gather every tensor in a step output (dicts, lists, Results keep their shape)."""
-    from ray_lit.core.results import Result
-
-    if isinstance(value, torch.Tensor):
-        return gather(value)
-    if isinstance(value, Result):
-        out = value.copy()
-        for key in list(out.keys()):
-            if key != "meta" and isinstance(dict.__getitem__(out, key), torch.Tensor):
-                dict.__setitem__(out, key, gather(dict.__getitem__(out, key)))
-        return out
-    if isinstance(value, dict):
-        return {k: _gather_tree(v, gather) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_gather_tree(v, gather) for v in value)
-    return value

@@ -9,8 +9,12 @@ thread cannot share the training process group with the loop. So the save is cut
    small ``all_gather_object`` of the plans): DCP's own planner plans every rank's part from
    the live DTensors (only shapes and placements are read), the global plan and the
    checkpoint's ``Metadata`` are computed from all plans, the same on every rank.
-   ``ShardPlanner`` keeps the plan: later checkpoints gather one number per rank (its
-   layout's signature) and reuse it while no rank's layout changed.
+   ``ShardPlanner`` (what the fault-tolerance writer uses) makes the same plan, but returns
+   at the boundary at once (``DeferredShardPlan``): its gathers run in a background thread
+   through the process group's key-value store instead of the process group, so the loop does
+   not wait for the slowest rank to arrive, and the writer thread waits for the plan before it
+   writes. It keeps the plan: later checkpoints gather one number per rank (its layout's
+   signature) and reuse it while no rank's layout changed.
 2. ``write_shards`` (any thread, each rank alone): this rank's chunks, from its host copies,
    into its ``__<rank>_0.distcp`` file; returns DCP's write results (file, offset, length).
 3. ``metadata_bytes`` (whoever holds every rank's write results: the driver, at commit): the
@@ -23,14 +27,17 @@ The directory is DCP's standard layout, so ``dcp.load``, ``format_utils.dcp_to_t
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["ShardPlan", "ShardPlanner", "flat_local_tensors", "local_tensors", "metadata_bytes",
-           "plan_shards", "write_shards"]
+__all__ = ["DeferredShardPlan", "ShardPlan", "ShardPlanner", "flat_local_tensors",
+           "local_tensors", "metadata_bytes", "plan_shards", "write_shards"]
 
 
 @dataclass
@@ -50,14 +57,52 @@ class ShardPlan:
     metadata: Any
 
 
+def _distributed(world_size: int) -> bool:
+    import torch.distributed as dist
+
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
 def _gather(obj: Any, world_size: int) -> list[Any]:
     import torch.distributed as dist
 
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not _distributed(world_size):
         return [obj]
     out: list[Any] = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+class _StoreExchange:
+    """An all-gather of small picklable objects through the default process group's key-value
+    store. Any thread may run it: it never uses the process group's collectives, which belong
+    to the loop thread. Every rank runs the same rounds in the same order (``ShardPlanner``).
+
+    Args:
+        rank: this rank.
+        world_size: the number of ranks.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        # the k-th exchange of this rank on this store: every rank builds its exchanges at the
+        # same checkpoints, so the k agree and each exchange's keys are its own
+        number = store.add(f"ray_lit/dcp_plan/exchanges/{rank}", 1)
+        self.store = dist.PrefixStore(f"ray_lit/dcp_plan/{number}/", store)
+        self.rank, self.world_size, self.round = rank, world_size, 0
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` of this round, in rank order (waits for the slowest rank)."""
+        n = self.round
+        self.round += 1
+        self.store.set(f"{n}/{self.rank}", pickle.dumps(obj))
+        out = [pickle.loads(self.store.get(f"{n}/{r}")) for r in range(self.world_size)]
+        if n:  # every rank read round n - 1 before it wrote round n
+            self.store.delete_key(f"{n - 1}/{self.rank}")
+        return out
 
 
 def local_tensors(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -89,29 +134,51 @@ def _signature(flat: dict[str, Any]) -> int:
     return zlib.crc32("\n".join(parts).encode())
 
 
-def _gather_signatures(signature: int, world_size: int) -> list[int]:
-    import torch.distributed as dist
+class DeferredShardPlan(ShardPlan):
+    """A ``ShardPlan`` whose ``plan`` and ``metadata`` are settled by a background thread
+    (``ShardPlanner``): ``tensors`` is ready at once; reading ``plan`` or ``metadata`` waits
+    for the thread (the writer thread reads them, never the loop) and raises its error."""
 
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [signature]
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    mine = torch.tensor([signature], dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(out, mine)
-    return [int(t.item()) for t in out]
+    def __init__(self, tensors: dict[str, torch.Tensor], thread: threading.Thread,
+                 result: dict[str, Any]) -> None:
+        self.tensors = tensors
+        self._thread = thread
+        self._result = result
+
+    def _settled(self) -> ShardPlan:
+        self._thread.join()
+        if "error" in self._result:
+            raise self._result["error"]
+        return self._result["plan"]
+
+    @property  # type: ignore[override]
+    def plan(self) -> Any:
+        return self._settled().plan
+
+    @property  # type: ignore[override]
+    def metadata(self) -> Any:
+        return self._settled().metadata
 
 
 class ShardPlanner:
     """``plan_shards`` with the plan kept between checkpoints of one attempt: the layout of
     the shards does not change from one checkpoint to the next, so after the first one every
     rank only gathers one number (its layout's signature) and reuses the plan when every
-    rank's signature is the one planned for. COLLECTIVE like ``plan_shards``: every rank calls
-    ``plan`` at the same point."""
+    rank's signature is the one planned for (else it plans again).
+
+    Every rank calls ``plan`` at the same checkpoints of the attempt. Over several ranks it
+    returns a ``DeferredShardPlan`` at once: the gathers run in a background thread through
+    the process group's key-value store (``_StoreExchange``), so the loop does not wait at
+    the step boundary for the other ranks to arrive (on 4 ranks sharing 2 cores that wait was
+    most of the stall). Each call first waits for the previous call's thread (long finished:
+    the writer read its plan), so the rounds stay in the same order on every rank whatever
+    the writer does with a plan."""
 
     def __init__(self) -> None:
         self._key: list[int] | None = None
         self._plan: ShardPlan | None = None
+        self._exchange: _StoreExchange | None = None
+        self._thread: threading.Thread | None = None
 
     def plan(self, tensors: dict[str, Any], rank: int, world_size: int) -> ShardPlan:
         """This rank's ``ShardPlan`` of ``tensors`` (see ``plan_shards``)."""
@@ -119,13 +186,38 @@ class ShardPlanner:
 
         planner = DefaultSavePlanner()
         planner.set_up_planner(state_dict=tensors, storage_meta=None, is_coordinator=rank == 0)
-        key = _gather_signatures(_signature(planner.state_dict), world_size)
-        if key == self._key and self._plan is not None:
-            return ShardPlan(local_tensors(planner.state_dict), self._plan.plan,
-                             self._plan.metadata)
-        self._plan = _plan(planner, rank, world_size)
-        self._key = key
-        return self._plan
+        local = local_tensors(planner.state_dict)
+        signature = _signature(planner.state_dict)
+        if not _distributed(world_size):  # a world of one: nothing to wait for
+            if [signature] != self._key or self._plan is None:
+                self._plan = _plan(planner, rank, world_size, lambda obj: [obj])
+                self._key = [signature]
+            return ShardPlan(local, self._plan.plan, self._plan.metadata)
+        if self._thread is not None:
+            self._thread.join()
+        if self._exchange is None:
+            self._exchange = _StoreExchange(rank, world_size)
+        result: dict[str, Any] = {}
+        self._thread = threading.Thread(
+            target=self._settle, args=(planner, signature, rank, world_size, result),
+            daemon=True, name="ray_lit-ckpt-plan")
+        self._thread.start()
+        return DeferredShardPlan(local, self._thread, result)
+
+    def _settle(self, planner: Any, signature: int, rank: int, world_size: int,
+                result: dict[str, Any]) -> None:
+        """The background thread: gather the signatures; plan (again) when there is no plan
+        yet or any rank's layout changed. Reads only shapes and placements of the tensors."""
+        try:
+            exchange = self._exchange
+            assert exchange is not None
+            key = exchange.all_gather(signature)
+            if key != self._key or self._plan is None:
+                self._plan = _plan(planner, rank, world_size, exchange.all_gather)
+                self._key = key
+            result["plan"] = self._plan
+        except BaseException as err:  # raised where the plan is read (the writer thread)
+            result["error"] = err
 
 
 def plan_shards(tensors: dict[str, Any], rank: int, world_size: int) -> ShardPlan:
@@ -150,12 +242,15 @@ def plan_shards(tensors: dict[str, Any], rank: int, world_size: int) -> ShardPla
     return _plan(planner, rank, world_size)
 
 
-def _plan(planner: Any, rank: int, world_size: int) -> ShardPlan:
-    """The plan of a planner already set up with this rank's state (COLLECTIVE)."""
+def _plan(planner: Any, rank: int, world_size: int,
+          gather: Callable[[Any], list[Any]] | None = None) -> ShardPlan:
+    """The plan of a planner already set up with this rank's state (COLLECTIVE: ``gather``,
+    by default an ``all_gather_object`` on the default process group)."""
     from torch.distributed.checkpoint import FileSystemWriter
 
     local = planner.create_local_plan()
-    plans, metadata = planner.create_global_plan(_gather(local, world_size))
+    gathered = gather(local) if gather is not None else _gather(local, world_size)
+    plans, metadata = planner.create_global_plan(gathered)
     # FileSystemWriter names each rank's file "__<rank>_0.distcp" here (no I/O: the path is
     # never used)
     plans = FileSystemWriter(tempfile.gettempdir()).prepare_global_plan(plans)

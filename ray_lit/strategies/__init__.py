@@ -52,7 +52,8 @@ def resolve_strategy(value: Any, distributed: bool) -> Strategy:
 
 def shards_state(value: Any) -> bool:
     """Whether the strategy ``value`` (a name or an object) shards the module's state over the
-    ranks (``Strategy.shards_state``): the Trainer refuses in-memory peer snapshots for it."""
+    ranks (``Strategy.shards_state``): its checkpoints and peer snapshots are per-rank shards
+    (``checkpoint.shard_ring``)."""
     if isinstance(value, Strategy):
         return bool(value.shards_state)
     return value == "fsdp"

@@ -42,8 +42,8 @@ class Strategy:
     # True for a strategy whose ranks each hold only part of the module and optimizer state
     # (FSDP): ``lightning_module_state_dict`` and ``optimizer_state`` are then COLLECTIVE, so
     # every rank calls them at the same point even where only rank 0 writes, and in-memory
-    # peer snapshots (which assume replicated parameters) are refused. False: every rank holds
-    # the full state (one device, DDP).
+    # peer snapshots hold shards (``checkpoint.shard_ring``; a strategy other than FSDP that
+    # shards is refused them). False: every rank holds the full state (one device, DDP).
     shards_state = False
 
     def __init__(self) -> None:

@@ -65,15 +65,18 @@ shards and ``materialize_meta`` gives them values one module at a time through t
 its shards plus one module's full tensors. A module with meta tensors and no
 ``reset_parameters`` is refused.
 
-Not yet: in-memory peer snapshots (refused by the Trainer: they assume replicated
-parameters; a lost worker resumes from the latest committed fault-tolerance checkpoint).
+In-memory peer snapshots (``snapshot_every_n_steps``): each rank keeps a host copy of its own
+shards and of its ring neighbour's (``checkpoint.shard_ring``); a single lost rank (or lost
+ranks that are not ring neighbours) is restored exactly from the survivors' memory together.
+Where memory cannot restore exactly (every rank lost, two adjacent ranks lost, no snapshot newer
+than the latest commit) the latest committed sharded checkpoint is used.
 
 Fault-tolerance checkpoints over several ranks are sharded (``checkpoint.writer``): at each
-one every rank plans its DCP shards inside ``sharded_state_dicts`` (one small gather of the
-plans), its own shards are copied to host memory (overlapped with the next step) and written
-by its background thread; the restore reads each rank's own chunks into its DTensors
-(``load_model_state_dict`` / ``load_optimizer_state_dict`` with ``checkpoint.shard_restore``'s
-lazy state), at any world size.
+one every rank plans its DCP shards inside ``sharded_state_dicts`` (the plans are exchanged in
+the background, ``storage.dcp_plan``), its own shards are copied to host memory (overlapped
+with the next step) and written by its background thread; the restore reads each rank's own
+chunks into its DTensors (``load_model_state_dict`` / ``load_optimizer_state_dict`` with
+``checkpoint.shard_restore``'s lazy state), at any world size.
 """
 
 from __future__ import annotations

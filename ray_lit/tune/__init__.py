@@ -15,7 +15,10 @@ of the same resources in the same trial actor and placement group. A trial that 
 its idle workers there (``driver.pool``), and the next trial forms its process group on them
 and ships its own module: torch and ray_lit stay imported, nothing of the earlier trial stays
 (a fresh module, optimizer, RNG and process group). Without ``reuse_actors`` every trial starts
-its workers afresh.
+its workers afresh. ``sweep`` turns it on by default (every trial of a sweep asks for the same
+resources, so Tune can always hand one trial's actor to the next); ``sweep(...,
+reuse_actors=False)`` turns it off. A ``tune.Tuner`` built by hand keeps Tune's own default
+(off): pass ``tune.TuneConfig(reuse_actors=True)`` for warm trials there.
 """
 
 from __future__ import annotations
@@ -196,12 +199,38 @@ def sweep(build: Callable[[dict], Any], param_space: dict[str, Any], *, metric: 
           search_alg: Any = None, max_concurrent_trials: int | None = None,
           storage_path: str | None = None, name: str | None = None,
           train_dataloaders: Any = None, val_dataloaders: Any = None, datamodule: Any = None,
-          **trainer_options: Any) -> Any:
-    """``tune.Tuner(trainable(...), ...).fit()`` in one call; returns the ``ResultGrid``."""
+          reuse_actors: bool = True, **trainer_options: Any) -> Any:
+    """``tune.Tuner(trainable(...), ...).fit()`` in one call (the driver calls it).
+
+    Args:
+        build, train_dataloaders, val_dataloaders, datamodule, trainer_options: as for
+            ``trainable``.
+        param_space, metric, mode, num_samples, scheduler, search_alg,
+            max_concurrent_trials: Tune's, as for ``tune.TuneConfig`` / ``tune.Tuner``.
+        storage_path, name: where Tune keeps the sweep (``tune.RunConfig``).
+        reuse_actors: warm trials (default True): a trial that ends leaves its trial actor,
+            placement group and idle workers to the next trial, which starts in a fraction
+            of a second instead of importing torch on every worker again. Every run still
+            gets a fresh module, optimizer, RNG seed and process group (a seeded trial learns
+            bit for bit what it learns on fresh workers); what the trial's own process keeps
+            is Python's module state of the user's code (as for any Tune trial reused).
+            False: every trial starts its own workers.
+
+    Returns:
+        Tune's ``ResultGrid``.
+
+    Raises:
+        MisconfigurationException: ``reuse_actors`` is not a bool, or a Trainer option is
+            invalid (before any trial starts).
+    """
     from ray import tune
 
     from ray_lit.driver.launch import ensure_ray
 
+    if not isinstance(reuse_actors, bool):
+        raise MisconfigurationException(
+            f"sweep(reuse_actors={reuse_actors!r}) must be True (warm trials: the next trial "
+            "runs on the workers of the last) or False (every trial starts its own workers).")
     ensure_ray()
     tuner = tune.Tuner(
         trainable(build, train_dataloaders, val_dataloaders, datamodule, metric=metric,
@@ -209,7 +238,8 @@ def sweep(build: Callable[[dict], Any], param_space: dict[str, Any], *, metric: 
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples,
                                     scheduler=scheduler, search_alg=search_alg,
-                                    max_concurrent_trials=max_concurrent_trials),
+                                    max_concurrent_trials=max_concurrent_trials,
+                                    reuse_actors=reuse_actors),
         run_config=tune.RunConfig(storage_path=storage_path, name=name),
     )
     return tuner.fit()

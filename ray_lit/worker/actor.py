@@ -308,9 +308,11 @@ class Worker:
         Returns:
             What the driver was not yet handed (the confirmation of the part written just now
             among it, and snapshot parts), the keys of the in-memory snapshots this worker
-            holds, and ``stuck`` when the loop did not end within ``timeout_s`` (stuck in a
-            collective or in user code): the controller exports a snapshot from it if needed,
-            then replaces it. None when stuck and holding none.
+            holds (``PeerSnapshot.restorable``) with, under FSDP, the ranks whose shards each
+            holds (``PeerSnapshot.held_ranks``), and ``stuck`` when the loop did
+            not end within ``timeout_s`` (stuck in a collective or in user code): the
+            controller exports a snapshot from it if needed, then replaces it. None when
+            stuck and holding none.
         """
         self.aborting = True
         thread = self._thread
@@ -323,7 +325,8 @@ class Worker:
                 if peer is None:
                     return None
                 peer.wait()
-                return LeftBehind(tuple(self.outbox), tuple(peer.keys), stuck=True)
+                return LeftBehind(tuple(self.outbox), tuple(peer.restorable), stuck=True,
+                                  shards=tuple(peer.held_ranks.items()))
         checkpointer = getattr(getattr(self._trainer, "_host", None), "checkpointer", None)
         if checkpointer is not None:
             try:
@@ -332,7 +335,8 @@ class Worker:
                 pass
         if peer is not None:
             peer.wait()  # the copy in flight is of a step boundary: finish it
-        left = LeftBehind(tuple(self.outbox), tuple(peer.keys) if peer is not None else ())
+        left = LeftBehind(tuple(self.outbox), tuple(peer.restorable) if peer is not None else (),
+                          shards=tuple(peer.held_ranks.items()) if peer is not None else ())
         self.shutdown()
         self._reset()
         import gc

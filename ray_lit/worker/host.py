@@ -131,10 +131,12 @@ class WorkerHost:
         self._pending_sampler_state = None
 
     # --- fault tolerance ---------------------------------------------------------------------
-    def after_train_step(self, trainer: Any, is_last: bool) -> None:
+    def after_train_step(self, ctx: Any, is_last: bool) -> None:
+        """After each training batch (every rank): the checkpoint writer takes the stage's
+        ``LoopContext`` and decides whether a fault-tolerance checkpoint is due."""
         if self.checkpointer is not None:
-            self.checkpointer.after_train_step(trainer, is_last)
+            self.checkpointer.after_train_step(ctx, is_last)
 
-    def after_epoch(self, trainer: Any) -> None:
+    def after_epoch(self, ctx: Any) -> None:
         if self.checkpointer is not None:
-            self.checkpointer.after_epoch(trainer)
+            self.checkpointer.after_epoch(ctx)

@@ -7,12 +7,15 @@ driver applies to the user's Trainer (``driver.results``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch
 
 from ray_lit.messages import FinalState, FromPeers, Job, Restore, resolve
+
+if TYPE_CHECKING:
+    from ray_lit.loop.context import LoopContext
 
 
 def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
@@ -27,9 +30,10 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     ranks = worker._ranks
     spec = payload["spec"]
     trainer = spec.trainer_class._from_run_spec(spec)
+    ctx = trainer._ctx  # the stage's services: the loop and the checkpoint code take this
     module = payload["module"]
     if job.accumulate is not None:  # elastic: the controller's accumulation plan
-        trainer.config = dataclasses.replace(trainer.config, accumulate_grad_batches=job.accumulate)
+        ctx.config = dataclasses.replace(ctx.config, accumulate_grad_batches=job.accumulate)
     if job.seed is not None:
         seed_everything(job.seed)
     device = torch.device("cpu")
@@ -44,13 +48,13 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     if job.checkpointing is not None:
         checkpointer = CheckpointWriter.from_spec(job.checkpointing)
         checkpointer.attach(worker, ranks, attempt=job.attempt, fence=job.fence)
-    strategy = resolve_strategy(trainer.config.strategy, distributed=True)
+    strategy = resolve_strategy(ctx.config.strategy, distributed=True)
     host = WorkerHost(ranks, device, seed=job.sampler_seed, checkpointer=checkpointer,
                       strategy=strategy, data_key=job.fence)
     sink = RecordingSink() if ranks.world_rank == 0 else NullSink()
     for logger in trainer.loggers:
         logger.sink = sink
-    trainer._host, trainer._sink = host, sink
+    ctx.host, ctx.sink = host, sink
     worker._sink, worker._trainer = sink, trainer
     stage, weights = job.stage, resolve(job.weights)
     return_predictions = job.return_predictions
@@ -58,7 +62,7 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     if job.restore is not None:
         checkpoint = load_restore(
             job.restore, ranks.world_rank,
-            retry_timeout_s=getattr(trainer.config, "storage_retry_timeout_s", None),
+            retry_timeout_s=getattr(ctx.config, "storage_retry_timeout_s", None),
             sharded=strategy.shards_state)
     # the last reference to the job (the worker handed it over in a box): a peer snapshot's
     # ObjectRef in it no longer pins the object once every rank has loaded it
@@ -66,15 +70,15 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
     from ray_lit.loop.stages import run_evaluation, run_fit
 
     if stage == "predict":
-        results = _run_predict(worker, trainer, module, payload, weights, return_predictions)
+        results = _run_predict(worker, ctx, module, payload, weights, return_predictions)
     elif stage == "fit":
-        run_fit(trainer, module, payload.get("train"), payload.get("val"), payload.get("dm"),
+        run_fit(ctx, module, payload.get("train"), payload.get("val"), payload.get("dm"),
                 checkpoint)
         if checkpointer is not None:
-            checkpointer.finish(trainer)
+            checkpointer.finish(ctx)
         results = None
     else:
-        results = run_evaluation(trainer, stage, module, payload.get("loaders"),
+        results = run_evaluation(ctx, stage, module, payload.get("loaders"),
                                  payload.get("dm"), weights)
     gathered = None
     if trainer.strategy.shards_state:
@@ -82,10 +86,10 @@ def run_job(worker: Any, payload: dict[str, Any], job: Job) -> bytes | None:
         gathered = trainer.strategy.lightning_module_state_dict(trainer.lightning_module)
     if ranks.world_rank != 0:
         return None
-    return cloudpickle.dumps(final_state(trainer, results, gathered))
+    return cloudpickle.dumps(final_state(ctx, results, gathered))
 
 
-def _run_predict(worker: Any, trainer: Any, module: Any, payload: dict[str, Any],
+def _run_predict(worker: Any, ctx: LoopContext, module: Any, payload: dict[str, Any],
                  weights: dict | None, return_predictions: bool) -> list[int | None]:
     """``trainer.predict`` on this rank: each batch output is streamed to the driver through
     the worker's polls (``ChunkOutbox``) as the rank goes. Returns each predict loader's batch
@@ -99,7 +103,7 @@ def _run_predict(worker: Any, trainer: Any, module: Any, payload: dict[str, Any]
     if return_predictions:
         outbox = ChunkOutbox(notify=worker.wake, cancelled=lambda: worker.aborting)
         worker._predictions = outbox
-    loop = run_predict(trainer, module, payload.get("loaders"), payload.get("dm"), weights,
+    loop = run_predict(ctx, module, payload.get("loaders"), payload.get("dm"), weights,
                        return_predictions=return_predictions, outbox=outbox)
     if outbox is not None:
         outbox.drain()
@@ -147,11 +151,12 @@ def load_restore(restore: Restore, world_rank: int, retry_timeout_s: float | Non
     return checkpoint
 
 
-def final_state(trainer: Any, results: Any,
+def final_state(ctx: LoopContext, results: Any,
                 state_dict: dict[str, Any] | None = None) -> FinalState:
     """Rank 0's view of the run, sent back to the driver's Trainer. ``state_dict``: the
     module's full state when a sharded strategy gathered it (on every rank); else rank 0's
     own ``state_dict`` is the full one."""
+    trainer = ctx.trainer
     module = trainer.lightning_module
     if state_dict is None:
         state_dict = module.state_dict()
@@ -161,7 +166,7 @@ def final_state(trainer: Any, results: Any,
         callback_metrics=_cpu(trainer.callback_metrics),
         logged_metrics=_cpu(trainer.logged_metrics),
         pbar=dict(trainer.progress_bar_metrics),
-        progress=trainer._progress.state_dict(),
+        progress=ctx.progress.state_dict(),
         should_stop=trainer.should_stop,
         callbacks={callback_key(cb): _picklable_state(cb) for cb in trainer.callbacks},
         num_training_batches=trainer.num_training_batches,

@@ -4,9 +4,8 @@ bolts 0.2.2 (written against pytorch-lightning 0.9.0) imports ``pytorch_lightnin
 ``ray_lit.compat`` those imports resolve to ray_lit. The models are bolts' own; only the data is
 generated here (no downloads).
 
-The wheels come from PyPI with ``pip download --no-deps`` into ``RAY_LIT_CORPUS_DIR`` (default
-``~/.cache/ray_lit/corpus``; ``.ci/run`` fills it first). A test skips only when a wheel can be
-neither found there nor downloaded.
+The wheels come from PyPI at test time (``corpus_wheels.py``). The other bolts models, with the
+real torchvision, are in ``test_bolts_models_09.py``.
 
 bolts 0.2.2's package ``__init__`` files import every model, and with them torchvision datasets
 and ``torch._six`` (gone since torch 2.0); torchvision has no build for this CPU-only torch. So
@@ -29,39 +28,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from corpus_wheels import corpus_wheel
 from torch.utils.data import DataLoader, TensorDataset
 
 import ray_lit
 import ray_lit.compat
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# (the fixtures live here, not in a conftest.py: tests/unit imports its own ``conftest`` by name)
-CORPUS_DIR = pathlib.Path(os.environ.get("RAY_LIT_CORPUS_DIR",
-                                         pathlib.Path.home() / ".cache" / "ray_lit" / "corpus"))
-WHEELS = {
-    "bolts": ("pytorch-lightning-bolts==0.2.2", "pytorch_lightning_bolts-0.2.2-py3-none-any.whl"),
-    "lightning09": ("pytorch-lightning==0.9.0", "pytorch_lightning-0.9.0-py3-none-any.whl"),
-}
+# (the fixtures live here, not in a conftest.py, so the corpus modules share them explicitly)
 # aggregate __init__s that import torchvision-only models; emptied, see the module docstring
 _EMPTIED = ("pl_bolts/__init__.py", "pl_bolts/models/__init__.py",
             "pl_bolts/datamodules/__init__.py")
-
-
-def corpus_wheel(key: str) -> pathlib.Path:
-    """The wheel for ``key``, downloaded on first use; skips the test if it cannot be had."""
-    spec, filename = WHEELS[key]
-    path = CORPUS_DIR / filename
-    if not path.exists():
-        CORPUS_DIR.mkdir(parents=True, exist_ok=True)
-        try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                            "--dest", str(CORPUS_DIR), spec], check=True, timeout=300,
-                           capture_output=True)
-        except (subprocess.SubprocessError, OSError) as err:
-            pytest.skip(f"cannot download {spec}: {err}")
-    if not path.exists():
-        pytest.skip(f"pip download {spec} produced no {filename}")
-    return path
 
 
 @pytest.fixture(scope="session")

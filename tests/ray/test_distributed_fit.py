@@ -170,6 +170,15 @@ def test_driver_loggers_metrics_and_validate_test(ray_cluster, tmp_path):
     tested = trainer.test(test_dataloaders=DataLoader(IndexDataset(32), batch_size=8),
                           ckpt_path=None)
     assert set(tested[0]) == {"test_loss"}
+    # the driver's save_checkpoint after a fit on workers: the weights, counters and
+    # callbacks it holds, with a warning that the optimizer state stayed on the workers
+    with pytest.warns(UserWarning, match="live on the Ray workers"):
+        trainer.save_checkpoint(tmp_path / "driver.ckpt")
+    saved = torch.load(tmp_path / "driver.ckpt", weights_only=True)
+    assert saved["global_step"] == trainer.global_step == 8 and "callbacks" in saved
+    assert "optimizer_states" not in saved
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved["state_dict"][key], value)
 
 
 def test_user_exception_reaches_driver_with_rank_and_traceback(ray_cluster, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DeterministicModel, constant_loader
+from doubles import DeterministicModel, constant_loader
 
 import ray_lit as pl
 

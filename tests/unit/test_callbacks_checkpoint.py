@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger
+from doubles import BATCH_LOSS, DeterministicModel, RecordingLogger
 
 import ray_lit as pl
 from ray_lit.callbacks.model_checkpoint import ModelCheckpoint

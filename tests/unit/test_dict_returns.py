@@ -5,20 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger
-
-
-def _fit(make_trainer, model, **options):
-    logger = RecordingLogger()
-    options.setdefault("log_every_n_steps", 1)
-    trainer = make_trainer(logger=logger, **options)
-    trainer.fit(model)
-    return trainer, logger
-
-
-def _floats(d):
-    return {k: float(v) for k, v in d.items()}
-
+from doubles import BATCH_LOSS, DeterministicModel, floats
 
 # --- training ------------------------------------------------------------------------------------
 
@@ -46,16 +33,16 @@ class DictTraining(DeterministicModel):
         }
 
 
-def test_training_step_dict_routing(make_trainer):
+def test_training_step_dict_routing(fit):
     model = DictTraining()
-    trainer, logger = _fit(make_trainer, model)
+    trainer, logger = fit(model)
     assert logger.calls == [
         *[({"log_acc1": 12.0 + b, "log_acc2": 7.0, "epoch": 0.0}, b) for b in range(4)],
         ({"epoch_end_log": 178.0, "epoch": 0.0}, 4),
     ]
     assert trainer.progress_bar_metrics == {"pbar_acc1": 20.0, "pbar_acc2": 19.0,
                                             "epoch_end_pbar": 234.0}
-    assert _floats(trainer.callback_metrics) == {
+    assert floats(trainer.callback_metrics) == {
         "loss": BATCH_LOSS, "train_step_test": BATCH_LOSS + 181, "log_acc1": 15.0,
         "log_acc2": 7.0, "pbar_acc1": 20.0, "pbar_acc2": 19.0, "epoch_end_log": 178.0,
         "epoch_end_pbar": 234.0, "epoch_end_other": 1.0,
@@ -86,9 +73,9 @@ class DictWithStepEnd(DeterministicModel):
         self.backward_losses.append(float(loss.detach()))
 
 
-def test_training_step_end_replaces_output(make_trainer):
+def test_training_step_end_replaces_output(fit):
     model = DictWithStepEnd()
-    trainer, logger = _fit(make_trainer, model)
+    trainer, logger = fit(model)
     assert model.step_end_had_graph == [True] * 4
     assert model.backward_losses == [BATCH_LOSS + 2] * 4
     assert logger.dicts() == [{"from_step_end": 3.0, "epoch": 0.0}] * 4
@@ -105,9 +92,9 @@ class ScalarTraining(DeterministicModel):
         self.epoch_end_outputs = outputs
 
 
-def test_training_step_tensor_return(make_trainer):
+def test_training_step_tensor_return(fit):
     model = ScalarTraining()
-    trainer, logger = _fit(make_trainer, model)
+    trainer, logger = fit(model)
     assert logger.calls == []
     assert trainer.callback_metrics == {}
     assert trainer.progress_bar_metrics == {}
@@ -131,8 +118,8 @@ class EvalDictNoEpochEnd(DeterministicModel):
                 "extra": torch.tensor(2.0)}
 
 
-def test_eval_dicts_reported_per_step_without_epoch_end(make_trainer):
-    trainer, logger = _fit(make_trainer, EvalDictNoEpochEnd(), num_sanity_val_steps=2)
+def test_eval_dicts_reported_per_step_without_epoch_end(fit):
+    trainer, logger = fit(EvalDictNoEpochEnd(), num_sanity_val_steps=2)
     # each step's log dict is logged as it comes (sanity check excluded)
     val_logs = [m for m in logger.dicts() if "vl" in m]
     assert val_logs == [{"vl": float(b), "epoch": 0.0} for b in range(4)]
@@ -155,8 +142,8 @@ class EvalTensor(DeterministicModel):
         return self.step(batch) + batch_idx
 
 
-def test_eval_tensor_return_becomes_val_loss(make_trainer):
-    trainer, logger = _fit(make_trainer, EvalTensor())
+def test_eval_tensor_return_becomes_val_loss(make_trainer, fit):
+    trainer, logger = fit(EvalTensor())
     assert float(trainer.callback_metrics["val_loss"]) == BATCH_LOSS + 3
     assert logger.calls == []  # nothing to log
     assert make_trainer().validate(EvalTensor()) == [{"val_loss": BATCH_LOSS + 3}]
@@ -174,9 +161,9 @@ class EvalNoReturn(DeterministicModel):
         self.epoch_end_inputs.append(list(outputs))
 
 
-def test_eval_step_returning_nothing_collects_nothing(make_trainer):
+def test_eval_step_returning_nothing_collects_nothing(fit):
     model = EvalNoReturn()
-    trainer, logger = _fit(make_trainer, model, num_sanity_val_steps=0)
+    trainer, logger = fit(model, num_sanity_val_steps=0)
     assert model.epoch_end_inputs == [[]]
     assert logger.calls == []
 
@@ -196,9 +183,9 @@ class EvalStepEndNone(DeterministicModel):
         self.epoch_end_inputs.append(list(outputs))
 
 
-def test_validation_step_end_returning_none_drops_output(make_trainer):
+def test_validation_step_end_returning_none_drops_output(fit):
     model = EvalStepEndNone()
-    _fit(make_trainer, model, num_sanity_val_steps=0)
+    fit(model, num_sanity_val_steps=0)
     assert model.epoch_end_inputs == [[]]
 
 
@@ -235,12 +222,12 @@ class EvalDictEpochEnd(DeterministicModel):
                 "nested": {"inner": torch.tensor(7.0)}}
 
 
-def test_validation_epoch_end_dict_is_single_result(make_trainer):
+def test_validation_epoch_end_dict_is_single_result(make_trainer, fit):
     model = EvalDictEpochEnd()
-    trainer, logger = _fit(make_trainer, model, num_sanity_val_steps=0)
+    trainer, logger = fit(model, num_sanity_val_steps=0)
     assert model.seen == [(4, True)]
     assert [m for m in logger.dicts() if "val_acc" in m] == [{"val_acc": 0.5, "epoch": 0.0}]
-    cb = _floats(trainer.callback_metrics)
+    cb = floats(trainer.callback_metrics)
     assert cb["val_loss"] == pytest.approx(BATCH_LOSS + 1.5)
     assert cb["val_acc"] == 0.5 and cb["val_pbar"] == 1233.0
     assert cb["inner"] == 7.0 and "nested" not in cb  # flattened, parent name dropped

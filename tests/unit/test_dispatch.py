@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import DeterministicModel
+from doubles import DeterministicModel
 
 import ray_lit as pl
 from ray_lit.loop.dispatch import HookDispatcher, does_nothing

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger
+from doubles import BATCH_LOSS, DeterministicModel, RecordingLogger
 
 import ray_lit as pl
 from ray_lit.callbacks.early_stopping import EarlyStopping
@@ -43,6 +43,7 @@ def _pad(losses, n=12):
     return list(losses) + [losses[-1]] * (n - len(losses))
 
 
+# Not the shared ``fit`` fixture: one batch per epoch, the stopper and an epoch counter.
 def _fit(make_trainer, model, es, **options):
     counter = EpochCounter()
     options.setdefault("max_epochs", 10)

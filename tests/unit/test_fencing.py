@@ -87,13 +87,15 @@ def test_a_worker_writes_its_part_under_its_attempts_fence(tmp_path) -> None:
 
     posted = []
     worker = SimpleNamespace(post=posted.append, aborting=False, stop_at_step=None)
-    trainer = SimpleNamespace(global_step=6, _progress=Progress(), optimizers=[],
-                              num_training_batches=10, strategy=SingleDeviceStrategy(),
-                              _host=SimpleNamespace(sampler_state=lambda n: {"done": n}))
+    # a stand-in loop context: the writer reads the counters and the host from it, Lightning's
+    # names from its trainer
+    trainer = SimpleNamespace(global_step=6, optimizers=[], num_training_batches=10)
+    ctx = SimpleNamespace(trainer=trainer, progress=Progress(), strategy=SingleDeviceStrategy(),
+                          host=SimpleNamespace(sampler_state=lambda n: {"done": n}))
     writer = CheckpointWriter(str(tmp_path / "run"), None, asynchronous=False)
     writer.attach(worker, SimpleNamespace(world_rank=1, world_size=2), attempt=3,
                   fence="c0ffeea3")
-    writer.take(trainer)
+    writer.take(ctx)
     name = checkpoint_name(6, 0)
     assert (tmp_path / "run" / "checkpoints" / name / "rank_1-c0ffeea3.pt").exists()
     assert posted == [PartWritten(name, 1, 2, META, "c0ffeea3")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import cloudpickle
 import torch
-from conftest import DeterministicModel
+from doubles import DeterministicModel
 
 from ray_lit.callbacks.base import Callback
 from ray_lit.callbacks.early_stopping import EarlyStopping
@@ -43,7 +43,7 @@ def test_callback_state_comes_back_to_the_callback_it_belongs_to(make_trainer, t
     worker_trainer.fit(model)
     kinds = [type(c).__name__ for c in worker_trainer.callbacks]
     assert kinds.index("ModelCheckpoint") < kinds.index("EarlyStopping")  # reordered
-    sent = cloudpickle.loads(cloudpickle.dumps(final_state(worker_trainer, None)))
+    sent = cloudpickle.loads(cloudpickle.dumps(final_state(worker_trainer._ctx, None)))
     assert isinstance(sent, FinalState)
 
     # the driver's Trainer still has the user's order: EarlyStopping first
@@ -61,7 +61,7 @@ def test_callback_state_comes_back_to_the_callback_it_belongs_to(make_trainer, t
 def test_a_final_state_pickles_without_the_trainer_or_module(make_trainer) -> None:
     trainer = make_trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
     trainer.fit(DeterministicModel())
-    state = final_state(trainer, None)
+    state = final_state(trainer._ctx, None)
     blob = cloudpickle.dumps(state)
     assert b"LightningModule" not in blob and len(blob) < 50_000
     assert set(state.state_dict) == set(trainer.lightning_module.state_dict())
@@ -91,5 +91,5 @@ def test_a_callback_whose_class_is_pickled_by_value_still_gets_its_state(make_tr
                           num_sanity_val_steps=0)
     worker.fit(DeterministicModel())
     apply_final_state(driver, DeterministicModel(), None,
-                      cloudpickle.loads(cloudpickle.dumps(final_state(worker, None))))
+                      cloudpickle.loads(cloudpickle.dumps(final_state(worker._ctx, None))))
     assert probe.start_step == 100

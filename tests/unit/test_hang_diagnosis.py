@@ -154,7 +154,7 @@ def test_a_rank_in_a_long_phase_keeps_its_waiting_peers_from_being_hung(tmp_path
 
 
 def test_checkpoint_saves_and_writes_are_long_phases(make_trainer, tmp_path) -> None:
-    from conftest import DeterministicModel
+    from doubles import DeterministicModel
 
     seen = []
 

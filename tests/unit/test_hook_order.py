@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, HookRecorder, assert_subsequence
+from doubles import BATCH_LOSS, DeterministicModel, HookRecorder, assert_subsequence
 
 import ray_lit as pl
 

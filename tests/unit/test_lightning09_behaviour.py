@@ -10,14 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DeterministicModel, RecordingLogger
+from doubles import AggregatingLogger, DeterministicModel, RecordingLogger
 from torch.utils.data import DataLoader, IterableDataset
 
 import ray_lit as pl
 from ray_lit.callbacks.early_stopping import EarlyStopping
 from ray_lit.callbacks.model_checkpoint import ModelCheckpoint
 from ray_lit.errors import MisconfigurationException
-from ray_lit.loggers import Logger
 
 
 class Rows(IterableDataset):
@@ -237,28 +236,6 @@ def test_none_loader_hook_on_datamodule_means_no_loader(make_trainer):
 
 
 # --- 3. every trainer log call reaches the logger at once, in order ---------------------------
-class PlainLogger(Logger):
-    """A logger that keeps the base class's ``agg_and_log_metrics`` (as 0.9 users' do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "plain"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-
 class LogsTrainAndVal(DeterministicModel):
     def training_step(self, batch, batch_idx):
         loss = self.step(batch)
@@ -270,27 +247,27 @@ class LogsTrainAndVal(DeterministicModel):
 
 
 def test_each_log_call_reaches_the_logger_when_made(make_trainer):
-    logger = PlainLogger()
+    logger = AggregatingLogger()
     seen_at_batch_start: list[int] = []
 
     class Watch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx, *args):
-            seen_at_batch_start.append(sum("train_loss" in m for _, m in logger.calls))
+            seen_at_batch_start.append(sum("train_loss" in m for m, _ in logger.calls))
 
     trainer = make_trainer(max_epochs=1, logger=logger, log_every_n_steps=1,
                            num_sanity_val_steps=0, callbacks=[Watch()])
     trainer.fit(LogsTrainAndVal())
     # batch i starts after the train metrics of batches 0..i-1 reached log_metrics
     assert seen_at_batch_start == [0, 1, 2, 3]
-    steps = [s for s, _ in logger.calls]
+    steps = [s for _, s in logger.calls]
     assert steps == sorted(steps)
     # the last batch's train metrics and the validation metrics share step 3, as two calls
-    at_last = [sorted(m) for s, m in logger.calls if s == 3]
+    at_last = [sorted(m) for m, s in logger.calls if s == 3]
     assert at_last == [["epoch", "train_loss"], ["epoch", "val_loss"]]
 
 
 def test_logger_calls_from_a_callback_stay_in_order(make_trainer):
-    logger = PlainLogger()
+    logger = AggregatingLogger()
 
     class LogsDirectly(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx, *args):
@@ -299,7 +276,7 @@ def test_logger_calls_from_a_callback_stay_in_order(make_trainer):
     trainer = make_trainer(max_epochs=1, logger=logger, log_every_n_steps=1,
                            num_sanity_val_steps=0, callbacks=[LogsDirectly()])
     trainer.fit(LogsTrainAndVal(), val_dataloaders=[])
-    keys = [("marker" if "marker" in m else "train") for _, m in logger.calls]
+    keys = [("marker" if "marker" in m else "train") for m, _ in logger.calls]
     assert keys == ["marker", "train"] * 4
 
 
@@ -311,22 +288,22 @@ def test_worker_events_replayed_on_the_driver_reach_the_logger_one_by_one():
     worker.log_metrics({"train_loss": 1.0}, 0)
     worker.log_metrics({"val_loss": 2.0}, 0)
     worker.log_metrics({"train_loss": 3.0}, 1)
-    logger = PlainLogger()
+    logger = AggregatingLogger()
     driver = DriverSink([logger])
     events = worker.drain()
     replay(events[:2], driver)  # a first poll: both step-0 calls arrive, unmerged
-    assert logger.calls == [(0, {"train_loss": 1.0}), (0, {"val_loss": 2.0})]
+    assert logger.calls == [({"train_loss": 1.0}, 0), ({"val_loss": 2.0}, 0)]
     replay(events[2:], driver)
-    assert logger.calls[-1] == (1, {"train_loss": 3.0})
+    assert logger.calls[-1] == ({"train_loss": 3.0}, 1)
 
 
 def test_agg_and_log_metrics_on_its_own_still_aggregates():
-    logger = PlainLogger()
+    logger = AggregatingLogger()
     for i, value in enumerate([1.0, 3.0, 5.0, 7.0]):
         logger.agg_and_log_metrics({"loss": value}, step=i // 2)
-    assert logger.calls == [(0, {"loss": 2.0})]
+    assert logger.calls == [({"loss": 2.0}, 0)]
     logger.save()
-    assert logger.calls == [(0, {"loss": 2.0}), (1, {"loss": 6.0})]
+    assert logger.calls == [({"loss": 2.0}, 0), ({"loss": 6.0}, 1)]
 
 
 # --- 4. terminate_on_nan ----------------------------------------------------------------------
@@ -566,7 +543,7 @@ def test_trainer_dataloaders_and_batch_idx_after_fit_and_test(make_trainer):
 
 
 def test_logger_receives_logs_through_recording_helper(make_trainer):
-    # the conftest logger (overrides agg_and_log_metrics) still sees every call once
+    # the shared RecordingLogger (overrides agg_and_log_metrics) still sees every call once
     logger = RecordingLogger()
     make_trainer(max_epochs=1, logger=logger, log_every_n_steps=1,
                  num_sanity_val_steps=0).fit(LogsTrainAndVal())

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DeterministicModel, constant_loader
+from doubles import DeterministicModel, constant_loader
 from torch.utils.data import DataLoader
 
 import ray_lit

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from doubles import DeterministicModel, constant_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ray_lit as pl
 from ray_lit.callbacks import EarlyStopping, ModelCheckpoint
-from tests.unit.conftest import DeterministicModel, constant_loader
 
 
 def _points(n: int = 32, seed: int = 0) -> DataLoader:

@@ -211,11 +211,11 @@ class SkipRule(lc.ModelCheckpoint):
         return False
 
 
-class MetricsBar(lc.TQDMProgressBar):
-    def get_metrics(self, trainer, pl_module):
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        return items
+class TotalsBar(lc.TQDMProgressBar):
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.total = self.total_train_batches  # Lightning's counters: not on ray_lit's bar
+        return bar
 
 
 def test_subclasses_using_what_ray_lit_lacks_are_refused_naming_it():
@@ -225,8 +225,8 @@ def test_subclasses_using_what_ray_lit_lacks_are_refused_naming_it():
         ray_lit.Trainer(callbacks=[PrivateSaving()])
     with pytest.raises(MisconfigurationException, match=r"_should_skip_saving_checkpoint"):
         ray_lit.Trainer(callbacks=[SkipRule()])
-    with pytest.raises(MisconfigurationException, match=r"get_metrics"):
-        ray_lit.Trainer(callbacks=[MetricsBar()])
+    with pytest.raises(MisconfigurationException, match=r"total_train_batches"):
+        ray_lit.Trainer(callbacks=[TotalsBar()])
     with pytest.raises(MisconfigurationException,
                        match=r"ModelCheckpoint\(save_on_exception=True\).*does not support"):
         ray_lit.Trainer(callbacks=[CountingCheckpoint("x", save_on_exception=True)])
@@ -243,3 +243,30 @@ def test_a_rebased_callback_reused_by_a_second_trainer_keeps_its_state(tmp_path)
     assert second.checkpoint_callback.best_model_path == best == first.checkpoint_callback\
         .best_model_path
     assert checkpoint.checked == [0]
+
+
+# --- Lightning's built-ins themselves ------------------------------------------------------------
+def test_lightnings_own_built_in_callbacks_run_as_ray_lits_of_the_same_name(tmp_path):
+    """``Trainer(callbacks=[lightning.pytorch.callbacks.ModelCheckpoint(...), ...])`` trains
+    as with Lightning: the files, the best model and the stop epoch are on the user's own
+    instances after ``fit`` (they share their state with ray_lit's class of the same name)."""
+    def make(root):
+        return [lc.ModelCheckpoint(dirpath=str(root / "ckpts"), monitor="val_loss",
+                                   save_top_k=2, filename="{epoch}-{val_loss:.3f}"),
+                lc.EarlyStopping(monitor="val_loss", patience=1, min_delta=1.0)]
+
+    (ref_ckpt, ref_es), ref_trainer, (ckpt, es), ours = _both(
+        make, tmp_path, max_epochs=8)
+    assert type(ckpt) is lc.ModelCheckpoint  # the user's object is untouched in kind
+    assert sorted(os.listdir(tmp_path / "ray_lit" / "ckpts")) == \
+        sorted(os.listdir(tmp_path / "lightning" / "ckpts"))
+    assert os.path.basename(ckpt.best_model_path) == os.path.basename(ref_ckpt.best_model_path)
+    assert ckpt.best_model_score == pytest.approx(float(ref_ckpt.best_model_score), rel=1e-5)
+    assert es.stopped_epoch == ref_es.stopped_epoch > 0
+    assert ours.current_epoch == ref_trainer.current_epoch
+    assert ours.checkpoint_callback.best_model_path == ckpt.best_model_path
+
+
+def test_a_lightning_built_in_without_a_twin_is_refused_naming_the_fix():
+    with pytest.raises(MisconfigurationException, match="Timer"):
+        ray_lit.Trainer(callbacks=[lc.Timer(duration="00:00:01:00")], logger=False)

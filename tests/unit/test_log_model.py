@@ -44,6 +44,7 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+# Not the shared ``fit`` fixture: a checkpointing Trainer logging to the caller's logger.
 def _fit(tmp_path, logger, epochs=3, **ckpt):
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(x, x.sum(1)), batch_size=16)

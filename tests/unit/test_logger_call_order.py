@@ -212,6 +212,7 @@ def merged_09(calls: list[tuple[list[str], int]]) -> list[tuple[list[str], int]]
     return out
 
 
+# Not the shared ``fit`` fixture: several loggers at once, on this file's loaders.
 def _fit(module, *loggers) -> None:
     trainer = pl.Trainer(max_epochs=EPOCHS, logger=list(loggers), num_sanity_val_steps=0,
                          enable_checkpointing=False, enable_progress_bar=False,

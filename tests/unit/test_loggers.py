@@ -11,31 +11,12 @@ import cloudpickle
 import pytest
 import torch
 import yaml
+from doubles import AggregatingLogger
 
 from ray_lit.loggers import CSVLogger, LightningLoggerBase, Logger, TensorBoardLogger
 from ray_lit.loggers.base import _flatten_dict, _sanitize_params
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-
-
-class RecordingLogger(Logger):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.calls: list[tuple[dict, int | None]] = []
-
-    @property
-    def name(self):
-        return "rec"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((dict(metrics), step))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -55,7 +36,7 @@ def test_0_9_alias():
 
 
 def test_agg_same_step_is_mean_and_flushed_on_step_change():
-    logger = RecordingLogger()
+    logger = AggregatingLogger()
     logger.agg_and_log_metrics({"a": 1.0, "b": 10.0}, step=0)
     logger.agg_and_log_metrics({"a": 3.0}, step=0)
     assert logger.calls == []  # held until the step changes
@@ -66,7 +47,7 @@ def test_agg_same_step_is_mean_and_flushed_on_step_change():
 
 
 def test_agg_flushed_by_save_and_custom_funcs():
-    logger = RecordingLogger(agg_key_funcs={"n": max})
+    logger = AggregatingLogger(agg_key_funcs={"n": max})
     logger.agg_and_log_metrics({"n": 1.0, "x": 2.0}, step=4)
     logger.agg_and_log_metrics({"n": 7.0, "x": 4.0}, step=4)
     logger.save()
@@ -76,7 +57,7 @@ def test_agg_flushed_by_save_and_custom_funcs():
 
 
 def test_agg_works_without_super_init():
-    class Bare(RecordingLogger):
+    class Bare(AggregatingLogger):
         def __init__(self):  # users forget super().__init__()
             self.calls = []
 
@@ -88,7 +69,7 @@ def test_agg_works_without_super_init():
 
 
 def test_finalize_flushes_even_if_save_is_overridden():
-    class OwnSave(RecordingLogger):
+    class OwnSave(AggregatingLogger):
         def save(self):  # no super().save()
             pass
 
@@ -263,7 +244,7 @@ def test_a_step_key_sets_the_step_and_adds_no_epoch(make_trainer):
     """Spec §1.8 (0.9.0 ``TrainerLoggingMixin.log_metrics``): a ``'step'`` key in a 0.9
     ``'log'`` dict is popped and used as the step, and no ``'epoch'`` is added; without one
     the step is the global step and ``'epoch'`` is added."""
-    from conftest import DeterministicModel, RecordingLogger
+    from doubles import DeterministicModel, RecordingLogger
 
     class StepKey(DeterministicModel):
         def training_step(self, batch, batch_idx):

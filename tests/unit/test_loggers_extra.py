@@ -39,6 +39,7 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
+# Not the shared ``fit`` fixture: a regression fit logging to the caller's real logger.
 def _fit(tmp_path, logger, max_epochs=2):
     x = torch.randn(16, 4)
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, log_every_n_steps=1,

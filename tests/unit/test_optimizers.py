@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger
+from doubles import BATCH_LOSS, DeterministicModel, RecordingLogger
 from torch import nn
 
 import ray_lit as pl

@@ -176,12 +176,15 @@ def test_adopted_class_is_cached_pickles_and_drops_lightning_from_its_order():
     assert torch.equal(clone.encoder[0].weight, model.encoder[0].weight)
 
 
-def test_lightning_builtin_callbacks_and_loggers_are_refused_naming_ray_lit_classes(tmp_path):
+def test_lightning_callbacks_without_twins_and_loggers_are_refused_naming_ours(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint, Timer
     from lightning.pytorch.loggers import CSVLogger
 
-    with pytest.raises(MisconfigurationException, match=r"ray_lit\.callbacks\.ModelCheckpoint"):
-        ray_lit.Trainer(callbacks=[ModelCheckpoint(monitor="val_loss")])
+    # Lightning's own ModelCheckpoint runs as ray_lit's (test_lightning_callback_subclasses.py)
+    built = ModelCheckpoint(monitor="val_loss")
+    assert ray_lit.Trainer(callbacks=[built]).checkpoint_callback.__dict__ is built.__dict__
+    with pytest.raises(MisconfigurationException, match=r"ray_lit\.callbacks\.Timer"):
+        ray_lit.Trainer(callbacks=[Timer()])
 
     class MyTimer(Timer):  # no twin: subclasses of ModelCheckpoint, EarlyStopping, ... are
         pass              # rebased (test_lightning_callback_subclasses.py)

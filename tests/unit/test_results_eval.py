@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger, constant_loader
+from doubles import BATCH_LOSS, DeterministicModel, RecordingLogger, constant_loader
 
 import ray_lit as pl
-
-
-def _fit(make_trainer, model, **options):
-    logger = RecordingLogger()
-    options.setdefault("log_every_n_steps", 1)
-    trainer = make_trainer(logger=logger, **options)
-    trainer.fit(model)
-    return trainer, logger
 
 
 class EvalDefaults(DeterministicModel):
@@ -36,9 +28,9 @@ class EvalDefaults(DeterministicModel):
         return result
 
 
-def test_eval_result_defaults_epoch_means(make_trainer):
+def test_eval_result_defaults_epoch_means(fit):
     model = EvalDefaults()
-    trainer, logger = _fit(make_trainer, model, max_epochs=2)
+    trainer, logger = fit(model, max_epochs=2)
     assert model.sanity_calls == 2  # default num_sanity_val_steps=2, not logged
     assert logger.dicts() == [
         {"log_and_pbar": 12.5, "log_no_pbar": 13.5, "epoch": 0.0},
@@ -50,11 +42,11 @@ def test_eval_result_defaults_epoch_means(make_trainer):
     assert "no_log_no_pbar" not in trainer.logged_metrics
 
 
-def test_val_epoch_metrics_are_logged_at_the_step_of_the_last_train_batch(make_trainer):
+def test_val_epoch_metrics_are_logged_at_the_step_of_the_last_train_batch(fit):
     # spec §1.8 / §3.2: validation runs inside the epoch's last batch, before that batch's
     # global_step increment, and eval epoch metrics use global_step -> 3 and 7 for 4 batches
     # (2.x logs them at the same step as the last training batch as well).
-    _, logger = _fit(make_trainer, EvalDefaults(), max_epochs=2)
+    _, logger = fit(EvalDefaults(), max_epochs=2)
     assert [s for _, s in logger.calls] == [3, 7]
 
 
@@ -66,8 +58,8 @@ class EvalStepOnly(DeterministicModel):
         return result
 
 
-def test_eval_step_metrics_are_per_epoch_curves(make_trainer):
-    trainer, logger = _fit(make_trainer, EvalStepOnly(), max_epochs=2)
+def test_eval_step_metrics_are_per_epoch_curves(fit):
+    trainer, logger = fit(EvalStepOnly(), max_epochs=2)
     assert len(logger.calls) == 2 * 4 + 2
     expected = []
     for epoch in range(2):
@@ -89,8 +81,8 @@ class EvalStepAndEpoch(DeterministicModel):
         return result
 
 
-def test_eval_step_and_epoch_metrics(make_trainer):
-    trainer, logger = _fit(make_trainer, EvalStepAndEpoch(), max_epochs=2)
+def test_eval_step_and_epoch_metrics(fit):
+    trainer, logger = fit(EvalStepAndEpoch(), max_epochs=2)
     assert len(logger.calls) == 2 * 4 + 2
     for epoch in range(2):
         block = logger.calls[epoch * 5:(epoch + 1) * 5]
@@ -113,8 +105,8 @@ class EvalUnequal(DeterministicModel):
         return result
 
 
-def test_eval_epoch_mean_weighted_by_batch_size(make_trainer):
-    trainer, logger = _fit(make_trainer, EvalUnequal(), num_sanity_val_steps=0)
+def test_eval_epoch_mean_weighted_by_batch_size(fit):
+    trainer, logger = fit(EvalUnequal(), num_sanity_val_steps=0)
     (metrics,) = logger.dicts()
     assert metrics["w"] == pytest.approx(3.2)  # (4*1 + 4*2 + 2*10) / 10
     assert metrics["wsum"] == pytest.approx(13.0)
@@ -146,9 +138,9 @@ class EvalEpochEnd(DeterministicModel):
         return outputs
 
 
-def test_validation_epoch_end_gets_gathered_result(make_trainer):
+def test_validation_epoch_end_gets_gathered_result(fit):
     model = EvalEpochEnd()
-    trainer, logger = _fit(make_trainer, model, limit_val_batches=3)
+    trainer, logger = fit(model, limit_val_batches=3)
     assert model.seen == [
         (True, (2,), (6, 2), (), BATCH_LOSS),  # sanity check: 2 batches
         (False, (3,), (9, 2), (), BATCH_LOSS),  # limit_val_batches=3
@@ -178,9 +170,9 @@ class TwoLoaderEpochEnd(DeterministicModel):
         return outputs[0]
 
 
-def test_validation_epoch_end_with_two_loaders_gets_a_list(make_trainer):
+def test_validation_epoch_end_with_two_loaders_gets_a_list(fit):
     model = TwoLoaderEpochEnd()
-    _fit(make_trainer, model, num_sanity_val_steps=0)
+    fit(model, num_sanity_val_steps=0)
     assert model.seen == [[("EvalResult", (4,)), ("EvalResult", (2,))]]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger
+from doubles import BATCH_LOSS, DeterministicModel, RecordingLogger
 
 import ray_lit as pl
 
@@ -126,6 +126,7 @@ def test_repr_hides_meta():
 # --- TrainResult in the loop ---------------------------------------------------------------------
 
 
+# Not the shared ``fit`` fixture: this one also pins that ``fit`` returns 1 (the 0.9 contract).
 def _fit(make_trainer, model, **options):
     logger = RecordingLogger()
     options.setdefault("log_every_n_steps", 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import DeterministicModel
+from doubles import DeterministicModel
 
 import ray_lit as pl
 from ray_lit.errors import MisconfigurationException

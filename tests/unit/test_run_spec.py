@@ -11,7 +11,7 @@ import threading
 import cloudpickle
 import pytest
 import torch
-from conftest import DeterministicModel
+from doubles import DeterministicModel
 
 import ray_lit as pl
 from ray_lit.callbacks.base import Callback

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger, constant_loader
+from doubles import BATCH_LOSS, DeterministicModel, constant_loader, floats
 
 import ray_lit as pl
-
-
-def _fit(make_trainer, model, **options):
-    logger = RecordingLogger()
-    options.setdefault("log_every_n_steps", 1)
-    trainer = make_trainer(logger=logger, **options)
-    trainer.fit(model)
-    return trainer, logger
-
-
-def _floats(d):
-    return {k: float(v) for k, v in d.items()}
 
 
 class TrainLogging(DeterministicModel):
@@ -34,28 +22,28 @@ class TrainLogging(DeterministicModel):
         return self.step(batch)
 
 
-def test_training_step_log_naming(make_trainer):
-    trainer, logger = _fit(make_trainer, TrainLogging())
+def test_training_step_log_naming(fit):
+    trainer, logger = fit(TrainLogging())
     assert logger.calls[:4] == [
         ({"default": 1.0 + b, "l_s": 1.0 + b, "l_se_step": 1.0 + b, "epoch": 0.0}, b)
         for b in range(4)]
     assert len(logger.calls) == 5
     assert logger.calls[4][0] == {"l_e": 2.5, "l_se_epoch": 2.5, "epoch": 0.0}
-    assert _floats(trainer.logged_metrics) == {
+    assert floats(trainer.logged_metrics) == {
         "default": 4.0, "l_e": 2.5, "l_s": 4.0, "l_se_step": 4.0, "l_se_epoch": 2.5}
     assert all(isinstance(v, torch.Tensor) for v in trainer.logged_metrics.values())
     assert trainer.progress_bar_metrics == {"p_e": 2.5, "p_s": 4.0, "p_se_step": 4.0,
                                             "p_se_epoch": 2.5}
     assert all(isinstance(v, float) for v in trainer.progress_bar_metrics.values())
-    cb = _floats(trainer.callback_metrics)
+    cb = floats(trainer.callback_metrics)
     assert cb == {"default": 4.0, "l_e": 2.5, "l_s": 4.0, "l_se_step": 4.0, "l_se_epoch": 2.5,
                   "l_se": 2.5, "p_e": 2.5, "p_s": 4.0, "p_se_step": 4.0, "p_se_epoch": 2.5,
                   "p_se": 2.5}
     assert all(isinstance(v, torch.Tensor) for v in trainer.callback_metrics.values())
 
 
-def test_log_every_n_steps_cadence(make_trainer):
-    _, logger = _fit(make_trainer, TrainLogging(), log_every_n_steps=2)
+def test_log_every_n_steps_cadence(fit):
+    _, logger = fit(TrainLogging(), log_every_n_steps=2)
     step_calls = [(m["l_s"], s) for m, s in logger.calls if "l_s" in m]
     assert step_calls == [(2.0, 1), (4.0, 3)]
 
@@ -63,7 +51,7 @@ def test_log_every_n_steps_cadence(make_trainer):
 def test_logged_metrics_filled_without_logger(make_trainer):
     trainer = make_trainer(logger=False, log_every_n_steps=1)
     trainer.fit(TrainLogging())
-    assert _floats(trainer.logged_metrics) == {
+    assert floats(trainer.logged_metrics) == {
         "default": 4.0, "l_e": 2.5, "l_s": 4.0, "l_se_step": 4.0, "l_se_epoch": 2.5}
 
 
@@ -73,13 +61,13 @@ class EvalLogging(DeterministicModel):
         self.log("v_se", torch.tensor(float(batch_idx)), on_step=True)  # on_epoch stays True
 
 
-def test_eval_log_defaults_and_callback_metrics(make_trainer):
-    trainer, logger = _fit(make_trainer, EvalLogging(), num_sanity_val_steps=0)
+def test_eval_log_defaults_and_callback_metrics(fit):
+    trainer, logger = fit(EvalLogging(), num_sanity_val_steps=0)
     epoch_dicts = [m for m in logger.dicts() if "val_loss" in m]
     assert epoch_dicts == [{"val_loss": BATCH_LOSS + 1.5, "v_se_epoch": 1.5, "epoch": 0.0}]
     step_values = [m["v_se_step"] for m in logger.dicts() if "v_se_step" in m]
     assert step_values == [0.0, 1.0, 2.0, 3.0]
-    cb = _floats(trainer.callback_metrics)
+    cb = floats(trainer.callback_metrics)
     assert cb["val_loss"] == BATCH_LOSS + 1.5
     assert cb["v_se_epoch"] == 1.5 and cb["v_se"] == 1.5
     assert "v_se_step" not in cb  # eval: only epoch-level values reach the callbacks
@@ -101,9 +89,9 @@ class TwoLoaders(DeterministicModel):
         self.log("shared", torch.tensor(1.0 + dataloader_idx), add_dataloader_idx=False)
 
 
-def test_two_val_loaders_get_dataloader_suffix(make_trainer):
-    trainer, _ = _fit(make_trainer, TwoLoaders(), num_sanity_val_steps=0)
-    cb = _floats(trainer.callback_metrics)
+def test_two_val_loaders_get_dataloader_suffix(fit):
+    trainer, _ = fit(TwoLoaders(), num_sanity_val_steps=0)
+    cb = floats(trainer.callback_metrics)
     assert cb["val_loss/dataloader_idx_0"] == 1.0
     assert cb["val_loss/dataloader_idx_1"] == 2.0
     assert "val_loss" not in cb
@@ -207,19 +195,19 @@ class HookLogging(DeterministicModel):
         self.step(batch)
 
 
-def test_per_hook_defaults(make_trainer):
-    trainer, logger = _fit(make_trainer, HookLogging(), num_sanity_val_steps=0)
+def test_per_hook_defaults(fit):
+    trainer, logger = fit(HookLogging(), num_sanity_val_steps=0)
     step_values = [m["tbe"] for m in logger.dicts() if "tbe" in m]
     assert step_values == [0.0, 1.0, 2.0, 3.0]  # batch hook: step-level
-    cb = _floats(trainer.callback_metrics)
+    cb = floats(trainer.callback_metrics)
     assert cb["tes"] == 2.0 and cb["tee"] == 3.0 and cb["vee"] == 4.0
     # epoch-level hooks log once, without forked names
     assert not any(k.endswith(("_step", "_epoch")) for k in cb)
 
 
-def test_log_in_on_train_start(make_trainer):
+def test_log_in_on_train_start(fit):
     # 2.x: on_train_start may log (epoch-level); the value reaches the run's metrics
-    trainer, logger = _fit(make_trainer, HookLogging(), num_sanity_val_steps=0)
+    trainer, logger = fit(HookLogging(), num_sanity_val_steps=0)
     assert float(trainer.callback_metrics["ts"]) == 1.0
     assert float(trainer.logged_metrics["ts"]) == 1.0
 
@@ -262,7 +250,7 @@ def test_on_step_false_on_epoch_false_raises(make_trainer):
         make_trainer().fit(Bad())
 
 
-def test_callback_logs_through_pl_module(make_trainer):
+def test_callback_logs_through_pl_module(fit):
     class LoggingCallback(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             pl_module.log("cb_metric", float(batch_idx) * 10)
@@ -270,13 +258,13 @@ def test_callback_logs_through_pl_module(make_trainer):
         def on_train_epoch_end(self, trainer, pl_module):
             pl_module.log("cb_epoch", 5.0)
 
-    trainer, logger = _fit(make_trainer, DeterministicModel(), callbacks=[LoggingCallback()])
+    trainer, logger = fit(DeterministicModel(), callbacks=[LoggingCallback()])
     assert [m["cb_metric"] for m in logger.dicts() if "cb_metric" in m] == [0.0, 10.0, 20.0,
                                                                              30.0]
     assert float(trainer.callback_metrics["cb_epoch"]) == 5.0
 
 
-def test_sync_dist_in_process_leaves_tensor_unchanged(make_trainer):
+def test_sync_dist_in_process_leaves_tensor_unchanged(fit):
     seen = []
 
     class Sync(DeterministicModel):
@@ -291,14 +279,14 @@ def test_sync_dist_in_process_leaves_tensor_unchanged(make_trainer):
             assert loss.grad_fn is not None
             return loss
 
-    trainer, logger = _fit(make_trainer, Sync())
+    trainer, logger = fit(Sync())
     assert seen == [3.0] * 4
     assert float(trainer.callback_metrics["synced_step"]) == 3.0
     assert float(trainer.callback_metrics["synced_epoch"]) == 12.0
     assert [m["loss_synced"] for m in logger.dicts() if "loss_synced" in m] == [BATCH_LOSS] * 4
 
 
-def test_sanity_metrics_are_reset(make_trainer):
+def test_sanity_metrics_are_reset(fit):
     seen = {}
 
     class Sanity(DeterministicModel):
@@ -313,7 +301,7 @@ def test_sanity_metrics_are_reset(make_trainer):
                 seen["callback"] = dict(self.trainer.callback_metrics)
             return self.step(batch)
 
-    _, logger = _fit(make_trainer, Sanity())
+    _, logger = fit(Sanity())
     assert not any("sanity_val" in m for m in logger.dicts())
     assert seen == {"pbar": {}, "logged": {}, "callback": {}}
 

@@ -179,6 +179,7 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
 
 
+# Not the shared ``fit`` fixture: an FSDP fit with a ModelCheckpoint (and resume).
 def _fit(make_trainer, dirpath, max_epochs: int = 2, ckpt_path: str | None = None,
          state_dict_type: str = "sharded", strategy: Any = None
          ) -> tuple[LitBlocks, pl.Trainer, ModelCheckpoint]:

@@ -248,16 +248,17 @@ def test_a_torn_peer_snapshot_makes_the_writer_copy_synchronously(caplog) -> Non
         def state_dict(self) -> dict:
             return {"global_step": self.global_step}
 
-    trainer = SimpleNamespace(global_step=3, _progress=Progress(), lightning_module=model,
-                              optimizers=[opt], num_training_batches=10,
-                              _host=SimpleNamespace(sampler_state=lambda n: {"done": n}))
+    trainer = SimpleNamespace(global_step=3, lightning_module=model, optimizers=[opt],
+                              num_training_batches=10)
+    ctx = SimpleNamespace(trainer=trainer, progress=Progress(), strategy=None,
+                          host=SimpleNamespace(sampler_state=lambda n: {"done": n}))
     writer = CheckpointWriter("/tmp/unused", None, snapshot_every_n_steps=1)
     writer.attach(None, SimpleNamespace(world_rank=1, world_size=2))
     peer = writer._peer()
     gate = threading.Event()
     original = peer._slots[0].copy_deferred
     peer._slots[0].copy_deferred = lambda: (gate.wait(5), original())[1]
-    writer.snapshot(trainer)
+    writer.snapshot(ctx)
     with torch.no_grad():
         model[0].weight.add_(1.0)  # outside optimizer.step, while the copy is pending
     gate.set()
@@ -265,7 +266,7 @@ def test_a_torn_peer_snapshot_makes_the_writer_copy_synchronously(caplog) -> Non
     assert peer.torn and peer.keys == []
     trainer.global_step = 4
     with caplog.at_level("WARNING", logger="ray_lit"):
-        writer.snapshot(trainer)
+        writer.snapshot(ctx)
     assert not writer.overlap_copy and "copy synchronously" in caplog.text
     peer.wait()
     assert peer.keys == [(0, 4)]  # copied at once, not torn

@@ -8,7 +8,7 @@ import datetime
 
 import pytest
 import torch
-from conftest import DeterministicModel
+from doubles import DeterministicModel
 
 import ray_lit as pl
 from ray_lit.errors import MisconfigurationException

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import RecordingLogger
+from doubles import RecordingLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection  # the dev extra installs torchmetrics
@@ -76,6 +76,7 @@ class MetricModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+# Not the shared ``fit`` fixture: it fits on this file's own train/val loaders.
 def _fit(make_trainer, model, **options):
     logger = RecordingLogger()
     trainer = make_trainer(logger=logger, log_every_n_steps=1, **options)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import BATCH_LOSS, DeterministicModel, RecordingLogger, constant_loader
+from doubles import BATCH_LOSS, DeterministicModel, RecordingLogger, constant_loader
 from torch.utils.data import DataLoader, Dataset
 
 import ray_lit as pl
