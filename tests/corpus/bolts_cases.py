@@ -189,7 +189,7 @@ def _lit_mnist(root: pathlib.Path) -> Built:
 def _byol(root: pathlib.Path) -> Built:
     from pl_bolts.models.self_supervised.byol.byol_module import BYOL
 
-    model = BYOL(num_classes=10, learning_rate=0.05, input_height=32, batch_size=4,
+    model = BYOL(num_classes=10, learning_rate=1e-3, input_height=32, batch_size=4,
                  warmup_epochs=1, max_epochs=3)
     train, val = two_view_loaders()
     batch = _first(train)

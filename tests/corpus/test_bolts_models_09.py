@@ -50,6 +50,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
               "logged": ["val_nce"], "bar": ["val_nce"]},
     "AMDIM": {"metric": ["loss", "train_nce_loss", "val_loss", "val_nce"], "logged": ["val_nce"],
               "bar": []},
+    "BYOL": {"metric": ["checkpoint_on", "val_checkpoint_on", "val_early_stop_on"],
+             "logged": ["1_2_loss", "2_1_loss", "train_loss"], "bar": []},
 }
 # bolts 0.2.2 models real 0.9.0 cannot train on this torch (the reason is in the docs table);
 # ImageGPT's generative mode trains on ray_lit all the same, MocoV2 fails in bolts' own code
