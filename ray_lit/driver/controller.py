@@ -22,7 +22,6 @@ It is a state machine (``driver/states.py``, drawn in ``docs/architecture.md``):
 from __future__ import annotations
 
 import dataclasses
-import os
 import secrets
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import cloudpickle
 
 from ray_lit.driver.cluster_view import ClusterView
+from ray_lit.driver.hang_report import describe_hang, write_stacks
 from ray_lit.driver.policies import (
     DepartureDecision,
     ElasticScaling,
@@ -476,48 +476,15 @@ class Controller:
         the rank whose loop is not waiting in a collective (the ranks that wait are its
         victims)."""
         stacks = group.stacks(timeout_s=self.supervision.stacks_timeout_s)
-        free = [s for s in stacks if s is not None and not s.in_collective]
-        culprit = next((s for s in free if s.rank in hung), free[0] if free else None)
-        rank = culprit.rank if culprit is not None else min(hung)
-        waiting = [s.rank for s in stacks if s is not None and s.in_collective]
-        idle = hung.get(rank, max(hung.values()))
-        text = (f"rank {rank} made no progress for {idle:.0f} s (worker_hang_timeout_s="
-                f"{self.hang_timeout_s!r})")
-        if culprit is not None:
-            text += f"; it is not in a collective: {culprit.where}"
-        if waiting:
-            text += f"; rank(s) {', '.join(map(str, waiting))} wait in a collective"
-        path = self._write_stacks(stacks)
-        if path:
-            text += f"\nthe stacks of every rank: {path}"
-        self.sink.print(f"ray_lit: hang diagnosed: {text}")
-        return AttemptOutcome(error=self._error(group, rank, "hang", text))
-
-    def _write_stacks(self, stacks: list[Any]) -> str | None:
-        """Every rank's stacks in one text file of the run (``hangs/``); returns its path."""
-        body = "\n\n".join(s.text if s is not None else "--- (a rank did not answer) ---"
-                            for s in stacks)
+        rank, text = describe_hang(stacks, hung, self.hang_timeout_s)
         name = f"hang-attempt{self._attempts - 1}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
         try:
-            if self.manager is not None:
-                self.manager.storage.write_bytes(f"hangs/{name}", body.encode())
-                return f"{self.manager.run_uri}/hangs/{name}"
-            run_dir = getattr(self.trainer, "run_dir", None)
-            if run_dir:  # validate / test / predict after this Trainer's fit: that run's
-                from ray_lit.storage.filesystem import Storage
-
-                Storage(run_dir).write_bytes(f"hangs/{name}", body.encode())
-                return f"{run_dir.rstrip('/')}/hangs/{name}"
-            root = getattr(self.trainer, "default_root_dir", None) or "."
-            directory = os.path.join(root, "ray_lit_hangs")
-            os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, name)
-            with open(path, "w") as f:
-                f.write(body)
-            return path
+            path = write_stacks(stacks, name, self.manager, self.trainer)
+            text += f"\nthe stacks of every rank: {path}"
         except Exception as err:  # the diagnosis must not be lost with the file
             self.sink.print(f"ray_lit: could not write the hang's stacks: {err}")
-            return None
+        self.sink.print(f"ray_lit: hang diagnosed: {text}")
+        return AttemptOutcome(error=self._error(group, rank, "hang", text))
 
     def _note_recovery(self, status: WorkerStatus) -> None:
         """Recovery time: from the failure to the new group's first training steps."""
